@@ -1,0 +1,166 @@
+"""`concerto-ray` command line. Each subcommand is a thin shell over one library function.
+
+Heavy imports (torch, ray) happen inside the handlers so that `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from concerto_ray.errors import ConfigError, DataError
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
+
+    config = SynthConfig(scenes=args.scenes, seed=args.seed, points_per_scene=args.points,
+                         views_per_scene=args.views, image_width=args.image_size[0],
+                         image_height=args.image_size[1])
+    root = write_synthetic_dataset(args.out, config)
+    print(f"wrote {args.scenes} synthetic scenes to {root}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from concerto_ray.data.shards import prepare
+
+    manifest = prepare(args.src, args.dest, format=args.format, splits=args.splits, dataset_name=args.dataset_name,
+                       target_shard_mb=args.shard_mb, workers=args.workers, skip_bad=args.skip_bad,
+                       endpoint_url=args.endpoint_url)
+    print(manifest.summary())
+
+
+def _stream(args: argparse.Namespace) -> None:
+    import ray
+
+    from concerto_ray.config import load_yaml
+    from concerto_ray.data.pipeline import StreamConfig, drain
+
+    if args.config:
+        config = load_yaml(StreamConfig, args.config)
+        config.shards = args.shards
+    else:
+        config = StreamConfig(shards=args.shards)
+    for key in ("mode", "batch_size", "seed", "endpoint_url", "splits"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    config.skip_bad = config.skip_bad or args.skip_bad
+    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    stats = drain(config, max_batches=args.batches)
+    print(stats.summary())
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from concerto_ray.demo import run_demo
+
+    run_demo(Path(args.workdir), scenes=args.scenes, seed=args.seed)
+
+
+def _model_info(args: argparse.Namespace) -> None:
+    from concerto_ray.model.build import model_info
+
+    print(json.dumps(model_info(args.name), indent=2))
+
+
+def _model_convert(args: argparse.Namespace) -> None:
+    from concerto_ray.model.checkpoint import convert_checkpoint
+
+    convert_checkpoint(args.src, args.dst, "ray-to-pointcept" if args.to == "pointcept" else "pointcept-to-ray")
+    print(f"wrote {args.dst}")
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}") from None
+    return w, h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="concerto-ray",
+        description="Concerto / Sonata point-cloud pre-training and fine-tuning on Ray.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("synth", formatter_class=fmt,
+                       help="write procedural indoor scenes in Pointcept's processed layout",
+                       description="Write synthetic ScanNet-like rooms (points, labels, RGB-D frames, poses, "
+                                   "point-pixel correspondences, split files) in Pointcept's processed layout.")
+    p.add_argument("out", help="output dataset root (created; must be empty or a previous synth output)")
+    p.add_argument("--scenes", type=int, default=8, help="number of scenes")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
+    p.add_argument("--points", type=int, default=20000, help="points per scene (ScanNet: ~150000)")
+    p.add_argument("--views", type=int, default=8, help="camera frames per scene")
+    p.add_argument("--image-size", type=_image_size, default=(320, 240), metavar="WxH", help="frame size")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("prepare", formatter_class=fmt, help="convert a dataset root into shards + manifest",
+                       description="Convert a dataset in Pointcept's processed layout into parquet or webdataset "
+                                   "shards with a manifest. Resumable: finished shards are skipped.")
+    p.add_argument("src", help="dataset root (holding splits/*.json, or <split>/<scene>/ folders)")
+    p.add_argument("dest", help="local folder or s3://bucket/prefix")
+    p.add_argument("--format", choices=("parquet", "webdataset"), default="parquet")
+    p.add_argument("--splits", nargs="+", help="splits to convert (default: all split files)")
+    p.add_argument("--dataset-name", help="name stored in the manifest (default: the folder name of SRC)")
+    p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MB")
+    p.add_argument("--workers", type=int, help="parallel readers (default: CPU count)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip samples that fail validation (each is logged and listed in the manifest)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("stream", formatter_class=fmt, help="stream shards through the Ray Data pipeline",
+                       description="Read shards with Ray Data, run the pre-training or segmentation transforms and "
+                                   "collate batches; prints throughput. Uses RAY_ADDRESS if set, else a local Ray.")
+    p.add_argument("shards", help="local folder or s3://bucket/prefix written by `prepare`")
+    p.add_argument("--config", help="YAML file with StreamConfig fields (transform parameters etc.)")
+    p.add_argument("--mode", choices=("pretrain", "semseg_train", "semseg_val"))
+    p.add_argument("--batch-size", type=int, help="samples per batch")
+    p.add_argument("--batches", type=int, default=None, help="stop after this many batches (default: one epoch)")
+    p.add_argument("--seed", type=int, help="fixed seed for reproducible augmentations")
+    p.add_argument("--splits", nargs="+", help="splits to read (default: all)")
+    p.add_argument("--skip-bad", action="store_true", help="skip, count and log undecodable samples")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    p.set_defaults(func=_stream)
+
+    p = sub.add_parser("demo", formatter_class=fmt, help="the end-to-end demo on embedded defaults",
+                       description="Local Ray -> synthetic scenes -> shards -> the streaming pipeline.")
+    p.add_argument("--workdir", default="demo", help="where the demo writes its data and runs")
+    p.add_argument("--scenes", type=int, default=12, help="synthetic scenes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("model", help="model utilities: parameter counts, checkpoint conversion")
+    msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    q = msub.add_parser("info", formatter_class=fmt, help="print backbone and total parameter counts of a config",
+                        description="Print the backbone and total parameter counts of a model config, e.g. "
+                                    "pretrain-concerto-v1m1-0-base.")
+    q.add_argument("name", help="config name")
+    q.set_defaults(func=_model_info)
+    q = msub.add_parser("convert", formatter_class=fmt, help="convert checkpoints between Pointcept and ours",
+                        description="Convert a checkpoint between Pointcept's key layout and concerto-ray's.")
+    q.add_argument("src", help="input checkpoint (.pth)")
+    q.add_argument("dst", help="output checkpoint (.pth)")
+    q.add_argument("--to", choices=("pointcept", "concerto-ray"), required=True, help="target layout")
+    q.set_defaults(func=_model_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, FileExistsError) as exc:
+        print(f"concerto-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

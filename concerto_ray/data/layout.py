@@ -1,0 +1,203 @@
+"""Reader for Pointcept's processed dataset layout, as Concerto uses it.
+
+    ROOT/splits/<split>.json                      {"<sample>": {"pointclouds": dir, "images": [...],
+                                                                "correspondences": [...]}}
+    ROOT/<split>/<scene>/{coord,color,normal,segment*,instance,...}.npy
+    ROOT/images/<split>/<scene>/color/<frame>.png|jpg
+                               /depth/<frame>.png          (uint16 millimetres; optional)
+                               /pose/<frame>.npy           (4x4 camera-to-world; optional)
+                               /intrinsic/<frame>.npy or intrinsic/intrinsic.npy   (optional)
+                               /correspondence/<frame>.npy (M x 3: pixel_x, pixel_y, point_index)
+
+Pointcept's split files store paths relative to the Pointcept checkout (``data/scannet/train/scene0000_00``); they
+are resolved against ROOT by dropping leading components until the path exists under ROOT. A root without split
+files but with ``ROOT/<split>/<scene>/`` folders (the plain semantic-segmentation layout) gives image-less samples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from concerto_ray.data.record import FrameRecord, SceneRecord, check_correspondence, check_points, image_size, load_npy
+from concerto_ray.errors import DataError
+
+
+@dataclass(frozen=True)
+class FrameFiles:
+    name: str
+    color: Path
+    correspondence: Path
+    depth: Path | None
+    pose: Path | None
+    intrinsic: Path | None
+
+
+@dataclass(frozen=True)
+class SampleFiles:
+    """Where the files of one sample live; `root` is the dataset root."""
+
+    name: str
+    split: str
+    root: Path
+    pointcloud_dir: Path
+    frames: tuple[FrameFiles, ...]
+
+    def rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+
+def available_splits(root: str | Path) -> list[str]:
+    root = Path(root)
+    from_json = sorted(p.stem for p in (root / "splits").glob("*.json"))
+    if from_json:
+        return from_json
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ("images", "splits"))
+
+
+def list_samples(root: str | Path, splits: list[str] | None = None) -> list[SampleFiles]:
+    """All samples of `splits` (default: every split file under ROOT/splits), in split-file order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset root {str(root)!r} is not a directory")
+    splits = splits or available_splits(root)
+    if not splits:
+        raise DataError(f"no splits/*.json and no split folders under {str(root)!r}")
+    samples: list[SampleFiles] = []
+    for split in splits:
+        split_file = root / "splits" / f"{split}.json"
+        if split_file.is_file():
+            samples.extend(_samples_from_split_file(root, split, split_file))
+        elif (root / split).is_dir():
+            samples.extend(
+                SampleFiles(name=d.name, split=split, root=root, pointcloud_dir=d, frames=())
+                for d in sorted((root / split).iterdir()) if d.is_dir()
+            )
+        else:
+            raise DataError(f"split {split!r} has neither {split_file} nor a folder {root / split}")
+    return samples
+
+
+def _samples_from_split_file(root: Path, split: str, split_file: Path) -> list[SampleFiles]:
+    file = str(split_file)
+    try:
+        entries = json.loads(split_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"not a readable JSON split file ({exc})", file=file) from None
+    if not isinstance(entries, dict):
+        raise DataError("expected a JSON object mapping sample names to their files", file=file)
+    samples = []
+    for name, entry in entries.items():
+        where = dict(sample=name, file=file)
+        if not isinstance(entry, dict) or "pointclouds" not in entry:
+            raise DataError("entry must be an object with 'pointclouds' (and 'images', 'correspondences')",
+                            field="pointclouds", **where)
+        images, corrs = entry.get("images", []), entry.get("correspondences", [])
+        if len(images) != len(corrs):
+            raise DataError(f"{len(images)} images but {len(corrs)} correspondence files",
+                            field="correspondences", **where)
+        frames = tuple(
+            _frame_files(_resolve(root, c, field="images", **where), _resolve(root, r, field="correspondences",
+                                                                               **where))
+            for c, r in zip(images, corrs)
+        )
+        pc_dir = _resolve(root, entry["pointclouds"], field="pointclouds", **where)
+        samples.append(SampleFiles(name=name, split=split, root=root, pointcloud_dir=pc_dir, frames=frames))
+    return samples
+
+
+def _resolve(root: Path, entry: str, **where) -> Path:
+    """Find a split-file path under ROOT, dropping leading components such as ``data/scannet``."""
+    path = Path(entry)
+    if path.is_absolute() and path.exists():
+        return path
+    parts = path.parts
+    for k in range(len(parts)):
+        candidate = root.joinpath(*parts[k:])
+        if candidate.exists():
+            return candidate
+    raise DataError(f"{entry!r} does not exist under the dataset root {str(root)!r}", **where)
+
+
+def _frame_files(color: Path, correspondence: Path) -> FrameFiles:
+    # The image folder holds color/, depth/, pose/, intrinsic/ side by side; the frame's path below color/ may
+    # include a sub-folder (Structured3D's perspective/panorama views).
+    parts = color.parts
+    if "color" not in parts:
+        return FrameFiles(color.stem, color, correspondence, None, None, None)
+    i = len(parts) - 1 - parts[::-1].index("color")
+    image_dir, tail = Path(*parts[:i]), Path(*parts[i + 1:])
+
+    def existing(*candidates: Path) -> Path | None:
+        return next((c for c in candidates if c.is_file()), None)
+
+    return FrameFiles(
+        name=tail.with_suffix("").as_posix(),
+        color=color,
+        correspondence=correspondence,
+        depth=existing(image_dir / "depth" / tail.with_suffix(".png")),
+        pose=existing(image_dir / "pose" / tail.with_suffix(".npy"), image_dir / "pose" / f"{tail.stem}.npy"),
+        intrinsic=existing(image_dir / "intrinsic" / tail.with_suffix(".npy"),
+                           image_dir / "intrinsic" / f"{tail.stem}.npy",
+                           image_dir / "intrinsic" / "intrinsic.npy"),
+    )
+
+
+def _read(path: Path, sample: str, rel: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read ({exc.strerror or exc})", sample=sample, file=rel) from None
+
+
+def read_sample(files: SampleFiles, dataset: str, validate: bool = True) -> SceneRecord:
+    """Read every file of a sample into a `SceneRecord`, checking it (see `record.check_*`) unless told not to."""
+    source = files.rel(files.pointcloud_dir)
+    if not files.pointcloud_dir.is_dir():
+        raise DataError("point-cloud folder is missing", sample=files.name, file=source)
+    assets = {
+        p.stem: _read(p, files.name, files.rel(p))
+        for p in sorted(files.pointcloud_dir.glob("*.npy"))
+    }
+    frames = [
+        FrameRecord(
+            name=f.name,
+            color_path=files.rel(f.color),
+            color=_read(f.color, files.name, files.rel(f.color)),
+            correspondence_path=files.rel(f.correspondence),
+            correspondence=_read(f.correspondence, files.name, files.rel(f.correspondence)),
+            depth=_read(f.depth, files.name, files.rel(f.depth)) if f.depth else b"",
+            pose=_read(f.pose, files.name, files.rel(f.pose)) if f.pose else b"",
+            intrinsic=_read(f.intrinsic, files.name, files.rel(f.intrinsic)) if f.intrinsic else b"",
+        )
+        for f in files.frames
+    ]
+    record = SceneRecord(name=files.name, split=files.split, dataset=dataset, source=source,
+                         point_assets=assets, frames=frames)
+    if validate:
+        check_record(record)
+    return record
+
+
+def check_record(record: SceneRecord) -> None:
+    """Validate without decoding images fully: arrays, lengths, correspondences against image sizes."""
+    arrays = {k: load_npy(v, sample=record.name, file=f"{record.source}/{k}.npy")
+              for k, v in record.point_assets.items()}
+    n = check_points(arrays, sample=record.name, source=record.source)
+    for frame in record.frames:
+        width, height = image_size(frame.color, sample=record.name, file=frame.color_path)
+        corr = load_npy(frame.correspondence, sample=record.name, file=frame.correspondence_path)
+        check_correspondence(corr, n, width, height, sample=record.name, file=frame.correspondence_path)
+        for key in ("pose", "intrinsic"):
+            blob = getattr(frame, key)
+            if blob:
+                where = dict(sample=record.name, file=f"{key} of frame {frame.color_path}", field=key)
+                matrix = load_npy(blob, **where)
+                if matrix.shape not in ((4, 4), (3, 3)) or not np.isfinite(matrix).all():
+                    raise DataError(f"expected a finite 3x3 or 4x4 matrix, got shape {matrix.shape}", **where)

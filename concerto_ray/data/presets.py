@@ -1,0 +1,305 @@
+"""The ready-made per-sample pipelines: Concerto pre-training and ScanNet semantic segmentation.
+
+Each mirrors a Pointcept config's transform list (configs/concerto/pretrain-concerto-v1m1-0-base.py and
+configs/concerto/semseg-ptv3-base-v1m1-0a-scannet-lin.py) step by step, with the config's values as defaults, and
+ends with that config's Collect: the returned dict holds exactly the keys of one sample of Pointcept's batch, as
+numpy arrays; `concerto_ray.data.collate` turns a list of them into the torch batch.
+
+Input: the decoder's dict (`name`, `coord`, `color` 0..255, optional `normal`, `segment`, `instance`; for
+pre-training also `frames_color` and `frames_correspondence`). A missing `normal` becomes zeros, the value
+Pointcept's RandomDropNormal uses for "no normal", so the feature width stays that of the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from concerto_ray.data.image_views import IMAGENET_MEAN, IMAGENET_STD, ImageAugmentation, prepare_frames
+from concerto_ray.data.transforms import (
+    CenterShift,
+    ChromaticAutoContrast,
+    ChromaticJitter,
+    ChromaticTranslation,
+    Copy,
+    ElasticDistortion,
+    GridSample,
+    NormalizeColor,
+    RandomColorJitter,
+    RandomDropColor,
+    RandomDropNormal,
+    RandomDropout,
+    RandomFlip,
+    RandomJitter,
+    RandomRotate,
+    RandomRotateTargetAngle,
+    RandomScale,
+    SphereCrop,
+    Transform,
+    apply_transforms,
+)
+from concerto_ray.data.views import MultiViewGenerator
+from concerto_ray.errors import ConfigError, DataError
+
+SampleTransform = Callable[[dict, np.random.Generator], dict]
+
+PRETRAIN_KEYS = ("global_origin_coord", "global_coord", "global_color", "global_offset", "local_origin_coord",
+                 "local_coord", "local_color", "local_offset", "grid_size", "name", "images",
+                 "global_correspondence", "img_num")
+FEAT_KEYS = ("coord", "color", "normal")
+
+
+@dataclass
+class GeometryAugmentConfig:
+    """Per-view geometric augmentation (identical in both configs apart from the rotation probability)."""
+
+    scale: tuple[float, float] = (0.9, 1.1)
+    rotate_z_angle: tuple[float, float] = (-1.0, 1.0)  # in units of pi
+    rotate_xy_angle: tuple[float, float] = (-1 / 64, 1 / 64)
+    flip_p: float = 0.5
+    jitter_sigma: float = 0.005
+    jitter_clip: float = 0.02
+    elastic: tuple[tuple[float, float], ...] = ((0.2, 0.4), (0.8, 1.6))  # (granularity, magnitude) pairs
+
+    def rotations(self, p: float) -> tuple[Transform, ...]:
+        return (RandomRotate(self.rotate_z_angle, "z", (0.0, 0.0, 0.0), p),
+                RandomRotate(self.rotate_xy_angle, "x", None, p),
+                RandomRotate(self.rotate_xy_angle, "y", None, p))
+
+
+@dataclass
+class ColorJitterConfig:
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.02
+    p: float = 0.8
+
+
+@dataclass
+class ConcertoPretrainTransformConfig:
+    crop_h: int = 518
+    crop_w: int = 518
+    patch_size: int = 14
+    image_jitter_p: float = 0.95
+    image_jitter_std: float = 0.05
+    image_blur_p: float = 0.5
+    image_blur_sigma: tuple[float, float] = (0.1, 2.0)
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    grid_size: float = 0.02
+    color_drop: tuple[tuple[float, float], ...] = ((1.0, 0.2), (0.2, 0.5))  # (drop_ratio, application_ratio)
+    normal_drop: tuple[tuple[float, float], ...] = ((1.0, 0.2), (0.2, 0.5))
+    global_view_num: int = 2
+    global_view_scale: tuple[float, float] = (0.4, 1.0)
+    local_view_num: int = 4
+    local_view_scale: tuple[float, float] = (0.1, 0.4)
+    max_size: int = 65536
+    enc2d_max_size: int = 65536
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
+    chromatic_translation_p: float = 0.95
+    chromatic_translation_ratio: float = 0.05
+    rotate_p: float = 0.8
+    geometry: GeometryAugmentConfig = field(default_factory=GeometryAugmentConfig)
+
+    def __post_init__(self):
+        if self.patch_size < 1 or self.crop_h < self.patch_size or self.crop_w < self.patch_size:
+            raise ConfigError(f"crop {self.crop_h}x{self.crop_w} must hold at least one {self.patch_size}-pixel patch")
+        if self.crop_h % self.patch_size or self.crop_w % self.patch_size:
+            raise ConfigError(f"crop_h and crop_w ({self.crop_h}, {self.crop_w}) must be multiples of "
+                              f"patch_size ({self.patch_size})")
+        if self.global_view_num < 1 or self.local_view_num < 0:
+            raise ConfigError("global_view_num must be >= 1 and local_view_num >= 0")
+        for name in ("global_view_scale", "local_view_scale"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high <= 1:
+                raise ConfigError(f"{name} must satisfy 0 < low <= high <= 1, got ({low}, {high})")
+        if self.grid_size <= 0 or self.max_size < 1 or self.enc2d_max_size < 1:
+            raise ConfigError("grid_size, max_size and enc2d_max_size must be positive")
+
+
+@dataclass
+class SemsegTransformConfig:
+    grid_size: float = 0.02
+    dropout_ratio: float = 0.2
+    dropout_application_ratio: float = 1.0
+    rotate_p: float = 0.5
+    geometry: GeometryAugmentConfig = field(default_factory=GeometryAugmentConfig)
+    auto_contrast_p: float = 0.2
+    chromatic_translation_p: float = 0.95
+    chromatic_translation_ratio: float = 0.05
+    chromatic_jitter_p: float = 0.95
+    chromatic_jitter_std: float = 0.05
+    point_max: int = 102400  # SphereCrop
+    # Test-time augmentation: each z rotation (units of pi) unscaled and at each extra scale, plus one x/y flip.
+    test_rotations: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
+    test_scales: tuple[float, ...] = (0.95, 1.05)
+    test_flip: bool = True
+
+    def __post_init__(self):
+        if self.grid_size <= 0 or self.point_max < 1:
+            raise ConfigError("grid_size and point_max must be positive")
+
+
+# ------------------------------------------------------------------------------------------------ pre-training
+
+
+def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> SampleTransform:
+    image_augmentation = ImageAugmentation(jitter_p=cfg.image_jitter_p, jitter_std=cfg.image_jitter_std,
+                                           blur_p=cfg.image_blur_p, blur_sigma=cfg.image_blur_sigma,
+                                           mean=cfg.image_mean, std=cfg.image_std)
+    color_augmentation = (
+        RandomColorJitter(cfg.color_jitter.brightness, cfg.color_jitter.contrast, cfg.color_jitter.saturation,
+                          cfg.color_jitter.hue, cfg.color_jitter.p),
+        ChromaticTranslation(cfg.chromatic_translation_p, cfg.chromatic_translation_ratio),
+        NormalizeColor(),
+    )
+    geometry = cfg.geometry
+    view_geometry = (
+        CenterShift(apply_z=True),
+        RandomScale(geometry.scale),
+        *geometry.rotations(cfg.rotate_p),
+        RandomFlip(geometry.flip_p),
+        RandomJitter(geometry.jitter_sigma, geometry.jitter_clip),
+        ElasticDistortion(geometry.elastic),
+    )
+    point_transforms = (
+        GridSample(cfg.grid_size),
+        *(RandomDropColor(ratio, applied) for ratio, applied in cfg.color_drop),
+        *(RandomDropNormal(ratio, applied) for ratio, applied in cfg.normal_drop),
+        Copy("coord", "origin_coord"),
+        MultiViewGenerator(
+            global_view_num=cfg.global_view_num, global_view_scale=cfg.global_view_scale,
+            local_view_num=cfg.local_view_num, local_view_scale=cfg.local_view_scale,
+            max_size=cfg.max_size, enc2d_max_size=cfg.enc2d_max_size,
+            global_shared_transforms=color_augmentation,
+            global_transforms=view_geometry,
+            local_transforms=view_geometry + color_augmentation,
+        ),
+    )
+
+    def transform(data: dict, rng: np.random.Generator) -> dict:
+        data = _checked_points(data)
+        for key in ("frames_color", "frames_correspondence"):
+            if key not in data:
+                raise DataError("pre-training needs camera frames", sample=data["name"], field=key)
+        images, correspondence = prepare_frames(data["frames_color"], data["frames_correspondence"],
+                                                len(data["coord"]), cfg.crop_h, cfg.crop_w, cfg.patch_size,
+                                                sample=data["name"])
+        data = {**data, "images": image_augmentation(images, rng), "correspondence": correspondence}
+        data = apply_transforms(point_transforms, data, rng)
+        data["grid_size"] = cfg.grid_size
+        sample = {key: data[key] for key in PRETRAIN_KEYS}
+        sample["img_num"] = np.array([data["img_num"]], dtype=np.int64)
+        for prefix in ("global", "local"):
+            sample[f"{prefix}_feat"] = _feat(data, prefix + "_")
+        return sample
+
+    return transform
+
+
+# ------------------------------------------------------------------------------------- semantic segmentation
+
+
+def semseg_train_transform(cfg: SemsegTransformConfig) -> SampleTransform:
+    geometry = cfg.geometry
+    transforms = (
+        CenterShift(apply_z=True),
+        RandomDropout(cfg.dropout_ratio, cfg.dropout_application_ratio),
+        *geometry.rotations(cfg.rotate_p),
+        RandomScale(geometry.scale),
+        RandomFlip(geometry.flip_p),
+        RandomJitter(geometry.jitter_sigma, geometry.jitter_clip),
+        ElasticDistortion(geometry.elastic),
+        ChromaticAutoContrast(cfg.auto_contrast_p),
+        ChromaticTranslation(cfg.chromatic_translation_p, cfg.chromatic_translation_ratio),
+        ChromaticJitter(cfg.chromatic_jitter_p, cfg.chromatic_jitter_std),
+        GridSample(cfg.grid_size, return_grid_coord=True),
+        SphereCrop(cfg.point_max),
+        CenterShift(apply_z=False),
+        NormalizeColor(),
+    )
+
+    def transform(data: dict, rng: np.random.Generator) -> dict:
+        data = apply_transforms(transforms, _checked_points(data), rng)
+        return _collect_semseg(data, ("coord", "grid_coord", "segment"))
+
+    return transform
+
+
+def semseg_val_transform(cfg: SemsegTransformConfig) -> SampleTransform:
+    """Voxelised validation sample; `inverse` and `origin_segment` give back the full-resolution labels."""
+    transforms = (
+        CenterShift(apply_z=True),
+        Copy("segment", "origin_segment"),
+        GridSample(cfg.grid_size, return_grid_coord=True, return_inverse=True),
+        CenterShift(apply_z=False),
+        NormalizeColor(),
+    )
+
+    def transform(data: dict, rng: np.random.Generator) -> dict:
+        data = apply_transforms(transforms, _checked_points(data), rng)
+        return _collect_semseg(data, ("coord", "grid_coord", "segment", "origin_segment", "inverse"))
+
+    return transform
+
+
+def semseg_test_augmentations(cfg: SemsegTransformConfig) -> list[tuple[Transform, ...]]:
+    """The test-time augmentation passes: every z rotation at scale 1 and each of `test_scales`, then a flip."""
+    passes: list[tuple[Transform, ...]] = []
+    for scale in (None, *cfg.test_scales):
+        for angle in cfg.test_rotations:
+            rotation = RandomRotateTargetAngle((angle,), "z", (0.0, 0.0, 0.0), p=1.0)
+            passes.append((rotation,) if scale is None else (rotation, RandomScale((scale, scale))))
+    if cfg.test_flip:
+        passes.append((RandomFlip(p=1.0),))
+    return passes
+
+
+def semseg_test_fragments(data: dict, cfg: SemsegTransformConfig) -> dict:
+    """Pointcept's test-mode sample: {segment, name, fragment_list}.
+
+    Every augmentation pass is voxelised into fragments that together cover each point at least once; a fragment
+    holds coord, grid_coord, index (into the full cloud), feat and offset.
+    """
+    # Every test augmentation is deterministic (p = 1, one angle, one scale), so a fixed generator is exact.
+    rng = np.random.default_rng(0)
+    data = apply_transforms((CenterShift(apply_z=True), NormalizeColor()), _checked_points(data), rng)
+    voxelize = GridSample(cfg.grid_size, return_grid_coord=True)
+    fragment_list = []
+    for augmentation in semseg_test_augmentations(cfg):
+        for fragment in voxelize.fragments(apply_transforms(augmentation, data, rng)):
+            fragment = CenterShift(apply_z=False)(fragment, rng)
+            fragment_list.append(_collect_semseg(fragment, ("coord", "grid_coord", "index")))
+    return {"segment": data["segment"], "name": data["name"], "fragment_list": fragment_list}
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+
+
+def _checked_points(data: dict) -> dict:
+    """The fields every pipeline reads, with a zero `normal` added where the scene has none."""
+    name = str(data.get("name", "?"))
+    for key in ("name", "coord", "color", "segment"):
+        if key not in data:
+            raise DataError("missing", sample=name, field=key)
+    n = len(data["coord"])
+    for key in ("coord", "color", "normal"):
+        if key in data and data[key].shape != (n, 3):
+            raise DataError(f"expected shape ({n}, 3), got {data[key].shape}", sample=name, field=key)
+    if "normal" not in data:
+        data = {**data, "normal": np.zeros((n, 3), dtype=np.float32)}
+    return data
+
+
+def _feat(data: dict, prefix: str = "") -> np.ndarray:
+    return np.concatenate([data[prefix + key] for key in FEAT_KEYS], axis=1).astype(np.float32)
+
+
+def _collect_semseg(data: dict, keys: tuple[str, ...]) -> dict:
+    sample = {key: data[key] for key in keys}
+    sample["feat"] = _feat(data)
+    sample["offset"] = np.array([len(data["coord"])], dtype=np.int64)
+    return sample

@@ -1,0 +1,433 @@
+"""Pointcept-layout dataset -> parquet or webdataset shards (local or S3) + manifest, and back as a Ray dataset.
+
+Writing (`prepare`): samples are sorted per split and packed greedily into shards by their on-disk size. Each shard
+gets a ``<shard>.done.json`` sidecar once it is complete, keyed by a fingerprint of its plan, so an interrupted run
+resumes where it stopped and a finished one writes nothing. ``manifest.json`` at the destination lists every shard
+with its sample names, size and sha256.
+
+Shard formats, both holding exactly the columns of `record.ARROW_SCHEMA` per sample:
+
+* parquet: one row per sample.
+* webdataset: a plain tar; sample ``K`` (its position in the shard, so keys never contain dots) is the members
+  ``K.meta.json`` (the string columns), ``K.point.<asset>.npy`` (one per point asset) and ``K.frame<i>.<file>``
+  (one per frame file: color, depth, pose, intrinsic, correspondence; empty when the file is absent).
+
+Reading (`read_shards`) checks the shards against the manifest first (size always, sha256 with ``verify``), so that
+a damaged shard fails with its URI named instead of as an error deep inside a Ray read task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import threading
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
+
+from concerto_ray.config import from_dict, to_dict
+from concerto_ray.data import storage
+from concerto_ray.data.layout import SampleFiles, available_splits, list_samples, read_sample
+from concerto_ray.data.record import ARROW_SCHEMA, FRAME_FILES, SCHEMA_VERSION, SceneRecord, record_to_row
+from concerto_ray.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+DONE_SUFFIX = ".done.json"
+SHARD_EXTENSIONS = {"parquet": "parquet", "webdataset": "tar"}
+ShardFormat = Literal["parquet", "webdataset"]
+
+# Rows are buffered up to this many payload bytes before a parquet row group is written.
+_ROW_GROUP_BYTES = 64 << 20
+# Columns that travel in a webdataset sample's meta.json; the rest are binary payloads, one member each.
+_META_COLUMNS = ("name", "split", "dataset", "source", "point_asset_names", "frame_names", "frame_color_paths",
+                 "frame_correspondence_paths")
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the manifest's folder
+    samples: list[str]
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    samples: int
+    shards: list[ShardInfo]
+
+
+@dataclass
+class SkippedSample:
+    sample: str
+    split: str
+    error: str
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    format: ShardFormat
+    dataset: str
+    source: str
+    splits: dict[str, SplitInfo]
+    total_samples: int
+    total_shards: int
+    total_bytes: int
+    skipped: list[SkippedSample] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"{self.total_samples} samples in {self.total_shards} {self.format} shards "
+                 f"({self.total_bytes / 2**20:.1f} MiB) of dataset {self.dataset!r}"]
+        lines += [f"  {name}: {info.samples} samples, {len(info.shards)} shards" for name, info in self.splits.items()]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} bad samples:")
+            lines += [f"  {s.sample}: {s.error}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    path: str
+    samples: list[SampleFiles]
+    fingerprint: str  # changes whenever the shard's content would
+
+
+@dataclass
+class _ShardDone:
+    """The sidecar written after a shard is complete."""
+
+    fingerprint: str
+    shard: ShardInfo
+    skipped: list[SkippedSample]
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def prepare(src: str | Path, dest: str | Path, *, format: ShardFormat = "parquet", splits: list[str] | None = None,
+            dataset_name: str | None = None, target_shard_mb: float = 256, workers: int | None = None,
+            skip_bad: bool = False, endpoint_url: str | None = None, progress: bool = True) -> Manifest:
+    """Write the samples of `splits` under `src` as shards to `dest` (a folder or s3://bucket/prefix)."""
+    if format not in SHARD_EXTENSIONS:
+        raise ConfigError(f"shard format {format!r} is not one of {', '.join(SHARD_EXTENSIONS)}")
+    if target_shard_mb <= 0:
+        raise ConfigError(f"target_shard_mb must be positive, got {target_shard_mb}")
+    src = Path(src).resolve()
+    out = storage.resolve(dest, endpoint_url)
+    dataset = dataset_name or src.name
+    samples = list_samples(src, splits)
+    split_names = list(splits) if splits else available_splits(src)
+    plans = plan_shards(samples, format, dataset, int(target_shard_mb * 2**20))
+    done = _write_all(plans, out, format, dataset, skip_bad, workers or os.cpu_count() or 1, progress)
+    manifest = _manifest(split_names, format, dataset, str(src), done)
+    text = json.dumps(to_dict(manifest), indent=1) + "\n"
+    # Leaving an identical manifest untouched keeps a rerun of a finished prepare free of writes.
+    if not out.exists(MANIFEST_NAME) or out.read_bytes(MANIFEST_NAME).decode() != text:
+        out.write_bytes(MANIFEST_NAME, text.encode())
+    return manifest
+
+
+def plan_shards(samples: list[SampleFiles], format: ShardFormat, dataset: str, target_bytes: int) -> list[ShardPlan]:
+    """Pack each split's samples, sorted by name, into consecutive shards of at most `target_bytes` on disk.
+
+    A sample larger than the target gets a shard of its own. Only file sizes are read.
+    """
+    by_split: dict[str, list[SampleFiles]] = {}
+    for sample in samples:
+        by_split.setdefault(sample.split, []).append(sample)
+    plans = []
+    for split, members in by_split.items():
+        groups: list[list[tuple[SampleFiles, int]]] = [[]]
+        filled = 0
+        for sample in sorted(members, key=lambda s: s.name):
+            size = _disk_size(sample)
+            if groups[-1] and filled + size > target_bytes:
+                groups.append([])
+                filled = 0
+            groups[-1].append((sample, size))
+            filled += size
+        for i, group in enumerate(groups):
+            path = f"{split}/part-{i:05d}.{SHARD_EXTENSIONS[format]}"
+            key = json.dumps([SCHEMA_VERSION, format, dataset, path, [(s.name, size) for s, size in group]])
+            plans.append(ShardPlan(split, path, [s for s, _ in group], hashlib.sha256(key.encode()).hexdigest()))
+    return plans
+
+
+def _disk_size(sample: SampleFiles) -> int:
+    frame_files = [p for f in sample.frames for p in (f.color, f.correspondence, f.depth, f.pose, f.intrinsic) if p]
+    # A file that vanished counts as empty here; reading the sample reports it by name.
+    return sum(p.stat().st_size for p in [*sample.pointcloud_dir.glob("*.npy"), *frame_files] if p.is_file())
+
+
+def _write_all(plans: list[ShardPlan], out: storage.Location, format: ShardFormat, dataset: str, skip_bad: bool,
+               workers: int, progress: bool) -> list[_ShardDone]:
+    """Write every unfinished shard on a thread pool (the work is file and network I/O and arrow/zlib code)."""
+    total = sum(len(p.samples) for p in plans)
+    lock = threading.Lock()
+    with tqdm(total=total, desc=f"prepare {format}", unit="sample", disable=not progress) as bar:
+        def advance(n: int) -> None:
+            with lock:
+                bar.update(n)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_prepare_shard, p, out, format, dataset, skip_bad, advance) for p in plans]
+            finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((f for f in futures if f in finished and f.exception()), None)
+            if failed is not None:
+                pool.shutdown(cancel_futures=True)  # shards in progress still finish and stay valid
+                raise failed.exception()
+    return [f.result() for f in futures]
+
+
+def _prepare_shard(plan: ShardPlan, out: storage.Location, format: ShardFormat, dataset: str, skip_bad: bool,
+                   advance: Callable[[int], None]) -> _ShardDone:
+    previous = _finished_shard(plan, out, skip_bad)
+    if previous is not None:
+        logger.info("shard %s is already complete", out.uri_of(plan.path))
+        advance(len(plan.samples))
+        return previous
+    written, skipped = [], []
+    out.make_parent(plan.path)
+    with out.filesystem.open_output_stream(out.path(plan.path)) as stream:
+        sink = _HashingSink(stream)
+        writer = _ParquetShardWriter(sink) if format == "parquet" else _TarShardWriter(sink)
+        # Closed (footer / end-of-archive written) also after an error, before the stream under it closes; the
+        # shard has no sidecar then, so the next run writes it again.
+        with contextlib.closing(writer):
+            for files in plan.samples:
+                try:
+                    record = read_sample(files, dataset)
+                except DataError as exc:
+                    if not skip_bad:
+                        raise
+                    logger.warning("skipping bad sample: %s", exc)
+                    skipped.append(SkippedSample(files.name, files.split, str(exc)))
+                else:
+                    writer.add(record)
+                    written.append(files.name)
+                advance(1)
+    done = _ShardDone(plan.fingerprint, ShardInfo(plan.path, written, sink.size, sink.sha256.hexdigest()), skipped)
+    out.write_bytes(plan.path + DONE_SUFFIX, json.dumps(to_dict(done), indent=1).encode())
+    return done
+
+
+def _finished_shard(plan: ShardPlan, out: storage.Location, skip_bad: bool) -> _ShardDone | None:
+    """The sidecar of a shard already written for this same plan, if the shard is still there."""
+    sidecar = plan.path + DONE_SUFFIX
+    if not out.exists(sidecar):
+        return None
+    try:
+        done = from_dict(_ShardDone, json.loads(out.read_bytes(sidecar)))
+    except ValueError:  # a damaged sidecar only means the shard is written again
+        return None
+    on_disk = out.filesystem.get_file_info(out.path(plan.path))
+    if done.fingerprint != plan.fingerprint or on_disk.size != done.shard.bytes:
+        return None
+    # A shard that left samples out is only acceptable to a run that also allows skipping.
+    if done.skipped and not skip_bad:
+        return None
+    return done
+
+
+def _manifest(split_names: list[str], format: ShardFormat, dataset: str, source: str,
+              done: list[_ShardDone]) -> Manifest:
+    splits = {}
+    for name in split_names:
+        shards = [d.shard for d in done if d.shard.path.startswith(f"{name}/")]
+        splits[name] = SplitInfo(samples=sum(len(s.samples) for s in shards), shards=shards)
+    return Manifest(
+        schema_version=SCHEMA_VERSION, format=format, dataset=dataset, source=source, splits=splits,
+        total_samples=sum(s.samples for s in splits.values()), total_shards=len(done),
+        total_bytes=sum(d.shard.bytes for d in done), skipped=[s for d in done for s in d.skipped],
+    )
+
+
+class _HashingSink:
+    """A write-only file object that forwards to `stream` while hashing, so shards are hashed without a re-read."""
+
+    def __init__(self, stream: pa.NativeFile):
+        self._stream = stream
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        self._stream.write(view)
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True  # the owner closes the underlying stream
+
+
+class _ParquetShardWriter:
+    def __init__(self, sink: _HashingSink):
+        self._writer = pq.ParquetWriter(sink, ARROW_SCHEMA)
+        self._rows: list[dict] = []
+        self._buffered = 0
+
+    def add(self, record: SceneRecord) -> None:
+        self._rows.append(record_to_row(record))
+        self._buffered += record.nbytes()
+        if self._buffered >= _ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=ARROW_SCHEMA))
+        self._rows, self._buffered = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+class _TarShardWriter:
+    def __init__(self, sink: _HashingSink):
+        self._tar = tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT)  # stream mode: no seeks
+        self._count = 0
+
+    def add(self, record: SceneRecord) -> None:
+        key = f"{self._count:06d}"
+        self._count += 1
+        for suffix, payload in _webdataset_members(record_to_row(record)):
+            info = tarfile.TarInfo(f"{key}.{suffix}")  # mtime 0 and fixed owner: same input, same bytes
+            info.size = len(payload)
+            info.mode = 0o644
+            self._tar.addfile(info, io.BytesIO(payload))
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def _webdataset_members(row: dict) -> list[tuple[str, bytes]]:
+    meta = json.dumps({k: row[k] for k in _META_COLUMNS}).encode()
+    points = [(f"point.{name}.npy", blob) for name, blob in zip(row["point_asset_names"], row["point_asset_npy"])]
+    frames = [(f"frame{i}.{k}", row[f"frame_{k}"][i]) for i in range(len(row["frame_names"])) for k in FRAME_FILES]
+    return [("meta.json", meta), *points, *frames]
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(uri: str | Path, endpoint_url: str | None = None) -> Manifest:
+    return _load_manifest(storage.resolve(uri, endpoint_url))
+
+
+def read_shards(uri: str | Path, *, splits: list[str] | None = None, endpoint_url: str | None = None,
+                verify: bool = True, shuffle: ray.data.FileShuffleConfig | None = None) -> ray.data.Dataset:
+    """The samples of `splits` (default: all) as a Ray dataset whose rows have the columns of `ARROW_SCHEMA`.
+
+    Every shard's size is checked against the manifest; with `verify` its sha256 too, which reads each shard once
+    more (in parallel Ray tasks) before the dataset is returned. Without `verify`, a shard damaged in place fails
+    later, inside Ray's reader, with pyarrow's or tarfile's own message.
+    """
+    location = storage.resolve(uri, endpoint_url)
+    manifest = _load_manifest(location)
+    names = list(splits) if splits else list(manifest.splits)
+    unknown = [s for s in names if s not in manifest.splits]
+    if unknown:
+        raise DataError(f"split {unknown[0]!r} is not in the manifest (it has: {', '.join(manifest.splits)})",
+                        file=location.uri_of(MANIFEST_NAME))
+    shards = [shard for name in names for shard in manifest.splits[name].shards]
+    if not shards:
+        raise DataError(f"the manifest lists no shards for splits {names}", file=location.uri_of(MANIFEST_NAME))
+    _check_sizes(location, shards)
+    if verify:
+        _check_checksums(location, shards)
+    paths = [location.path(s.path) for s in shards]
+    if manifest.format == "parquet":
+        return ray.data.read_parquet(paths, filesystem=location.filesystem, partitioning=None, shuffle=shuffle)
+    raw = ray.data.read_webdataset(paths, filesystem=location.filesystem, decoder=None, shuffle=shuffle)
+    return raw.map_batches(_webdataset_batch_to_table, batch_format="pandas", fn_kwargs={"location": location})
+
+
+def _load_manifest(location: storage.Location) -> Manifest:
+    file = location.uri_of(MANIFEST_NAME)
+    if not location.exists(MANIFEST_NAME):
+        raise DataError("no shard manifest here; run prepare to write one", file=file)
+    try:
+        manifest = from_dict(Manifest, json.loads(location.read_bytes(MANIFEST_NAME)))
+    except ValueError as exc:  # bad JSON, or a ConfigError for missing/unknown keys
+        raise DataError(f"not a valid shard manifest ({exc})", file=file) from None
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise DataError(f"shards use schema version {manifest.schema_version} but this code reads version "
+                        f"{SCHEMA_VERSION}; run prepare again", file=file)
+    return manifest
+
+
+def _check_sizes(location: storage.Location, shards: list[ShardInfo]) -> None:
+    infos = location.filesystem.get_file_info([location.path(s.path) for s in shards])
+    for shard, info in zip(shards, infos):
+        if info.type != pafs.FileType.File:
+            raise DataError("the shard listed in the manifest is missing", file=location.uri_of(shard.path))
+        if info.size != shard.bytes:
+            raise DataError(f"the shard has {info.size} bytes but the manifest records {shard.bytes}; it is "
+                            "truncated or was overwritten", file=location.uri_of(shard.path))
+
+
+def _check_checksums(location: storage.Location, shards: list[ShardInfo]) -> None:
+    digests = ray.get([_sha256_of_file.remote(location.filesystem, location.path(s.path)) for s in shards])
+    for shard, digest in zip(shards, digests):
+        if digest != shard.sha256:
+            raise DataError(f"sha256 {digest} does not match the manifest's {shard.sha256}; the shard is corrupt",
+                            file=location.uri_of(shard.path))
+
+
+@ray.remote
+def _sha256_of_file(filesystem: pafs.FileSystem, path: str) -> str:
+    sha = hashlib.sha256()
+    with filesystem.open_input_stream(path) as stream:
+        while chunk := stream.read(8 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _webdataset_batch_to_table(batch, location: storage.Location) -> pa.Table:
+    rows = [_webdataset_sample_to_row(sample, location) for sample in batch.to_dict("records")]
+    return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
+
+
+def _webdataset_sample_to_row(sample: dict, location: storage.Location) -> dict:
+    """Inverse of `_webdataset_members`; `sample` maps member suffixes to bytes (NaN where a member is absent)."""
+    shard, key = location.uri_of_path(sample["__url__"]), sample["__key__"]
+    try:
+        meta = json.loads(sample["meta.json"])
+        row = {k: meta[k] for k in _META_COLUMNS}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"member {key}.meta.json is missing or incomplete ({exc!r})", file=shard) from None
+
+    def member(suffix: str) -> bytes:
+        value = sample.get(suffix)
+        if not isinstance(value, bytes):
+            raise DataError(f"member {key}.{suffix} is missing", sample=row["name"], file=shard)
+        return value
+
+    row["point_asset_npy"] = [member(f"point.{name}.npy") for name in row["point_asset_names"]]
+    for k in FRAME_FILES:
+        row[f"frame_{k}"] = [member(f"frame{i}.{k}") for i in range(len(row["frame_names"]))]
+    return row

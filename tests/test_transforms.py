@@ -1,0 +1,167 @@
+import numpy as np
+import pytest
+import torch
+
+from concerto_ray.config import from_dict
+from concerto_ray.data.collate import collate_semseg
+from concerto_ray.data.presets import (
+    ConcertoPretrainTransformConfig,
+    SemsegTransformConfig,
+    semseg_test_augmentations,
+    semseg_test_fragments,
+    semseg_train_transform,
+    semseg_val_transform,
+)
+from concerto_ray.data.transforms import (
+    CenterShift,
+    GridSample,
+    RandomDropout,
+    RandomFlip,
+    RandomRotate,
+)
+from concerto_ray.errors import ConfigError, DataError
+
+
+def make_scene(n=3000, seed=0, normal=True):
+    rng = np.random.default_rng(seed)
+    data = {
+        "name": f"scene{seed}",
+        "coord": (rng.random((n, 3)) * [2.0, 1.5, 1.0] + [5.0, -3.0, 0.7]).astype(np.float32),
+        "color": (rng.random((n, 3)) * 255).astype(np.float32),
+        "segment": np.arange(n, dtype=np.int32),  # the point's own index: shows whether arrays stay aligned
+        "instance": np.arange(n, dtype=np.int32) % 7,
+    }
+    if normal:
+        v = rng.standard_normal((n, 3))
+        data["normal"] = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    return data
+
+
+def read_only(data):
+    for value in data.values():
+        if isinstance(value, np.ndarray):
+            value.flags.writeable = False
+    return data
+
+
+def voxel_ids(coord, grid_size):
+    return {tuple(v) for v in np.floor(coord / grid_size).astype(np.int64)}
+
+
+def test_grid_sample_train_keeps_one_point_per_voxel_and_inverse_finds_it():
+    data = make_scene()
+    grid = 0.1
+    out = GridSample(grid, return_grid_coord=True, return_inverse=True)(data, np.random.default_rng(1))
+    voxels = np.floor(data["coord"] / grid).astype(np.int64)
+    kept_voxels = np.floor(out["coord"] / grid).astype(np.int64)
+    assert len(out["coord"]) == len(voxel_ids(data["coord"], grid)) < len(data["coord"])
+    assert len({tuple(v) for v in kept_voxels}) == len(kept_voxels)  # no voxel twice
+    # every kept row is an original point with all of its fields (segment holds the original index)
+    np.testing.assert_array_equal(out["coord"], data["coord"][out["segment"]])
+    np.testing.assert_array_equal(out["normal"], data["normal"][out["segment"]])
+    np.testing.assert_array_equal(out["grid_coord"], kept_voxels - voxels.min(axis=0))
+    # inverse: each input point -> the kept point of its own voxel
+    np.testing.assert_array_equal(kept_voxels[out["inverse"]], voxels)
+
+
+def test_grid_sample_fragments_hold_every_voxel_once_and_cover_every_point():
+    data = make_scene()
+    fragments = GridSample(0.1, return_grid_coord=True).fragments(data)
+    voxels = np.floor(data["coord"] / 0.1).astype(np.int64)
+    per_voxel = np.unique(voxels, axis=0, return_counts=True)[1]
+    assert len(fragments) == per_voxel.max() > 1
+    for fragment in fragments:
+        assert len(fragment["coord"]) == len(per_voxel)  # one point of every voxel
+        assert len(voxel_ids(fragment["coord"], 0.1)) == len(per_voxel)
+        np.testing.assert_array_equal(fragment["segment"], fragment["index"])
+    # smaller voxels repeat their points (as in Pointcept), so every point appears at least once
+    covered = np.concatenate([f["index"] for f in fragments])
+    np.testing.assert_array_equal(np.unique(covered), np.arange(len(data["coord"])))
+
+
+def test_geometry_transforms():
+    data = make_scene()
+    shifted = CenterShift(apply_z=True)(data, None)["coord"]
+    np.testing.assert_allclose(shifted.min(0)[:2], -shifted.max(0)[:2], atol=1e-5)
+    assert abs(shifted[:, 2].min()) < 1e-6
+
+    rotated = RandomRotate((0.5, 0.5), "z", (0.0, 0.0, 0.0), p=1.0)(data, np.random.default_rng(0))
+    np.testing.assert_allclose(rotated["coord"][:, 0], -data["coord"][:, 1], atol=1e-5)  # +90 deg about z
+    np.testing.assert_allclose(rotated["normal"][:, 1], data["normal"][:, 0], atol=1e-6)
+
+    flipped = RandomFlip(p=1.0)(data, np.random.default_rng(0))
+    np.testing.assert_array_equal(flipped["coord"][:, :2], -data["coord"][:, :2])
+    np.testing.assert_array_equal(flipped["normal"][:, 2], data["normal"][:, 2])
+
+    dropped = RandomDropout(0.2, 1.0)(data, np.random.default_rng(0))
+    assert len(dropped["coord"]) == int(len(data["coord"]) * 0.8)
+    np.testing.assert_array_equal(dropped["color"], data["color"][dropped["segment"]])
+
+
+def test_semseg_train_sample_and_collate():
+    cfg = SemsegTransformConfig(grid_size=0.05, point_max=1000)
+    transform = semseg_train_transform(cfg)
+    samples = [transform(read_only(make_scene(seed=s)), np.random.default_rng(s)) for s in range(3)]
+    for sample in samples:
+        assert set(sample) == {"coord", "grid_coord", "segment", "feat", "offset"}
+        n = len(sample["coord"])
+        assert n == 1000  # SphereCrop caps the voxelised cloud
+        assert sample["feat"].shape == (n, 9)
+        np.testing.assert_array_equal(sample["feat"][:, :3], sample["coord"])
+        color = sample["feat"][:, 3:6]
+        assert color.min() >= 0 and color.max() <= 1 and color.max() > 0.5  # normalised, not zeroed
+        np.testing.assert_allclose(sample["coord"].min(0)[:2], -sample["coord"].max(0)[:2], atol=1e-4)
+    batch = collate_semseg(samples)
+    counts = [len(s["coord"]) for s in samples]
+    assert batch["offset"].dtype == torch.int64
+    assert batch["offset"].tolist() == np.cumsum(counts).tolist()
+    assert batch["feat"].dtype == torch.float32 and batch["segment"].dtype == torch.int64
+    start = counts[0] + counts[1]
+    np.testing.assert_array_equal(batch["coord"][start:].numpy(), samples[2]["coord"])
+
+
+def test_semseg_val_inverse_restores_full_resolution():
+    data = make_scene()
+    sample = semseg_val_transform(SemsegTransformConfig(grid_size=0.1))(data, np.random.default_rng(0))
+    np.testing.assert_array_equal(sample["origin_segment"], data["segment"])
+    assert len(sample["inverse"]) == len(data["coord"]) > len(sample["coord"])
+    # a voxel's kept point holds the original index of a point of that same voxel (voxelised after centring)
+    voxels = np.floor(CenterShift(apply_z=True)(data, None)["coord"] / 0.1).astype(np.int64)
+    np.testing.assert_array_equal(voxels[sample["segment"][sample["inverse"]]], voxels)
+    assert sample["feat"][:, 3:6].max() <= 1
+
+
+def test_semseg_test_fragments():
+    assert len(semseg_test_augmentations(SemsegTransformConfig())) == 13  # 4 rotations x (1 + 2 scales) + flip
+    cfg = SemsegTransformConfig(grid_size=0.1, test_rotations=(0.5,), test_scales=(), test_flip=False)
+    data = make_scene(n=800)
+    result = semseg_test_fragments(data, cfg)
+    np.testing.assert_array_equal(result["segment"], data["segment"])
+    covered = np.concatenate([f["index"] for f in result["fragment_list"]])
+    np.testing.assert_array_equal(np.unique(covered), np.arange(800))
+    fragment = result["fragment_list"][0]
+    assert set(fragment) == {"coord", "grid_coord", "index", "feat", "offset"}
+    assert fragment["offset"].tolist() == [len(fragment["coord"])]
+    # rotated by 90 deg about z: x/y extents swap (then re-centred); colours normalised
+    extent = np.ptp(fragment["coord"], axis=0)
+    assert extent[0] < extent[1] and fragment["feat"][:, 3:6].max() <= 1
+
+
+def test_same_seed_same_sample_and_missing_normal_is_zero():
+    transform = semseg_train_transform(SemsegTransformConfig(grid_size=0.05))
+    a = transform(make_scene(normal=False), np.random.default_rng(7))
+    b = transform(make_scene(normal=False), np.random.default_rng(7))
+    c = transform(make_scene(normal=False), np.random.default_rng(8))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(a["coord"], c["coord"])
+    assert np.all(a["feat"][:, 6:] == 0)
+
+
+def test_bad_input_and_bad_config_are_named():
+    data = make_scene()
+    data["color"] = data["color"][:10]
+    with pytest.raises(DataError, match="scene0.*color"):
+        semseg_train_transform(SemsegTransformConfig())(data, np.random.default_rng(0))
+    with pytest.raises(ConfigError, match="multiples of patch_size"):
+        from_dict(ConcertoPretrainTransformConfig, {"crop_h": 100, "crop_w": 112, "patch_size": 14})
