@@ -13,10 +13,11 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
 from tqdm import tqdm
 
 from concerto_ray.data.collate import collate_concerto, collate_semseg
@@ -115,15 +116,15 @@ def build_dataset(config: StreamConfig, bad_log=None) -> ray.data.Dataset:
     return ds.flat_map(SampleTransform(config, bad_log if config.skip_bad else None))
 
 
-def collate_fn(mode: Mode) -> Callable[[dict[str, np.ndarray]], dict]:
-    """Ray Data hands the worker a column dict; the collators want a list of per-sample dicts."""
-    collate = collate_concerto if mode == "pretrain" else collate_semseg
+class CollateColumns(NumpyBatchCollateFn):
+    """Ray Data hands the worker a column dict; our collators want a list of per-sample dicts."""
 
-    def collate_columns(columns: dict[str, np.ndarray]) -> dict:
+    def __init__(self, mode: Mode):
+        self.collate = collate_concerto if mode == "pretrain" else collate_semseg
+
+    def __call__(self, columns: dict[str, np.ndarray]) -> dict:
         n = len(next(iter(columns.values())))
-        return collate([{k: v[i] for k, v in columns.items()} for i in range(n)])
-
-    return collate_columns
+        return self.collate([{k: v[i] for k, v in columns.items()} for i in range(n)])
 
 
 def iter_batches(iterator, config: StreamConfig, *, drop_last: bool = True) -> Iterator[dict]:
@@ -131,7 +132,7 @@ def iter_batches(iterator, config: StreamConfig, *, drop_last: bool = True) -> I
     # iter_torch_batches runs the collate function in its prefetch threads, overlapping it with the step.
     return iterator.iter_torch_batches(
         batch_size=config.batch_size,
-        collate_fn=collate_fn(config.mode),
+        collate_fn=CollateColumns(config.mode),
         local_shuffle_buffer_size=config.shuffle_buffer or None,
         local_shuffle_seed=config.seed,
         drop_last=drop_last,

@@ -1,0 +1,93 @@
+"""Frozen DINOv2-with-registers image encoder of Concerto's 2D-3D term.
+
+The encoder is a plain `transformers.Dinov2WithRegistersModel`, registered in Concerto under the
+reference's name `enc2d_model`, so Pointcept's Concerto checkpoints (which do carry the frozen image
+weights, as `module.enc2d_model.*`) load strictly. Weights come from a local directory or a hub
+name; nothing is downloaded unless the caller allows it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+from concerto_ray.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class ImageEncoderConfig:
+    """Where the DINOv2 weights are, and the architecture they must have.
+
+    The architecture is spelled out so that parameter counts (and shape checks against the point
+    branch) need no download; loaded weights whose architecture differs are rejected.
+    """
+
+    weights: str = ""  # local directory written by save_pretrained, or a hub name such as
+    # "facebook/dinov2-with-registers-giant"
+    local_files_only: bool = True
+    hidden_size: int = 1536
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 24
+    mlp_ratio: int = 4
+    use_swiglu_ffn: bool = True
+    num_register_tokens: int = 4
+    patch_size: int = 14
+    image_size: int = 518
+
+    def architecture(self) -> Dinov2WithRegistersConfig:
+        return Dinov2WithRegistersConfig(
+            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, mlp_ratio=self.mlp_ratio,
+            use_swiglu_ffn=self.use_swiglu_ffn, num_register_tokens=self.num_register_tokens,
+            patch_size=self.patch_size, image_size=self.image_size)
+
+
+_CHECKED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "use_swiglu_ffn",
+                   "num_register_tokens", "patch_size")
+
+
+def load_image_encoder(config: ImageEncoderConfig) -> Dinov2WithRegistersModel:
+    """Load the pretrained encoder, check its architecture, and freeze it."""
+    if not config.weights:
+        raise ConfigError("image_encoder.weights is empty: give a local directory written by "
+                          "save_pretrained or a hub name such as 'facebook/dinov2-with-registers-giant'")
+    try:
+        model = Dinov2WithRegistersModel.from_pretrained(config.weights,
+                                                         local_files_only=config.local_files_only)
+    except OSError as exc:
+        raise ConfigError(f"image_encoder.weights: cannot load DINOv2-with-registers from "
+                          f"{config.weights!r} (local_files_only={config.local_files_only}): {exc}") from None
+    expected = config.architecture()
+    for name in _CHECKED_FIELDS:
+        if getattr(model.config, name) != getattr(expected, name):
+            raise ConfigError(f"image_encoder.{name}: the weights at {config.weights!r} have "
+                              f"{getattr(model.config, name)!r}, the config says {getattr(expected, name)!r}")
+    return freeze(model)
+
+
+def build_untrained_image_encoder(config: ImageEncoderConfig) -> Dinov2WithRegistersModel:
+    """The encoder's architecture with random weights (for parameter counts and meta-device builds)."""
+    return freeze(Dinov2WithRegistersModel(config.architecture()))
+
+
+def freeze(model: Dinov2WithRegistersModel) -> Dinov2WithRegistersModel:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+@torch.no_grad()
+def patch_features(model: Dinov2WithRegistersModel, images: torch.Tensor, patch_h: int,
+                   patch_w: int) -> torch.Tensor:
+    """(num_images, patch_h * patch_w, hidden) patch-token features, row-major over the patch grid.
+
+    The last hidden state is [CLS, registers..., patches...]; the patch tokens are its last
+    patch_h * patch_w entries.
+    """
+    num_patches = patch_h * patch_w
+    hidden = model(pixel_values=images).last_hidden_state
+    if hidden.shape[1] < num_patches:
+        raise ValueError(f"image encoder returned {hidden.shape[1]} tokens for images of shape "
+                         f"{tuple(images.shape)}, fewer than the {patch_h}x{patch_w} patch grid")
+    return hidden[:, -num_patches:, :]
