@@ -71,12 +71,32 @@ def _model_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from concerto_ray.compare import compare_runs
+
+    print(compare_runs(args.runs, tracking_uri=args.tracking_uri, out=args.out, experiment=args.experiment))
+
+
 def _image_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}") from None
     return w, h
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `prepare` (shared with jobs/prepare.py)."""
+    p.add_argument("src", help="dataset root (holding splits/*.json, or <split>/<scene>/ folders)")
+    p.add_argument("dest", help="local folder or s3://bucket/prefix")
+    p.add_argument("--format", choices=("parquet", "webdataset"), default="parquet")
+    p.add_argument("--splits", nargs="+", help="splits to convert (default: all split files)")
+    p.add_argument("--dataset-name", help="name stored in the manifest (default: the folder name of SRC)")
+    p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MB")
+    p.add_argument("--workers", type=int, help="parallel readers (default: CPU count)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip samples that fail validation (each is logged and listed in the manifest)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,16 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", formatter_class=fmt, help="convert a dataset root into shards + manifest",
                        description="Convert a dataset in Pointcept's processed layout into parquet or webdataset "
                                    "shards with a manifest. Resumable: finished shards are skipped.")
-    p.add_argument("src", help="dataset root (holding splits/*.json, or <split>/<scene>/ folders)")
-    p.add_argument("dest", help="local folder or s3://bucket/prefix")
-    p.add_argument("--format", choices=("parquet", "webdataset"), default="parquet")
-    p.add_argument("--splits", nargs="+", help="splits to convert (default: all split files)")
-    p.add_argument("--dataset-name", help="name stored in the manifest (default: the folder name of SRC)")
-    p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MB")
-    p.add_argument("--workers", type=int, help="parallel readers (default: CPU count)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip samples that fail validation (each is logged and listed in the manifest)")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    add_prepare_arguments(p)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("stream", formatter_class=fmt, help="stream shards through the Ray Data pipeline",
@@ -135,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=12, help="synthetic scenes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("compare", formatter_class=fmt, help="MLflow runs side by side: params, metrics, loss curves",
+                       description="Show the params that differ, final metrics and loss curves of MLflow runs.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or run names")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--experiment", help="look run names up in this experiment only (default: all)")
+    p.add_argument("--out", default="compare.png", help="PNG file for the loss curves")
+    p.set_defaults(func=_compare)
 
     p = sub.add_parser("model", help="model utilities: parameter counts, checkpoint conversion")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
