@@ -146,12 +146,21 @@ class StreamStats:
     samples: int
     points: int  # points entering the model, summed over every view
     seconds: float
+    first_batch_seconds: float  # start-up latency: planning, worker start, first shard reads and transforms
+    first_batch_samples: int
     skipped: list[str]
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        """Throughput once the stream is flowing (after the first batch)."""
+        seconds = self.seconds - self.first_batch_seconds
+        return (self.samples - self.first_batch_samples) / seconds if seconds > 0 else float("nan")
 
     def summary(self) -> str:
         rate = self.samples / self.seconds if self.seconds else float("nan")
         lines = [f"streamed {self.samples} samples in {self.batches} batches, {self.points} points, "
-                 f"{self.seconds:.1f} s ({rate:.2f} samples/s)"]
+                 f"{self.seconds:.1f} s ({rate:.2f} samples/s; first batch after {self.first_batch_seconds:.1f} s, "
+                 f"{self.steady_samples_per_s:.2f} samples/s after it)"]
         lines.append(f"skipped {len(self.skipped)} bad samples" if self.skipped else "no bad samples")
         lines.extend(f"  {msg}" for msg in self.skipped)
         return "\n".join(lines)
@@ -167,16 +176,19 @@ def drain(config: StreamConfig, max_batches: int | None = None) -> StreamStats:
     """Run the pipeline on the driver for one epoch (or `max_batches`), counting what comes out."""
     bad_log = BadSampleLog.remote() if config.skip_bad else None
     dataset = build_dataset(config, bad_log)
-    batches = samples = points = 0
+    batches = samples = points = first_samples = 0
+    first_seconds = float("nan")
     start = time.perf_counter()
     with tqdm(desc="batches", unit="batch", total=max_batches) as bar:
         for batch in iter_batches(dataset.iterator(), config, drop_last=False):
             batches += 1
             samples += len(batch["name"])
             points += batch_points(batch)
+            if batches == 1:
+                first_seconds, first_samples = time.perf_counter() - start, samples
             bar.update()
             if max_batches is not None and batches >= max_batches:
                 break
     seconds = time.perf_counter() - start
     skipped = ray.get(bad_log.get.remote()) if bad_log is not None else []
-    return StreamStats(batches, samples, points, seconds, skipped)
+    return StreamStats(batches, samples, points, seconds, first_seconds, first_samples, skipped)
