@@ -1,0 +1,1 @@
+"""Semantic segmentation fine-tuning: segmentor, LoRA, losses, metrics, test protocol, data-efficient settings."""

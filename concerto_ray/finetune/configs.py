@@ -1,0 +1,163 @@
+"""Typed fine-tuning config, and the YAML configs under `configs/` named after Pointcept's Concerto semseg configs.
+
+Four modes, as in Pointcept's `configs/concerto/semseg-ptv3-*`:
+
+- `lin`: linear probe. Encoder-only backbone, frozen and in eval mode; the features of every level are
+  up-cast onto the finest one and a linear head is trained (`DefaultSegmentorV2`, `freeze_backbone=True`).
+- `dec`: the pre-trained encoder is frozen (`freeze_encoder`), a fresh decoder and the head are trained.
+- `ft`: full fine-tuning of encoder, decoder and head.
+- `lora`: encoder-only backbone with LoRA adapters on the attention `qkv` layers (`DefaultLORASegmentorV2`);
+  only the adapters and the head train.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from concerto_ray.config import load_yaml
+from concerto_ray.data.presets import SemsegTransformConfig
+from concerto_ray.errors import ConfigError
+from concerto_ray.model.ptv3 import PTv3Config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+Mode = Literal["lin", "dec", "ft", "lora"]
+
+
+@dataclass
+class CriteriaConfig:
+    """Weights of the two losses every Concerto semseg config sums (both with the config's ignore_index)."""
+
+    ce_weight: float = 1.0
+    lovasz_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.ce_weight < 0 or self.lovasz_weight < 0 or self.ce_weight + self.lovasz_weight == 0:
+            raise ValueError(f"criteria weights must be >= 0 and not both 0, got ce_weight={self.ce_weight}, "
+                             f"lovasz_weight={self.lovasz_weight}")
+
+
+@dataclass
+class LoraSettings:
+    """peft LoraConfig of the reference's LoRA segmentor (bias "none")."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("qkv",)
+
+    def __post_init__(self):
+        if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1 or not self.target_modules:
+            raise ValueError(f"lora needs r >= 1, alpha >= 1, 0 <= dropout < 1 and target modules; got r={self.r}, "
+                             f"alpha={self.alpha}, dropout={self.dropout}, target_modules={self.target_modules}")
+
+
+@dataclass
+class OneCycleConfig:
+    """torch OneCycleLR arguments; the peaks are `lr` for the head and the rest, `block_lr` for backbone blocks."""
+
+    pct_start: float = 0.05
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    div_factor: float = 10.0
+    final_div_factor: float = 1000.0
+
+
+@dataclass
+class DataEfficiencyConfig:
+    """Limited annotations (points per scene) and limited reconstructions (share of training scenes).
+
+    Either drawn reproducibly from `seed` (`label_budget`, `scene_percent`) or read from the reference's files
+    (`label_file`: Pointcept's `la_file`, a torch-saved {scene: point indices}; `scene_list_file`: its `lr_file`,
+    one scene name per line)."""
+
+    label_budget: int | None = None
+    label_file: str | None = None
+    scene_percent: float | None = None
+    scene_list_file: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.label_budget is not None and self.label_file is not None:
+            raise ValueError("give label_budget or label_file, not both")
+        if self.scene_percent is not None and self.scene_list_file is not None:
+            raise ValueError("give scene_percent or scene_list_file, not both")
+        if self.label_budget is not None and self.label_budget < 1:
+            raise ValueError(f"label_budget must be >= 1 point per scene, got {self.label_budget}")
+        if self.scene_percent is not None and not 0 < self.scene_percent <= 100:
+            raise ValueError(f"scene_percent must lie in (0, 100], got {self.scene_percent}")
+
+
+@dataclass
+class PretrainedConfig:
+    """Where the pre-trained backbone comes from, and the reference's key rewrite (`CheckpointLoader`'s
+    `keywords` -> `replacement`, applied after every key has been given the `module.` prefix)."""
+
+    path: str | None = None
+    keyword: str = "module.student.backbone"
+    replacement: str = "module.backbone"
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig:
+    mode: Mode
+    dataset: Literal["scannet", "scannet200", "scannetpp", "s3dis"]
+    train_split: tuple[str, ...] = ("train",)
+    val_split: tuple[str, ...] = ("val",)
+    backbone: PTv3Config
+    num_classes: int
+    class_names: tuple[str, ...]
+    ignore_index: int = -1
+    criteria: CriteriaConfig = field(default_factory=CriteriaConfig)
+    # Passes over the training set, and how many evaluation rounds they are cut into (Pointcept's `eval_epoch`).
+    epochs: int = 800
+    eval_epochs: int = 100
+    batch_size: int = 24  # over all workers, like the reference
+    lr: float = 0.002
+    block_lr: float = 0.0002  # parameters whose name contains "block" (the reference's param_dicts)
+    weight_decay: float = 0.02
+    schedule: OneCycleConfig = field(default_factory=OneCycleConfig)
+    clip_grad: float | None = 3.0
+    mix_prob: float = 0.8  # Mix3D probability of the training batches
+    enable_amp: bool = True
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data_efficiency: DataEfficiencyConfig = field(default_factory=DataEfficiencyConfig)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    transform: SemsegTransformConfig = field(default_factory=SemsegTransformConfig)
+
+    def __post_init__(self):
+        encoder_only = self.mode in ("lin", "lora")
+        if self.backbone.enc_mode != encoder_only:
+            raise ValueError(f"mode {self.mode!r} needs backbone.enc_mode={encoder_only}")
+        if self.mode == "dec" and not self.backbone.freeze_encoder:
+            raise ValueError("mode 'dec' trains the decoder on a frozen encoder: set backbone.freeze_encoder=true")
+        if self.mode == "ft" and self.backbone.freeze_encoder:
+            raise ValueError("mode 'ft' trains the whole backbone: set backbone.freeze_encoder=false")
+        if self.num_classes < 1 or len(self.class_names) != self.num_classes:
+            raise ValueError(f"num_classes is {self.num_classes} but class_names has {len(self.class_names)} names")
+        if min(self.lr, self.block_lr) <= 0 or self.weight_decay < 0:
+            raise ValueError(f"lr and block_lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
+                             f"block_lr={self.block_lr}, weight_decay={self.weight_decay}")
+        if self.epochs < 1 or self.batch_size < 1 or not 1 <= self.eval_epochs <= self.epochs:
+            raise ValueError(f"need epochs >= 1, batch_size >= 1 and 1 <= eval_epochs <= epochs; got "
+                             f"epochs={self.epochs}, batch_size={self.batch_size}, eval_epochs={self.eval_epochs}")
+
+
+def finetune_config_names() -> list[str]:
+    return sorted(path.stem for path in CONFIG_DIR.glob("semseg-*.yaml"))
+
+
+def load_finetune_config(name_or_path: str | Path) -> FinetuneConfig:
+    """A config by name (`configs/<name>.yaml`, e.g. "semseg-ptv3-base-v1m1-0a-scannet-lin") or by file path."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        return load_yaml(FinetuneConfig, text)
+    path = CONFIG_DIR / f"{text}.yaml"
+    if not path.is_file():
+        names = finetune_config_names()
+        close = difflib.get_close_matches(text, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown fine-tuning config {text!r}{hint}; configs in {CONFIG_DIR}: {', '.join(names)}")
+    return load_yaml(FinetuneConfig, path)
