@@ -22,6 +22,7 @@ import torch
 
 from concerto_ray.data.collate import collate_concerto
 from concerto_ray.data.layout import list_samples, read_sample
+from concerto_ray.data.pipeline import batch_to_device
 from concerto_ray.data.presets import ConcertoPretrainTransformConfig, concerto_pretrain_transform
 from concerto_ray.data.record import decode_record
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
@@ -42,10 +43,6 @@ def make_batch(samples: int, points: int, views: int, seed: int) -> dict:
         per_scene.setdefault(files.pointcloud_dir, files)
     rng = np.random.default_rng(seed)
     return collate_concerto([transform(decode_record(read_sample(f, "synth")), rng) for f in per_scene.values()])
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def main() -> None:
@@ -76,7 +73,7 @@ def main() -> None:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(to_device(batch, device))
+            out = model(batch_to_device(batch, device))
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(trainable, 3.0)
         optimizer.step()

@@ -34,22 +34,26 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _stream(args: argparse.Namespace) -> None:
     import ray
+    import yaml
 
-    from concerto_ray.config import load_yaml
+    from concerto_ray.config import from_dict
     from concerto_ray.data.pipeline import StreamConfig, drain
 
+    values = {}
     if args.config:
-        config = load_yaml(StreamConfig, args.config)
-        config.shards = args.shards
-    else:
-        config = StreamConfig(shards=args.shards)
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        values = yaml.safe_load(path.read_text()) or {}
+    values["shards"] = args.shards
     for key in ("mode", "batch_size", "seed", "endpoint_url", "splits"):
         if getattr(args, key) is not None:
-            setattr(config, key, getattr(args, key))
-    config.skip_bad = config.skip_bad or args.skip_bad
+            values[key] = getattr(args, key)
+    if args.skip_bad:
+        values["skip_bad"] = True
+    config = from_dict(StreamConfig, values)  # validated before Ray starts
     ray.init(ignore_reinit_error=True, include_dashboard=False)
-    stats = drain(config, max_batches=args.batches)
-    print(stats.summary())
+    print(drain(config, max_batches=args.batches).summary())
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -134,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("pretrain", "semseg_train", "semseg_val"))
     p.add_argument("--batch-size", type=int, help="samples per batch")
     p.add_argument("--batches", type=int, default=None, help="stop after this many batches (default: one epoch)")
-    p.add_argument("--seed", type=int, help="fixed seed for reproducible augmentations")
+    p.add_argument("--seed", type=int,
+                   help="fixed seed: the same augmentations for a sample in every epoch and run (for debugging)")
     p.add_argument("--splits", nargs="+", help="splits to read (default: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip, count and log undecodable samples")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")

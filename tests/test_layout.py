@@ -114,3 +114,12 @@ def test_bad_pose_matrix_names_the_frame(copy):
     with pytest.raises(DataError) as err:
         read_sample(sample, "scannet")
     assert "pose of frame images/train/" in str(err.value) and "field 'pose'" in str(err.value)
+
+
+def test_segmentation_requires_labels(dataset):
+    record = read_sample(list_samples(dataset)[0], "scannet")
+    del record.point_assets["segment20"]
+    assert (decode_record(record, with_frames=False)["segment"] == -1).all()  # pre-training: no labels needed
+    with pytest.raises(DataError) as err:
+        decode_record(record, with_frames=False, require_labels=True)
+    assert err.value.field == "segment20" and err.value.sample == record.name

@@ -17,6 +17,7 @@ from typing import Iterator, Literal
 
 import numpy as np
 import ray
+import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from tqdm import tqdm
 
@@ -30,7 +31,7 @@ from concerto_ray.data.presets import (
 )
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_shards
-from concerto_ray.errors import DataError
+from concerto_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ class StreamConfig:
     endpoint_url: str | None = None
     batch_size: int = 2  # samples per batch on each training worker
     shuffle_buffer: int = 8  # samples; shuffles across shard boundaries on top of the per-epoch file shuffle
-    seed: int | None = None  # None: fresh augmentations every epoch; an int: the same stream every run
+    # None: fresh augmentations every epoch (training). An int fixes each sample's augmentations by its name, the same
+    # in every epoch and run: for debugging and benchmarks, not for training.
+    seed: int | None = None
     skip_bad: bool = False  # skip (and count, and log) samples that fail to decode instead of failing the run
     # Check every shard's sha256 against the manifest before streaming: one extra read of the data per run, which
     # turns in-place corruption into a clear error naming the shard. Turn off for very large datasets.
@@ -56,9 +59,9 @@ class StreamConfig:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.shuffle_buffer < 0:
-            raise ValueError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+            raise ConfigError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
 
 
 @ray.remote(num_cpus=0)
@@ -99,7 +102,9 @@ class SampleTransform:
         name = str(row.get("name", "?"))
         try:
             record = row_to_record(row)
-            data = decode_record(record, segment_asset=self.segment_asset, with_frames=self.mode == "pretrain")
+            pretrain = self.mode == "pretrain"
+            data = decode_record(record, segment_asset=self.segment_asset, with_frames=pretrain,
+                                 require_labels=not pretrain)
             return [self.transform(data, self.rng(name))]
         except DataError as exc:
             if self.bad_log is None:
@@ -138,6 +143,11 @@ def iter_batches(iterator, config: StreamConfig, *, drop_last: bool = True) -> I
         drop_last=drop_last,
         prefetch_batches=2,
     )
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """Move a collated batch's tensors to the training device (Ray moves only all-tensor batches itself)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @dataclass

@@ -196,14 +196,16 @@ def check_correspondence(corr: np.ndarray, num_points: int, width: int, height: 
     return corr.astype(np.float32)
 
 
-def decode_record(record: SceneRecord, *, segment_asset: str | None = None,
-                  with_frames: bool = True) -> dict:
+def decode_record(record: SceneRecord, *, segment_asset: str | None = None, with_frames: bool = True,
+                  require_labels: bool = False) -> dict:
     """Decode and validate a record into the dict the transforms consume.
 
     Returns Pointcept's raw-sample keys (`coord`, `color`, `normal` as float32, `segment`, `instance` as int32, every
     other point asset as stored) plus, with frames, `frames_color` (uint8 HxWx3 per frame) and
     `frames_correspondence` (float32 Mx3 per frame). `segment_asset` picks the label array ("segment20" for ScanNet);
-    by default `segment` if present, else `segment20`.
+    by default `segment` if present, else `segment20`. Without labels, `segment` is all -1 (ignored), which suits
+    pre-training; `require_labels` makes a missing label array an error instead (segmentation must not train on
+    silently unlabelled scenes).
     """
     sample, source = record.name, record.source
     arrays = {k: load_npy(v, sample=sample, file=f"{source}/{k}.npy") for k, v in record.point_assets.items()}
@@ -214,9 +216,10 @@ def decode_record(record: SceneRecord, *, segment_asset: str | None = None,
     for key in ("coord", "color", "normal"):
         if key in data:
             data[key] = data[key].astype(np.float32)
+    required = require_labels or segment_asset is not None
     if segment_asset is None:
         segment_asset = "segment" if "segment" in arrays else "segment20"
-    elif segment_asset not in arrays:
+    if required and segment_asset not in arrays:
         raise DataError(f"the label array {segment_asset}.npy is missing (have: {', '.join(sorted(arrays))})",
                         sample=sample, file=source, field=segment_asset)
     for key, asset in (("segment", segment_asset), ("instance", "instance")):

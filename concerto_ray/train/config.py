@@ -1,0 +1,283 @@
+"""The typed pre-training config, loaded from YAML with `--set` overrides and checked before Ray starts.
+
+A YAML file has the sections of `PretrainConfig`: `model`, `data` (a `StreamConfig`), `optim`, `run`, `mlflow` and
+`faults` (test hooks, off unless set). `load_pretrain_config` rejects unknown keys (suggesting the closest one),
+wrong types and bad values, and checks that the shards' manifest exists, so that a typo costs seconds, not a
+cluster allocation.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from concerto_ray.config import from_dict
+from concerto_ray.data.pipeline import StreamConfig
+from concerto_ray.data.shards import read_manifest
+from concerto_ray.data.storage import S3_SCHEME
+from concerto_ray.errors import ConfigError, DataError
+from concerto_ray.model.configs import ConcertoConfig, SonataConfig, get_model_config
+
+# The shipped paper configs carry this in data.shards until the user points it at their own shards.
+SHARDS_PLACEHOLDER = "s3://SET-ME"
+
+
+@dataclass
+class ModelSection:
+    name: str  # a named config of concerto_ray.model.configs, e.g. "pretrain-concerto-v1m1-0-base"
+    image_encoder_weights: str | None = None  # Concerto: local save_pretrained directory (or a cached hub name)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with layer-wise lr decay over the encoder blocks, a OneCycle lr and a cosine weight-decay ramp."""
+
+    lr: float = 0.004  # peak lr of the last encoder block and of every parameter outside the blocks
+    layer_decay: float = 0.9  # each encoder block, counted back from the last, gets this factor once more
+    weight_decay: float = 0.04  # at step 0 ...
+    final_weight_decay: float = 0.2  # ... rising along a half cosine to this at the last step
+    pct_start: float = 0.05
+    div_factor: float = 10.0
+    final_div_factor: float = 1000.0
+    anneal_strategy: Literal["cos", "linear"] = "cos"
+    clip_grad: float | None = 3.0  # max global gradient norm; None: no clipping (the norm is still logged)
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must lie in (0, 1], got {self.layer_decay}")
+        if self.weight_decay < 0 or self.final_weight_decay < 0:
+            raise ValueError("weight_decay and final_weight_decay must be >= 0")
+        if not 0 < self.pct_start < 1:
+            raise ValueError(f"pct_start must lie in (0, 1), got {self.pct_start}")
+        if self.div_factor <= 0 or self.final_div_factor <= 0:
+            raise ValueError("div_factor and final_div_factor must be positive")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"clip_grad must be positive or null, got {self.clip_grad}")
+        if self.grad_accumulation < 1:
+            raise ValueError(f"grad_accumulation must be >= 1, got {self.grad_accumulation}")
+
+
+@dataclass
+class RunSection:
+    name: str  # the run's folder under storage_path; reuse it with --resume
+    storage_path: str  # local folder or s3://bucket/prefix for checkpoints and run state
+    endpoint_url: str | None = None  # S3-compatible endpoint of storage_path
+    epochs: int = 100
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # leave CPUs free on the cluster for Ray Data's transform tasks
+    amp: Literal["bf16", "off"] = "bf16"  # bf16 autocast needs no gradient scaler
+    seed: int = 0
+    checkpoint_every: int = 1000  # optimizer steps; the last step is always checkpointed
+    checkpoints_to_keep: int = 3
+    max_failures: int = 0  # worker failures Ray Train recovers from, each time from the latest checkpoint
+    max_nonfinite_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
+    find_unused_parameters: bool = False  # DDP: only for model configs that leave trainable parameters unused
+
+    def __post_init__(self):
+        for name in ("epochs", "num_workers", "checkpoint_every", "checkpoints_to_keep", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty folder name without '/', got {self.name!r}")
+
+    @property
+    def run_uri(self) -> str:
+        """The run's folder as a user would write it."""
+        return posixpath.join(self.storage_path.rstrip("/"), self.name)
+
+
+@dataclass
+class MlflowSection:
+    # None: $MLFLOW_TRACKING_URI, else a SQLite file in the run folder (local storage only).
+    tracking_uri: str | None = None
+    experiment: str = "concerto-ray-pretrain"
+
+
+@dataclass
+class FaultInjection:
+    """Test hooks that make failures happen on purpose; all off by default. Never set them for real runs.
+
+    exit_at_step: rank 0 ends its process (os._exit) just before optimizer step N, in an attempt that did not
+        start from a checkpoint; a restart from a checkpoint therefore runs on.
+    nonfinite_loss_steps: optimizer steps (1-based) whose loss rank 0 multiplies by NaN, to exercise the guard.
+    """
+
+    exit_at_step: int | None = None
+    nonfinite_loss_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelSection
+    data: StreamConfig
+    run: RunSection
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+    faults: FaultInjection = field(default_factory=FaultInjection)
+
+    def model_config(self) -> SonataConfig | ConcertoConfig:
+        """The named model config with this run's overrides applied."""
+        config = get_model_config(self.model.name)
+        if isinstance(config, ConcertoConfig):
+            if self.model.image_encoder_weights is not None:
+                config.image_encoder.weights = self.model.image_encoder_weights
+            # The image patch grid is the crop the data pipeline produces, in encoder patches.
+            config.patch_h = self.data.pretrain.crop_h // self.data.pretrain.patch_size
+            config.patch_w = self.data.pretrain.crop_w // self.data.pretrain.patch_size
+        return config
+
+    def workers_batch(self) -> int:
+        """Samples per optimizer step over all workers."""
+        return self.data.batch_size * self.run.num_workers * self.optim.grad_accumulation
+
+
+def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
+    """Read the YAML at `path`, apply `a.b.c=value` overrides (values parsed as YAML), validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = apply_overrides(data, overrides)
+    try:
+        config = from_dict(PretrainConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    validate(config)
+    return config
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of `data` with each `dotted.key=value` set; unknown keys are left for `from_dict` to name."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        *parents, leaf = key.split(".")
+        node = data
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
+        node[leaf] = yaml.safe_load(text)
+    return data
+
+
+def validate(config: PretrainConfig) -> None:
+    """Checks across sections, and of the things the config points at, that `from_dict` cannot do alone."""
+    data = config.data
+    if data.mode != "pretrain":
+        raise ConfigError(f"data.mode must be 'pretrain' for pre-training, got {data.mode!r}")
+    if data.shards.startswith(SHARDS_PLACEHOLDER):
+        raise ConfigError(f"data.shards is still the placeholder {data.shards!r}: set it to the shards written by "
+                          f"`concerto-ray prepare`, e.g. --set data.shards=s3://my-bucket/scannet-shards")
+    if data.splits is None:
+        data.splits = ["train"]
+    # Workers do not share the driver's working directory: local paths become absolute here.
+    data.shards = _absolute(data.shards)
+    config.run.storage_path = _absolute(config.run.storage_path)
+    weights = config.model.image_encoder_weights
+    if weights is not None and Path(weights).is_dir():
+        config.model.image_encoder_weights = str(Path(weights).resolve())
+    try:
+        model_config = config.model_config()
+    except ValueError as exc:  # ConfigError, or a model config check on the derived patch grid
+        raise ConfigError(f"model: {exc}") from None
+    _check_views(config, model_config)
+    if isinstance(model_config, ConcertoConfig) and model_config.enc2d_loss_weight > 0:
+        _check_image_encoder_weights(model_config)
+    _check_storage(config)
+    steps = steps_per_epoch(config)
+    if steps < 1:
+        raise ConfigError(f"one epoch gives no optimizer step: {_train_samples(config)} samples in splits "
+                          f"{data.splits} for {config.run.num_workers} workers x data.batch_size "
+                          f"{data.batch_size} x optim.grad_accumulation {config.optim.grad_accumulation}")
+    for step in config.faults.nonfinite_loss_steps:
+        if step < 1:
+            raise ConfigError(f"faults.nonfinite_loss_steps: steps are 1-based, got {step}")
+
+
+def steps_per_epoch(config: PretrainConfig) -> int:
+    """Optimizer steps per epoch: Ray Train splits the rows equally and every worker drops its last partial batch."""
+    rows_per_worker = _train_samples(config) // config.run.num_workers
+    return rows_per_worker // config.data.batch_size // config.optim.grad_accumulation
+
+
+def resolve_tracking_uri(config: PretrainConfig, local_run_dir: str | None) -> str:
+    """The MLflow tracking URI: the config's, else $MLFLOW_TRACKING_URI, else SQLite in a local run folder."""
+    uri = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if local_run_dir is None:
+        raise ConfigError("mlflow.tracking_uri: set it (or MLFLOW_TRACKING_URI) when run.storage_path is on S3; "
+                          "the SQLite default only works in a local run folder")
+    return f"sqlite:///{local_run_dir}/mlflow.db"
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).expanduser().resolve())
+
+
+def _check_views(config: PretrainConfig, model_config: SonataConfig) -> None:
+    transform = config.data.pretrain
+    if (transform.global_view_num, transform.local_view_num) != (model_config.num_global_view,
+                                                                 model_config.num_local_view):
+        raise ConfigError(f"data.pretrain makes {transform.global_view_num} global and {transform.local_view_num} "
+                          f"local views but model {config.model.name!r} expects {model_config.num_global_view} "
+                          f"and {model_config.num_local_view}")
+
+
+def _check_image_encoder_weights(model_config: ConcertoConfig) -> None:
+    encoder = model_config.image_encoder
+    if not encoder.weights:
+        raise ConfigError("model.image_encoder_weights: the Concerto image encoder needs DINOv2 weights "
+                          "(a directory written by save_pretrained)")
+    if Path(encoder.weights).is_dir() or not encoder.local_files_only:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(encoder.weights, "config.json")
+    except ValueError:  # not even a valid hub name
+        cached = None
+    if not isinstance(cached, str):
+        raise ConfigError(f"model.image_encoder_weights: {encoder.weights!r} is neither a local directory nor a "
+                          f"model in the Hugging Face cache (nothing is downloaded at run time)")
+
+
+def _check_storage(config: PretrainConfig) -> None:
+    run = config.run
+    if "://" in run.storage_path and not run.storage_path.startswith(S3_SCHEME):
+        raise ConfigError(f"run.storage_path {run.storage_path!r}: use a local folder or s3://bucket/prefix")
+    local_dir = None if run.storage_path.startswith(S3_SCHEME) else run.run_uri
+    resolve_tracking_uri(config, local_dir)
+
+
+def _train_samples(config: PretrainConfig) -> int:
+    data = config.data
+    try:
+        manifest = read_manifest(data.shards, endpoint_url=data.endpoint_url)
+    except DataError as exc:
+        raise ConfigError(f"data.shards: {exc}") from None
+    unknown = [s for s in data.splits if s not in manifest.splits]
+    if unknown:
+        raise ConfigError(f"data.splits: {unknown[0]!r} is not in the manifest of {data.shards} "
+                          f"(it has: {', '.join(manifest.splits)})")
+    return sum(manifest.splits[s].samples for s in data.splits)

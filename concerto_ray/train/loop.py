@@ -1,0 +1,227 @@
+"""The training function each Ray Train worker runs.
+
+Per optimizer step: set the weight decay and the model's schedules (mask, teacher temperature, EMA momentum) for
+the step, run `grad_accumulation` micro-batches (forward under autocast, backward), clip, then either step
+(optimizer, then the EMA teacher) or, if the loss or the gradient is non-finite on any worker, skip the update and
+count it. The lr schedule advances either way, so the schedules stay tied to the data position.
+
+Every `checkpoint_every` steps and at the end, rank 0 saves the state (`state.py`) and every worker calls
+`ray.train.report`. A restarted worker resumes from `ray.train.get_checkpoint()`: the optimizer steps of the
+interrupted epoch that the checkpoint already holds have their batches read and dropped, so no optimizer step is
+repeated or skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from concerto_ray.config import from_dict
+from concerto_ray.data import storage
+from concerto_ray.data.pipeline import StreamConfig, batch_points, batch_to_device, iter_batches
+from concerto_ray.model.build import build_ssl_model
+from concerto_ray.model.schedules import SslSchedules
+from concerto_ray.train.config import PretrainConfig
+from concerto_ray.train.optim import build_optimizer, set_weight_decay, weight_decay_schedule
+from concerto_ray.train.state import CheckpointError, Progress, checkpoint_uri, load_checkpoint, save_checkpoint
+from concerto_ray.train.tracking import StepMetrics
+
+CHECKPOINT_DIR_FORMAT = "step-{:08d}"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    """`config_dict`: {"config": the PretrainConfig as a dict, "steps_per_epoch", "tracking_uri", "mlflow_run_id"}."""
+    config = from_dict(PretrainConfig, config_dict["config"])
+    Worker(config, config_dict["steps_per_epoch"], config_dict["tracking_uri"], config_dict["mlflow_run_id"]).run()
+
+
+class Worker:
+    def __init__(self, config: PretrainConfig, steps_per_epoch: int, tracking_uri: str, mlflow_run_id: str):
+        self.config = config
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * config.run.epochs
+        self.rank = ray.train.get_context().get_world_rank()
+        self.device = ray.train.torch.get_device()
+
+        model_config = config.model_config()
+        torch.manual_seed(config.run.seed)  # the same initial weights on every worker
+        ssl_model = build_ssl_model(model_config)
+        self.model = ray.train.torch.prepare_model(
+            ssl_model, parallel_strategy_kwargs={"find_unused_parameters": config.run.find_unused_parameters})
+        self.ssl_model = ssl_model  # the unwrapped module: schedules, EMA, state dict
+        self.optimizer, self.scheduler = build_optimizer(ssl_model, config.optim, model_config.backbone.enc_depths,
+                                                         self.total_steps)
+        self.weight_decay = weight_decay_schedule(config.optim, self.total_steps)
+        self.schedules = SslSchedules.from_config(model_config, self.total_steps)
+
+        checkpoint = ray.train.get_checkpoint()
+        self.resumed = checkpoint is not None
+        self.progress = Progress()
+        if self.resumed:
+            self.progress = load_checkpoint(checkpoint, ssl_model, self.optimizer, self.scheduler)
+            if self.scheduler.total_steps != self.total_steps:  # loading replaced it with the checkpoint's
+                raise CheckpointError(
+                    f"checkpoint {checkpoint_uri(checkpoint)} belongs to a run of {self.scheduler.total_steps} "
+                    f"optimizer steps but this config plans {self.total_steps}: keep run.epochs, run.num_workers, "
+                    f"data.batch_size and optim.grad_accumulation as they were when resuming")
+        # Masks and drop-path differ per worker, and a resumed run does not replay the interrupted one's draws.
+        seed = np.random.SeedSequence([config.run.seed, self.rank, self.progress.global_step])
+        torch.manual_seed(int(seed.generate_state(1)[0]))
+
+        self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
+        self.run_dir = storage.resolve(config.run.run_uri, config.run.endpoint_url)
+        self.consecutive_nonfinite = 0
+        self.last_saved_step = self.progress.global_step
+
+    def run(self) -> None:
+        shard = ray.train.get_dataset_shard("train")
+        accumulation = self.config.optim.grad_accumulation
+        step_started = time.perf_counter()
+        last_metrics: dict[str, float] = {}
+        while self.progress.epoch < self.config.run.epochs:
+            epoch = self.progress.epoch
+            steps = epoch_steps(shard, self.config.data, accumulation, self.progress.step_in_epoch,
+                                self.steps_per_epoch)
+            for micro_batches, data_wait in steps:
+                values = self.optimizer_step(micro_batches)
+                step_seconds = time.perf_counter() - step_started
+                step_started = time.perf_counter()
+                values.update(points_per_s=values.pop("points") / step_seconds, step_time_s=step_seconds,
+                              data_wait_s=data_wait, data_wait_fraction=data_wait / step_seconds)
+                self.advance()
+                last_metrics = values
+                if self.metrics is not None:
+                    self.metrics.add(self.progress.global_step, values)
+                if self.progress.global_step % self.config.run.checkpoint_every == 0:
+                    self.save_and_report(values)
+            if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
+                self.progress.epoch += 1
+                self.progress.step_in_epoch = 0
+        if self.progress.global_step > self.last_saved_step:
+            self.save_and_report(last_metrics)
+
+    def optimizer_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over `micro_batches`; returns its metrics (loss terms averaged over workers)."""
+        step = self.progress.global_step  # 0-based index of this step
+        if self.config.faults.exit_at_step == step + 1 and self.rank == 0 and not self.resumed:
+            os._exit(1)  # test hook (faults.exit_at_step): a worker process dies abruptly
+        weight_decay = self.weight_decay(step)
+        set_weight_decay(self.optimizer, weight_decay)
+        schedule = self.schedules.at(step)
+        self.ssl_model.set_schedule(schedule)
+        self.optimizer.zero_grad(set_to_none=True)
+
+        terms: dict[str, float] = {}
+        points = 0
+        nonfinite = False
+        for index, batch in enumerate(micro_batches):
+            with self.gradient_sync(last=index == len(micro_batches) - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.run.amp == "bf16"):
+                    losses = self.model(batch_to_device(batch, self.device))
+                loss = losses["loss"]
+                if self.rank == 0 and step + 1 in self.config.faults.nonfinite_loss_steps:
+                    loss = loss * math.nan  # test hook (faults.nonfinite_loss_steps)
+                (loss / len(micro_batches)).backward()
+            nonfinite |= not bool(torch.isfinite(loss))
+            for name, value in losses.items():
+                terms[name] = terms.get(name, 0.0) + float(value) / len(micro_batches)
+            points += batch_points(batch)
+
+        clip = self.config.optim.clip_grad
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+        nonfinite |= not bool(torch.isfinite(grad_norm))
+        # Agree across workers, so that all of them skip the same steps; sum points and total loss on the way.
+        shared = torch.tensor([float(nonfinite), float(points), terms["loss"]], dtype=torch.float64,
+                              device=self.device)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            dist.all_reduce(shared)
+        nonfinite, points, terms["loss"] = bool(shared[0] > 0), float(shared[1]), float(shared[2]) / world
+
+        if nonfinite:
+            self.skip_step(step + 1)
+        else:
+            self.consecutive_nonfinite = 0
+            self.optimizer.step()
+            self.ssl_model.update_teacher()
+        group = self.optimizer.param_groups[0]  # the parameters outside the encoder blocks, at the peak lr
+        values = dict(terms, lr=group["lr"], weight_decay=weight_decay, adam_beta1=group["betas"][0],
+                      teacher_momentum=schedule.momentum, teacher_temp=schedule.teacher_temp,
+                      mask_size=schedule.mask_size, mask_ratio=schedule.mask_ratio, grad_norm=float(grad_norm),
+                      skipped_steps=self.progress.skipped_steps, epoch=self.progress.epoch, points=points)
+        self.scheduler.step()
+        return values
+
+    def skip_step(self, step_number: int) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.skipped_steps += 1
+        self.consecutive_nonfinite += 1
+        limit = self.config.run.max_nonfinite_steps
+        if self.consecutive_nonfinite >= limit:
+            first = step_number - self.consecutive_nonfinite + 1
+            raise NonFiniteLossError(f"stopping: {self.consecutive_nonfinite} optimizer steps in a row "
+                                     f"({first}..{step_number}) had a non-finite loss or gradient "
+                                     f"(run.max_nonfinite_steps = {limit}); lower optim.lr or check the data")
+
+    def gradient_sync(self, last: bool):
+        """DDP all-reduces gradients only on the last micro-batch of an accumulated step."""
+        if isinstance(self.model, DistributedDataParallel) and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def advance(self) -> None:
+        self.progress.global_step += 1
+        self.progress.step_in_epoch += 1
+        if self.progress.step_in_epoch == self.steps_per_epoch:
+            self.progress.epoch += 1
+            self.progress.step_in_epoch = 0
+
+    def save_and_report(self, values: dict[str, float]) -> None:
+        name = CHECKPOINT_DIR_FORMAT.format(self.progress.global_step)
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0:
+                save_checkpoint(Path(folder), self.ssl_model, self.optimizer, self.scheduler, self.progress)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(dict(values, step=self.progress.global_step), checkpoint=checkpoint,
+                             checkpoint_dir_name=name)
+        self.last_saved_step = self.progress.global_step
+        if self.metrics is not None:
+            self.metrics.commit(self.run_dir.uri_of(name))
+
+
+def epoch_steps(shard, stream: StreamConfig, accumulation: int, first_step: int,
+                steps_per_epoch: int) -> Iterator[tuple[list[dict], float]]:
+    """(micro-batches, seconds spent waiting for them) of optimizer steps `first_step`.. of one epoch.
+
+    The batches of the steps before `first_step`, trained on before an interruption, are read and dropped.
+    """
+    batches = iter(iter_batches(shard, stream))
+    for _ in range(first_step * accumulation):
+        if next(batches, None) is None:
+            return
+    for _ in range(first_step, steps_per_epoch):
+        started = time.perf_counter()
+        group = list(itertools.islice(batches, accumulation))
+        if len(group) < accumulation:
+            return
+        yield group, time.perf_counter() - started

@@ -1,0 +1,89 @@
+"""MLflow bookkeeping: one MLflow run per training run, continued by restarts and by `--resume`.
+
+The driver opens the MLflow run (params = the flattened config, the resolved config YAML as an artifact) and keeps
+its id in the run folder (`mlflow_run.json`), where `--resume` finds it again. Rank 0 logs the per-step metrics.
+It holds them until the checkpoint that covers their steps is saved: a restart goes back to that checkpoint, so
+steps logged only after it would otherwise be logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from concerto_ray.config import to_dict
+from concerto_ray.data.storage import Location
+from concerto_ray.errors import ConfigError
+from concerto_ray.train.config import PretrainConfig
+
+RUN_ID_FILE = "mlflow_run.json"
+CHECKPOINT_TAG = "checkpoint"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: MLflow params are flat strings."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def open_run(config: PretrainConfig, tracking_uri: str, run_dir: Location, resume: bool,
+             artifact_location: str | None = None) -> str:
+    """The id of the MLflow run of this training run: a new one, or with `resume` the one it started with."""
+    client = MlflowClient(tracking_uri)
+    if resume:
+        if not run_dir.exists(RUN_ID_FILE):
+            raise ConfigError(f"cannot resume: {run_dir.uri_of(RUN_ID_FILE)} is missing, so the MLflow run of "
+                              f"{config.run.name!r} is unknown")
+        run_id = json.loads(run_dir.read_bytes(RUN_ID_FILE))["run_id"]
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    else:
+        experiment = client.get_experiment_by_name(config.mlflow.experiment)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else client.create_experiment(config.mlflow.experiment, artifact_location=artifact_location))
+        run_id = client.create_run(experiment_id, run_name=config.run.name).info.run_id
+        params = [Param(key, value) for key, value in flatten(to_dict(config)).items()]
+        client.log_batch(run_id, params=params)
+        run_dir.write_bytes(RUN_ID_FILE, json.dumps({"run_id": run_id}).encode())
+    client.log_text(run_id, yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
+    return run_id
+
+
+def close_run(tracking_uri: str, run_id: str, succeeded: bool) -> None:
+    status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
+    MlflowClient(tracking_uri).set_terminated(run_id, status=RunStatus.to_string(status))
+
+
+def log_skipped_samples(tracking_uri: str, run_id: str, messages: list[str]) -> None:
+    """The samples the stream skipped as bad (data.skip_bad), one per line, so that none vanishes silently."""
+    text = "\n".join(messages) + "\n" if messages else "no sample was skipped\n"
+    MlflowClient(tracking_uri).log_text(run_id, text, "skipped_samples.txt")
+
+
+class StepMetrics:
+    """Rank 0's per-step metrics on their way to MLflow, sent when a checkpoint covers them."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.pending: list[Metric] = []
+
+    def add(self, step: int, values: dict[str, float]) -> None:
+        timestamp = int(time.time() * 1000)
+        self.pending.extend(Metric(key, float(value), timestamp, step) for key, value in values.items())
+
+    def commit(self, checkpoint_uri: str) -> None:
+        """Called once the checkpoint at `checkpoint_uri` is saved: log what it covers and point to it."""
+        self.client.log_batch(self.run_id, metrics=self.pending)
+        self.client.set_tag(self.run_id, CHECKPOINT_TAG, checkpoint_uri)
+        self.pending = []

@@ -1,0 +1,72 @@
+"""Start (or resume) a pre-training run on the connected Ray cluster: Ray Data stream -> TorchTrainer.
+
+Ray Train keeps the run's state in `<storage_path>/<run.name>/`: the checkpoints (`step-NNNNNNNN/`, the newest
+`run.checkpoints_to_keep`) and its own record of them, from which both a failure restart (`run.max_failures`) and
+`resume=True` continue. Next to them `mlflow_run.json` names the run's MLflow run.
+"""
+
+from __future__ import annotations
+
+import pyarrow.fs as pafs
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from concerto_ray.config import to_dict
+from concerto_ray.data import storage
+from concerto_ray.data.pipeline import BadSampleLog, build_dataset
+from concerto_ray.errors import ConfigError
+from concerto_ray.train.config import PretrainConfig, resolve_tracking_uri, steps_per_epoch
+from concerto_ray.train.loop import NonFiniteLossError, train_loop_per_worker
+from concerto_ray.train.state import CheckpointError
+from concerto_ray.train.tracking import RUN_ID_FILE, close_run, log_skipped_samples, open_run
+
+# Worker errors that explain themselves; `run_pretrain` raises them as they are instead of Ray's wrapper.
+_CLEAR_WORKER_ERRORS = (CheckpointError, NonFiniteLossError)
+
+
+def run_pretrain(config: PretrainConfig, resume: bool = False) -> ray.train.Result:
+    """Train until `run.epochs` are done; with `resume`, continue the stopped run of the same `run.name`."""
+    run = config.run
+    run_dir = storage.resolve(run.run_uri, run.endpoint_url)
+    started = run_dir.exists(RUN_ID_FILE)
+    if resume and not started:
+        raise ConfigError(f"cannot resume run {run.name!r}: nothing was started at {run_dir.uri}")
+    if started and not resume:
+        raise ConfigError(f"run {run.name!r} already exists at {run_dir.uri}: resume it (--resume) or choose "
+                          f"another run.name")
+    local = isinstance(run_dir.filesystem, pafs.LocalFileSystem)
+    if local:
+        run_dir.filesystem.create_dir(run_dir.root, recursive=True)
+    tracking_uri = resolve_tracking_uri(config, run_dir.root if local else None)
+    uses_default_store = local and tracking_uri.startswith(f"sqlite:///{run_dir.root}")
+    mlflow_run_id = open_run(config, tracking_uri, run_dir, resume,
+                             artifact_location=run_dir.path("mlflow-artifacts") if uses_default_store else None)
+
+    bad_log = BadSampleLog.remote() if config.data.skip_bad else None
+    storage_root = storage.resolve(run.storage_path, run.endpoint_url)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "steps_per_epoch": steps_per_epoch(config),
+                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                               resources_per_worker={"CPU": run.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run.name, storage_path=storage_root.root, storage_filesystem=storage_root.filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures)),
+        datasets={"train": build_dataset(config.data, bad_log)},
+    )
+    try:
+        result = trainer.fit()
+    except BaseException as exc:
+        close_run(tracking_uri, mlflow_run_id, succeeded=False)
+        failures = exc.worker_failures.values() if isinstance(exc, ray.train.WorkerGroupError) else ()
+        clear = next((error for error in failures if isinstance(error, _CLEAR_WORKER_ERRORS)), None)
+        if clear is not None:
+            raise clear from exc
+        raise
+    if bad_log is not None:
+        log_skipped_samples(tracking_uri, mlflow_run_id, ray.get(bad_log.get.remote()))
+    close_run(tracking_uri, mlflow_run_id, succeeded=True)
+    return result

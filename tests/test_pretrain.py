@@ -1,0 +1,252 @@
+"""Pre-training on Ray Train: the shipped tiny config on a real local Ray, S3 (moto) and an MLflow server.
+
+Runs are 2 workers x 0.5 CPU, 1 sample per worker and step, 2 steps per epoch, so each takes seconds of compute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import boto3
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import Dinov2WithRegistersModel
+
+from concerto_ray.data.shards import prepare
+from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
+from concerto_ray.errors import ConfigError
+from concerto_ray.model.build import build_ssl_model
+from concerto_ray.model.configs import get_model_config
+from concerto_ray.train.config import OptimConfig, load_pretrain_config
+from concerto_ray.train.loop import NonFiniteLossError
+from concerto_ray.train.optim import build_optimizer, param_groups, weight_decay_schedule
+from concerto_ray.train.state import CheckpointError
+from concerto_ray.train.tracking import RUN_ID_FILE
+from concerto_ray.train.trainer import run_pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "pretrain-tiny.yaml"
+STEPS = 4  # 2 epochs x (4 train samples // 2 workers // batch 1)
+LOSS_TERMS = ("loss", "mask_loss", "roll_mask_loss", "unmask_loss", "enc2d_loss")
+
+
+@pytest.fixture(scope="module")
+def dinov2_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dinov2-tiny")
+    torch.manual_seed(0)
+    architecture = get_model_config("tiny-concerto").image_encoder.architecture()
+    Dinov2WithRegistersModel(architecture).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    write_synthetic_dataset(root / "scenes", SynthConfig(scenes=4, points_per_scene=1500, views_per_scene=4,
+                                                         image_width=48, image_height=32, splits={"train": 1.0}),
+                            progress=False)
+    prepare(root / "scenes", str(root / "shards"), progress=False)
+    return root / "shards"
+
+
+def tiny_overrides(shards: Path, dinov2_dir: Path, name: str, storage: str) -> list[str]:
+    """Point the shipped tiny config at this test's data and storage, with 28-pixel crops (2 x 2 patches)."""
+    return [f"data.shards={shards}", f"model.image_encoder_weights={dinov2_dir}", f"run.name={name}",
+            f"run.storage_path={storage}", "data.seed=0", "data.pretrain.crop_h=28", "data.pretrain.crop_w=28",
+            "data.pretrain.max_size=1024", "data.pretrain.enc2d_max_size=1024"]
+
+
+@pytest.fixture
+def tiny(dinov2_dir, shards, mlflow_server, tmp_path):
+    """The tiny config for a run in a local folder, tracked by the MLflow server."""
+
+    def load(name: str, *overrides: str):
+        return load_pretrain_config(TINY_CONFIG, [*tiny_overrides(shards, dinov2_dir, name, str(tmp_path / "runs")),
+                                                  f"mlflow.tracking_uri={mlflow_server}", *overrides])
+
+    return load
+
+
+def mlflow_run_id(config) -> str:
+    run_dir = Path(config.run.storage_path) / config.run.name
+    return json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
+
+
+def logged_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
+    return [m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key)]
+
+
+def progress_of(checkpoint_dir: Path) -> dict:
+    return json.loads((checkpoint_dir / "progress.json").read_text())
+
+
+# -- optimizer setup (no Ray) -----------------------------------------------------------------------------------------
+
+def test_layer_wise_lr_follows_the_reference_formula():
+    model = build_ssl_model(get_model_config("tiny-sonata"))
+    optim = OptimConfig(lr=0.01, layer_decay=0.5)
+    with pytest.raises(ValueError, match="enc1.block0"):
+        param_groups(model, optim, (1, 0, 1, 1, 1))
+    groups = {g["name"]: g for g in param_groups(model, optim, (1, 1, 1, 1, 1))}
+    # The last of the 5 blocks trains at lr, each earlier one at one more factor 0.5.
+    assert [groups[f"enc{e}.block0"]["lr"] for e in range(5)] == [0.01 * 0.5 ** (4 - e) for e in range(5)]
+    assert groups["other"]["lr"] == 0.01
+    grouped = [p for g in groups.values() for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len(trainable) and {id(p) for p in grouped} == {id(p) for p in trainable}
+    assert not any(p is q for p in grouped for q in model.teacher.parameters())
+
+
+def test_one_cycle_and_weight_decay_schedules():
+    model = build_ssl_model(get_model_config("tiny-sonata"))
+    optim = OptimConfig(lr=0.004, pct_start=0.25, div_factor=10.0, final_div_factor=1000.0)
+    optimizer, scheduler = build_optimizer(model, optim, (1, 1, 1, 1, 1), total_steps=8)
+    first = [g["lr"] for g in optimizer.param_groups]
+    peaks = [g["max_lr"] for g in optimizer.param_groups]
+    assert first == pytest.approx([p / 10.0 for p in peaks])
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # torch's warm-up ends at step pct_start * total_steps - 1
+    assert max(lrs) == pytest.approx(0.004) and lrs.index(max(lrs)) == 1
+    assert lrs[-1] < 0.004 / 100
+    wd = weight_decay_schedule(optim, total_steps=8)
+    assert wd(0) == pytest.approx(0.04) and wd(4) == pytest.approx(0.12) and wd(8) == pytest.approx(0.2)
+
+
+# -- config validation: before anything starts ----------------------------------------------------------------------
+
+def test_config_typos_fail_before_ray_starts(dinov2_dir, shards, tmp_path, monkeypatch, capsys):
+    def load(*overrides: str):
+        return load_pretrain_config(TINY_CONFIG, [*tiny_overrides(shards, dinov2_dir, "typo", str(tmp_path)),
+                                                  *overrides])
+
+    assert load().run.name == "typo"
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.weight_decy' \(did you mean 'weight_decay'\?\)"):
+        load("optim.weight_decy=0.1")
+    with pytest.raises(ConfigError, match=r"run.epochs: expected an integer, got 'two'"):
+        load("run.epochs=two")
+    with pytest.raises(ConfigError, match=r"data.shards: .*no shard manifest"):
+        load("data.shards=/nonexistent/shards")
+    with pytest.raises(ConfigError, match="one epoch gives no optimizer step"):
+        load("data.batch_size=3")
+    with pytest.raises(ConfigError, match="model.image_encoder_weights: '/nonexistent' is neither"):
+        load("model.image_encoder_weights=/nonexistent")
+    with pytest.raises(ConfigError, match="data.shards is still the placeholder"):
+        load_pretrain_config(REPO / "configs" / "pretrain-concerto-v1m1-0-base.yaml")
+
+    # The job script reports the error and exits before connecting to Ray.
+    spec = importlib.util.spec_from_file_location("pretrain_job", REPO / "jobs" / "pretrain.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for an invalid config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    assert job.main(["--config", str(TINY_CONFIG), "--set", "run.epochs=two"]) == 2
+    assert "run.epochs: expected an integer" in capsys.readouterr().err
+
+
+# -- runs on the local Ray ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_run(ray_local, s3_server, dinov2_dir, shards, mlflow_server):
+    """A complete tiny run checkpointing into S3."""
+    overrides = [*tiny_overrides(shards, dinov2_dir, "s3-run", f"s3://{s3_server.bucket}/runs"),
+                 f"run.endpoint_url={s3_server.endpoint_url}", f"mlflow.tracking_uri={mlflow_server}"]
+    return overrides, run_pretrain(load_pretrain_config(TINY_CONFIG, overrides))
+
+
+@pytest.mark.slow
+def test_run_checkpoints_to_s3_and_logs_to_mlflow(s3_run, s3_server, mlflow_server):
+    _, result = s3_run
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix="runs/s3-run/")["Contents"]}
+    # checkpoint_every 2 and 2 checkpoints kept: the ones at steps 2 and 4.
+    for step in (2, 4):
+        for name in ("model.pt", "optimizer.pt", "progress.json"):
+            assert f"runs/s3-run/step-{step:08d}/{name}" in keys
+    assert result.checkpoint.path == f"{s3_server.bucket}/runs/s3-run/step-{STEPS:08d}"
+    progress = json.loads(s3.get_object(Bucket=s3_server.bucket,
+                                        Key=f"runs/s3-run/step-{STEPS:08d}/progress.json")["Body"].read())
+    assert progress == {"global_step": STEPS, "epoch": 2, "step_in_epoch": 0, "skipped_steps": 0}
+
+    run_id = json.loads(s3.get_object(Bucket=s3_server.bucket, Key=f"runs/s3-run/{RUN_ID_FILE}")["Body"].read())[
+        "run_id"]
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in (*LOSS_TERMS, "lr", "weight_decay", "adam_beta1", "teacher_momentum", "teacher_temp", "points_per_s",
+                "data_wait_s", "data_wait_fraction", "skipped_steps"):
+        assert logged_steps(mlflow_server, run_id, key) == list(range(1, STEPS + 1)), key
+    losses = [m.value for m in client.get_metric_history(run_id, "loss")]
+    assert all(math.isfinite(v) and v > 0 for v in losses)
+    assert run.data.params["optim.layer_decay"] == "0.9" and run.data.params["run.num_workers"] == "2"
+    assert run.data.params["data.pretrain.crop_h"] == "28" and run.data.params["model.name"] == "tiny-concerto"
+    assert run.data.tags["checkpoint"] == f"s3://{s3_server.bucket}/runs/s3-run/step-{STEPS:08d}"
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_names_it(s3_run, s3_server):
+    overrides, _ = s3_run
+    config = load_pretrain_config(TINY_CONFIG, [*overrides, "run.max_failures=0"])  # no retry of a lost cause
+    key = f"runs/s3-run/step-{STEPS:08d}/model.pt"
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(Bucket=s3_server.bucket, Key=key,
+                                                                       Body=b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=rf"checkpoint s3://{s3_server.bucket}/{key.removesuffix('/model.pt')}: "
+                                              r"model.pt cannot be loaded"):
+        run_pretrain(config, resume=True)
+
+
+@pytest.mark.slow
+def test_killed_worker_recovers_from_the_latest_checkpoint(ray_local, tiny, mlflow_server):
+    # rank 0 dies before step 3; Ray Train restarts the workers from the step-2 checkpoint.
+    config = tiny("recovered", "faults.exit_at_step=3", "run.max_failures=1")
+    result = run_pretrain(config)
+    assert progress_of(Path(result.checkpoint.path))["global_step"] == STEPS
+    run_id = mlflow_run_id(config)
+    for key in LOSS_TERMS:
+        assert logged_steps(mlflow_server, run_id, key) == list(range(1, STEPS + 1)), key
+
+
+@pytest.mark.slow
+def test_resume_continues_a_stopped_run(ray_local, tiny, mlflow_server):
+    stopped = tiny("stopped", "faults.exit_at_step=4", "run.max_failures=0")
+    with pytest.raises(ray.train.WorkerGroupError):
+        run_pretrain(stopped)
+    run_id = mlflow_run_id(stopped)
+    assert logged_steps(mlflow_server, run_id, "loss") == [1, 2]  # what the step-2 checkpoint covers
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
+
+    with pytest.raises(ConfigError, match="already exists"):
+        run_pretrain(stopped)
+    result = run_pretrain(tiny("stopped"), resume=True)
+    assert progress_of(Path(result.checkpoint.path)) == {"global_step": STEPS, "epoch": 2, "step_in_epoch": 0,
+                                                         "skipped_steps": 0}
+    assert logged_steps(mlflow_server, run_id, "loss") == list(range(1, STEPS + 1))
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, tiny, mlflow_server):
+    config = tiny("nonfinite", "run.epochs=3", "run.checkpoint_every=1", "run.checkpoints_to_keep=10",
+                  "run.max_failures=0", "run.max_nonfinite_steps=2", "faults.nonfinite_loss_steps=[2, 4, 5]")
+    with pytest.raises(NonFiniteLossError, match=r"2 optimizer steps in a row \(4..5\)"):
+        run_pretrain(config)
+    run_dir = Path(config.run.storage_path) / config.run.name
+    states = {step: torch.load(run_dir / f"step-{step:08d}" / "model.pt")["state_dict"] for step in (1, 2, 3)}
+    # Step 2 was skipped: no optimizer step, no EMA update; step 3 trained again.
+    assert all(torch.equal(states[1][k], states[2][k]) for k in states[1])
+    assert not all(torch.equal(states[2][k], states[3][k]) for k in states[2])
+    assert progress_of(run_dir / "step-00000004")["skipped_steps"] == 2
+    history = MlflowClient(mlflow_server).get_metric_history(mlflow_run_id(config), "skipped_steps")
+    assert [(m.step, m.value) for m in history] == [(1, 0), (2, 1), (3, 1), (4, 2)]
