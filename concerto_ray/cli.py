@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from concerto_ray.errors import ConfigError, DataError
+from concerto_ray.errors import ConfigError, DataError, TrainingError
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -54,6 +54,18 @@ def _stream(args: argparse.Namespace) -> None:
     config = from_dict(StreamConfig, values)  # validated before Ray starts
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     print(drain(config, max_batches=args.batches).summary())
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    import ray
+
+    from concerto_ray.train.config import load_pretrain_config
+    from concerto_ray.train.trainer import run_pretrain
+
+    config = load_pretrain_config(args.config, args.overrides)  # before Ray: a typo costs no cluster time
+    ray.init(ignore_reinit_error=True)
+    result = run_pretrain(config, resume=args.resume)
+    print(f"finished; latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -103,6 +115,14 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
 
 
+def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
+    """The options of a training run (shared with jobs/*.py)."""
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--resume", action="store_true", help="continue the stopped run of the config's run.name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, read as YAML, e.g. --set run.epochs=10 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="concerto-ray",
@@ -145,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p.set_defaults(func=_stream)
 
+    p = sub.add_parser("pretrain", formatter_class=fmt, help="pre-train Sonata / Concerto with Ray Train",
+                       description="Pre-train on the connected Ray cluster (RAY_ADDRESS, or a local Ray). The config "
+                                   "is validated before Ray starts. Same as `python jobs/pretrain.py`.")
+    add_run_arguments(p, "pre-training YAML config, e.g. configs/pretrain-tiny.yaml")
+    p.set_defaults(func=_pretrain)
+
     p = sub.add_parser("demo", formatter_class=fmt, help="the end-to-end demo on embedded defaults",
                        description="Local Ray -> synthetic scenes -> shards -> the streaming pipeline.")
     p.add_argument("--workdir", default="demo", help="where the demo writes its data and runs")
@@ -180,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, FileExistsError) as exc:
+    except (ConfigError, DataError, TrainingError, FileExistsError) as exc:
         print(f"concerto-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

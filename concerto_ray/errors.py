@@ -7,6 +7,10 @@ class ConfigError(ValueError):
     """A configuration file or value is invalid; raised before any cluster resource is taken."""
 
 
+class TrainingError(RuntimeError):
+    """A training run stopped for a reason its message explains (a corrupt checkpoint, non-finite losses)."""
+
+
 class DataError(ValueError):
     """A sample on disk or in a shard is unusable.
 

@@ -51,7 +51,8 @@ def s3_server():
 def ray_local(s3_server):
     """A 2-CPU local Ray cluster. It starts after `s3_server` because Ray's workers inherit the environment of
     the process that starts the cluster, and must see the S3 credentials."""
-    ray.init(num_cpus=2, include_dashboard=False)
+    # address="local": always a fresh cluster of our own, never one that `ray start` left on the machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -80,3 +81,31 @@ def mlflow_server(tmp_path_factory):
     yield uri
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def dinov2_dir(tmp_path_factory):
+    """A tiny random DINOv2-with-registers (the tiny-concerto architecture) saved to disk, as a user's weights."""
+    import torch
+    from transformers import Dinov2WithRegistersModel
+
+    from concerto_ray.model.configs import get_model_config
+
+    folder = tmp_path_factory.mktemp("dinov2-tiny")
+    torch.manual_seed(0)
+    Dinov2WithRegistersModel(get_model_config("tiny-concerto").image_encoder.architecture()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(tmp_path_factory):
+    """Parquet shards of 4 tiny synthetic training scenes (4 frames each)."""
+    from concerto_ray.data.shards import prepare
+    from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("pretrain")
+    write_synthetic_dataset(root / "scenes", SynthConfig(scenes=4, points_per_scene=1500, views_per_scene=4,
+                                                         image_width=48, image_height=32, splits={"train": 1.0}),
+                            progress=False)
+    prepare(root / "scenes", str(root / "shards"), progress=False)
+    return root / "shards"

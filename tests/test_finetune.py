@@ -103,13 +103,15 @@ def trainable(model: torch.nn.Module) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------- linear probe
 
 
-def test_linear_probe_trains_only_the_head_and_keeps_the_backbone_in_eval():
+def test_linear_probe_trains_only_the_head_and_the_frozen_backbone_follows_the_model_mode():
     cfg = tiny_config("lin")
     model = build_segmentor(cfg).train()
     head_in = sum(cfg.backbone.enc_channels)
     assert trainable(model) == {"seg_head.weight": head_in * 20, "seg_head.bias": 20}
-    assert model.training and model.seg_head.training
-    assert not any(m.training for m in model.backbone.modules())
+    # As in the reference, the frozen backbone trains with drop path on; eval() switches it off.
+    assert model.training and all(m.training for m in model.backbone.modules())
+    assert not any(m.training for m in model.eval().backbone.modules())
+    model.train()
 
     out = model(train_batch())
     out["loss"].backward()
@@ -202,6 +204,28 @@ def test_losses_ignore_unlabelled_points():
     assert empty.item() == 0.0 and logits.grad is not None
 
 
+def lovasz_one_class_at_a_time(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Berman et al.'s Lovasz-softmax written per class, as a reference for the vectorised loss."""
+    probs = logits.softmax(dim=1)
+    losses = []
+    for c in target.unique():
+        foreground = (target == c).float()
+        errors, order = torch.sort((foreground - probs[:, c]).abs(), descending=True)
+        fg = foreground[order]
+        iou_loss = 1 - (fg.sum() - fg.cumsum(0)) / (fg.sum() + (1 - fg).cumsum(0))
+        losses.append(torch.dot(errors, torch.diff(iou_loss, prepend=iou_loss.new_zeros(1))))
+    return torch.stack(losses).mean()
+
+
+def test_lovasz_over_all_classes_at_once_equals_the_per_class_loss():
+    gen = torch.Generator().manual_seed(0)
+    for num_points, num_classes in ((1, 3), (40, 2), (500, 13)):
+        logits = torch.randn(num_points, num_classes, generator=gen) * 3
+        target = torch.randint(0, num_classes, (num_points,), generator=gen)
+        torch.testing.assert_close(lovasz_softmax(logits, target), lovasz_one_class_at_a_time(logits, target),
+                                   rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 
 
@@ -239,12 +263,13 @@ def test_fragment_voting_equals_a_direct_forward_for_one_fragment_without_augmen
         logits = model(collate_semseg([sample]))["seg_logits"]
     direct = logits.softmax(dim=-1)[torch.from_numpy(sample["inverse"])]
     torch.testing.assert_close(votes, direct, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(evaluate_scene(model, scene, cfg), direct.argmax(dim=1).numpy())
 
 
 def test_fragment_voting_covers_every_point_of_every_pass():
     cfg = tiny_config("lin", transform=SemsegTransformConfig(test_rotations=(0.0, 1.0), test_scales=(1.05,)))
     passes = 2 * 2 + 1  # each rotation unscaled and scaled, then the flip
-    model = deterministic(build_segmentor(cfg))
+    model = deterministic(build_segmentor(cfg)).train()
     scene = make_scene("dense", n=300)
     scene["coord"] = np.concatenate([scene["coord"], scene["coord"] + 0.001])  # several points per voxel
     scene = {**scene, **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "segment")}}
@@ -252,10 +277,9 @@ def test_fragment_voting_covers_every_point_of_every_pass():
     assert votes.shape == (600, 20)
     # Softmax rows sum to 1: every point is voted on at least once per pass.
     assert torch.all(votes.sum(dim=1) >= passes - 1e-4)
-    pred = evaluate_scene(model, scene, cfg)
-    assert pred.shape == (600,) and np.array_equal(pred, votes.argmax(dim=1).numpy())
     metrics = evaluate(model, [scene], cfg)
     assert metrics.confusion.sum() == int((scene["segment"] != -1).sum())
+    assert model.training  # evaluation gives the model back in the mode it found it in
 
 
 # --------------------------------------------------------------------------------------------- data efficiency

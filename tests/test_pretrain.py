@@ -5,7 +5,6 @@ Runs are 2 workers x 0.5 CPU, 1 sample per worker and step, 2 steps per epoch, s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,10 +14,8 @@ import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
-from transformers import Dinov2WithRegistersModel
 
-from concerto_ray.data.shards import prepare
-from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
+from concerto_ray.cli import main as cli_main
 from concerto_ray.errors import ConfigError
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.configs import get_model_config
@@ -35,25 +32,6 @@ STEPS = 4  # 2 epochs x (4 train samples // 2 workers // batch 1)
 LOSS_TERMS = ("loss", "mask_loss", "roll_mask_loss", "unmask_loss", "enc2d_loss")
 
 
-@pytest.fixture(scope="module")
-def dinov2_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dinov2-tiny")
-    torch.manual_seed(0)
-    architecture = get_model_config("tiny-concerto").image_encoder.architecture()
-    Dinov2WithRegistersModel(architecture).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain")
-    write_synthetic_dataset(root / "scenes", SynthConfig(scenes=4, points_per_scene=1500, views_per_scene=4,
-                                                         image_width=48, image_height=32, splits={"train": 1.0}),
-                            progress=False)
-    prepare(root / "scenes", str(root / "shards"), progress=False)
-    return root / "shards"
-
-
 def tiny_overrides(shards: Path, dinov2_dir: Path, name: str, storage: str) -> list[str]:
     """Point the shipped tiny config at this test's data and storage, with 28-pixel crops (2 x 2 patches)."""
     return [f"data.shards={shards}", f"model.image_encoder_weights={dinov2_dir}", f"run.name={name}",
@@ -62,12 +40,12 @@ def tiny_overrides(shards: Path, dinov2_dir: Path, name: str, storage: str) -> l
 
 
 @pytest.fixture
-def tiny(dinov2_dir, shards, mlflow_server, tmp_path):
+def tiny(dinov2_dir, pretrain_shards, mlflow_server, tmp_path):
     """The tiny config for a run in a local folder, tracked by the MLflow server."""
 
     def load(name: str, *overrides: str):
-        return load_pretrain_config(TINY_CONFIG, [*tiny_overrides(shards, dinov2_dir, name, str(tmp_path / "runs")),
-                                                  f"mlflow.tracking_uri={mlflow_server}", *overrides])
+        base = tiny_overrides(pretrain_shards, dinov2_dir, name, str(tmp_path / "runs"))
+        return load_pretrain_config(TINY_CONFIG, [*base, f"mlflow.tracking_uri={mlflow_server}", *overrides])
 
     return load
 
@@ -123,10 +101,10 @@ def test_one_cycle_and_weight_decay_schedules():
 
 # -- config validation: before anything starts ----------------------------------------------------------------------
 
-def test_config_typos_fail_before_ray_starts(dinov2_dir, shards, tmp_path, monkeypatch, capsys):
+def test_config_typos_fail_before_ray_starts(dinov2_dir, pretrain_shards, tmp_path, monkeypatch, capsys):
     def load(*overrides: str):
-        return load_pretrain_config(TINY_CONFIG, [*tiny_overrides(shards, dinov2_dir, "typo", str(tmp_path)),
-                                                  *overrides])
+        base = tiny_overrides(pretrain_shards, dinov2_dir, "typo", str(tmp_path))
+        return load_pretrain_config(TINY_CONFIG, [*base, *overrides])
 
     assert load().run.name == "typo"
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.weight_decy' \(did you mean 'weight_decay'\?\)"):
@@ -142,25 +120,21 @@ def test_config_typos_fail_before_ray_starts(dinov2_dir, shards, tmp_path, monke
     with pytest.raises(ConfigError, match="data.shards is still the placeholder"):
         load_pretrain_config(REPO / "configs" / "pretrain-concerto-v1m1-0-base.yaml")
 
-    # The job script reports the error and exits before connecting to Ray.
-    spec = importlib.util.spec_from_file_location("pretrain_job", REPO / "jobs" / "pretrain.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-
+    # The command (which jobs/pretrain.py runs) reports the error and exits before connecting to Ray.
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started for an invalid config")
 
     monkeypatch.setattr(ray, "init", no_ray)
-    assert job.main(["--config", str(TINY_CONFIG), "--set", "run.epochs=two"]) == 2
+    assert cli_main(["pretrain", "--config", str(TINY_CONFIG), "--set", "run.epochs=two"]) == 2
     assert "run.epochs: expected an integer" in capsys.readouterr().err
 
 
 # -- runs on the local Ray ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def s3_run(ray_local, s3_server, dinov2_dir, shards, mlflow_server):
+def s3_run(ray_local, s3_server, dinov2_dir, pretrain_shards, mlflow_server):
     """A complete tiny run checkpointing into S3."""
-    overrides = [*tiny_overrides(shards, dinov2_dir, "s3-run", f"s3://{s3_server.bucket}/runs"),
+    overrides = [*tiny_overrides(pretrain_shards, dinov2_dir, "s3-run", f"s3://{s3_server.bucket}/runs"),
                  f"run.endpoint_url={s3_server.endpoint_url}", f"mlflow.tracking_uri={mlflow_server}"]
     return overrides, run_pretrain(load_pretrain_config(TINY_CONFIG, overrides))
 

@@ -1,3 +1,5 @@
+import colorsys
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +14,22 @@ from concerto_ray.data.presets import (
     semseg_train_transform,
     semseg_val_transform,
 )
+from concerto_ray.data.collate import collate_concerto
 from concerto_ray.data.transforms import (
     CenterShift,
+    ChromaticAutoContrast,
+    ElasticDistortion,
     GridSample,
+    _adjust_hue,
+    _hsv_to_rgb,
+    _rgb_to_hsv,
+    RandomColorJitter,
+    RandomDropColor,
+    RandomDropNormal,
     RandomDropout,
     RandomFlip,
     RandomRotate,
+    SphereCrop,
 )
 from concerto_ray.errors import ConfigError, DataError
 
@@ -165,3 +177,102 @@ def test_bad_input_and_bad_config_are_named():
         semseg_train_transform(SemsegTransformConfig())(data, np.random.default_rng(0))
     with pytest.raises(ConfigError, match="multiples of patch_size"):
         from_dict(ConcertoPretrainTransformConfig, {"crop_h": 100, "crop_w": 112, "patch_size": 14})
+    with pytest.raises(ConfigError, match="color_jitter.brightness"):
+        from_dict(ConcertoPretrainTransformConfig, {"color_jitter": {"brightness": "a lot"}})
+    jitter = from_dict(ConcertoPretrainTransformConfig, {"color_jitter": {"hue": 0.1}}).color_jitter
+    assert isinstance(jitter, RandomColorJitter) and jitter.hue == 0.1
+
+
+@pytest.mark.parametrize("label", [20, -2])
+def test_semseg_labels_out_of_range_are_named(label):
+    data = make_scene()
+    data["segment"] = np.zeros(len(data["coord"]), dtype=np.int64)
+    data["segment"][5] = label
+    cfg = SemsegTransformConfig(num_classes=20)
+    for transform in (semseg_train_transform(cfg), semseg_val_transform(cfg)):
+        with pytest.raises(DataError, match=f"scene0.*segment.*label {label} ") as info:
+            transform(data, np.random.default_rng(0))
+        assert info.value.field == "segment" and info.value.sample == "scene0"
+    with pytest.raises(DataError, match="segment"):
+        semseg_test_fragments(data, cfg)
+    data["segment"][5] = 19  # the largest class and the ignore label pass
+    data["segment"][6] = -1
+    assert len(semseg_train_transform(cfg)(data, np.random.default_rng(0))["segment"]) > 0
+
+
+def test_collate_names_the_sample_with_an_empty_view():
+    sample = {"name": "empty", "coord": np.zeros((3, 3), np.float32), "offset": np.array([0, 3])}
+    with pytest.raises(DataError, match="empty.*offset"):
+        collate_semseg([sample])
+    views = {"name": "short", "global_coord": np.zeros((4, 3), np.float32), "global_offset": np.array([2, 3]),
+             "img_num": np.array([0])}
+    with pytest.raises(DataError, match="short.*global_offset"):
+        collate_concerto([views])
+
+
+# ------------------------------------------------------------------------------------------------ colour
+
+
+def test_color_jitter_hsv_round_trip_matches_colorsys_and_zero_hue_shift_is_identity():
+    rgb = np.random.default_rng(0).random((500, 3))
+    rgb[:5] = [[0, 0, 0], [1, 1, 1], [0.5, 0.5, 0.5], [1, 0, 0], [0, 0, 1]]  # grey and pure hues
+    hsv = _rgb_to_hsv(rgb)
+    np.testing.assert_allclose(hsv, [colorsys.rgb_to_hsv(*row) for row in rgb], atol=1e-12)
+    np.testing.assert_allclose(_hsv_to_rgb(hsv), rgb, atol=1e-12)
+
+    color = (np.random.default_rng(1).random((200, 3)) * 255).round()
+    np.testing.assert_allclose(_adjust_hue(color, 0.0), color, atol=1e-9)
+    np.testing.assert_allclose(_adjust_hue(_adjust_hue(color, 0.3), -0.3), color, atol=1e-9)
+    shifted = RandomColorJitter(hue=0.5, p=1.0)({"color": color}, np.random.default_rng(0))["color"]
+    assert np.abs(shifted - color).max() > 10
+    # A hue shift keeps each point's largest and smallest channel (value and chroma).
+    np.testing.assert_allclose(shifted.max(1), color.max(1), atol=1e-9)
+    np.testing.assert_allclose(shifted.min(1), color.min(1), atol=1e-9)
+
+
+def test_chromatic_auto_contrast_with_full_blend_stretches_each_channel_to_0_255():
+    color = np.random.default_rng(0).uniform([10, 50, 100], [200, 60, 120], (300, 3)).astype(np.float32)
+    out = ChromaticAutoContrast(p=1.0, blend_factor=1.0)({"color": color}, np.random.default_rng(0))["color"]
+    np.testing.assert_allclose(out.min(0), 0, atol=1e-3)
+    np.testing.assert_allclose(out.max(0), 255, atol=1e-3)
+    # order within each channel is kept
+    np.testing.assert_array_equal(np.argsort(out[:, 1]), np.argsort(color[:, 1]))
+
+
+def test_drop_colour_and_normal_with_ratio_one_zero_every_row():
+    data = make_scene()
+    rng = np.random.default_rng(0)
+    out = RandomDropNormal(1.0, 1.0)(RandomDropColor(1.0, 1.0)(read_only(data), rng), rng)
+    assert np.all(out["color"] == 0) and np.all(out["normal"] == 0)
+    assert out["color"].shape == data["color"].shape and out["color"].dtype == data["color"].dtype
+    assert np.all(data["color"] != 0)  # the input was not written into
+    half = RandomDropColor(0.5, 1.0)(data, np.random.default_rng(0))["color"]
+    assert np.sum(np.all(half == 0, axis=1)) == len(data["color"]) // 2
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def test_sphere_crop_keeps_the_point_max_nearest_points_nearest_first():
+    data = make_scene(n=2000)
+    out = SphereCrop(point_max=300)(data, np.random.default_rng(4))
+    center = data["coord"][np.random.default_rng(4).integers(len(data["coord"]))]
+    distance = np.sum(np.square(data["coord"] - center), axis=1)
+    kept = out["segment"]  # the original indices
+    assert len(kept) == 300 and len(np.unique(kept)) == 300
+    assert np.all(np.diff(distance[kept]) >= 0)  # nearest first
+    assert distance[kept].max() <= np.sort(distance)[299]  # no nearer point was left out
+    assert SphereCrop(point_max=2000)(data, np.random.default_rng(0)) is data
+
+
+def test_elastic_distortion_zero_magnitude_is_identity_and_displacement_is_bounded():
+    data = make_scene(n=1000)
+    assert np.random.default_rng(0).random() < 0.95  # with seed 0 the distortion is applied
+    unchanged = ElasticDistortion(((0.2, 0.0),))(data, np.random.default_rng(0))
+    np.testing.assert_array_equal(unchanged["coord"], data["coord"])
+    warped = ElasticDistortion(((0.2, 0.4),))(data, np.random.default_rng(0))["coord"]
+    displacement = np.abs(warped - data["coord"])
+    assert displacement.max() > 1e-3
+    # The noise is box-filtered standard normals (each value an average, so |noise| < 6 in practice) and is
+    # interpolated (a convex combination): no axis moves by more than magnitude * 6.
+    assert displacement.max() < 0.4 * 6

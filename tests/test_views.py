@@ -1,8 +1,15 @@
 import numpy as np
+import pytest
 import torch
 
 from concerto_ray.data.collate import collate_concerto
-from concerto_ray.data.image_views import IMAGENET_MEAN, IMAGENET_STD, ImageAugmentation, prepare_frames
+from concerto_ray.data.image_views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageAugmentation,
+    gaussian_blur,
+    prepare_frames,
+)
 from concerto_ray.data.presets import PRETRAIN_KEYS, ConcertoPretrainTransformConfig, concerto_pretrain_transform
 
 FRAME_W, FRAME_H = 200, 150
@@ -89,6 +96,24 @@ def test_image_augmentation_normalises_with_imagenet_statistics():
     shift = jittered[0, :, 8, 8] * IMAGENET_STD + IMAGENET_MEAN - [1.0, 0.0, 0.5]
     assert np.all(shift[1:] >= 0) and np.all(shift < 0.05) and shift[1:].max() > 0  # + [0, 0.05), clipped at 1
     np.testing.assert_allclose(jittered[0], jittered[1])  # all frames of a sample get the same shift
+
+
+def test_gaussian_blur_of_an_impulse_is_the_separable_gaussian_kernel():
+    sigma, size = 1.3, 9
+    impulse = np.zeros((1, 3, 21, 21), np.float32)
+    impulse[:, :, 10, 10] = 1.0
+    blurred = gaussian_blur(impulse, sigma, size)
+    offsets = np.arange(size) - size // 2
+    kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel /= kernel.sum()
+    expected = np.zeros((21, 21))
+    expected[6:15, 6:15] = np.outer(kernel, kernel)
+    for channel in range(3):
+        np.testing.assert_allclose(blurred[0, channel], expected, atol=1e-6)
+    # At a corner, reflect padding (the edge pixel is not repeated) leaves only the centre weight.
+    corner = np.zeros((1, 1, 21, 21), np.float32)
+    corner[0, 0, 0, 0] = 1.0
+    assert gaussian_blur(corner, sigma, size)[0, 0, 0, 0] == pytest.approx(kernel[4] ** 2, rel=1e-5)
 
 
 def test_pretrain_sample_keys_views_and_sizes():

@@ -16,6 +16,7 @@ from concerto_ray.errors import DataError
 
 def collate_semseg(samples: list[dict]) -> dict:
     _check_same_keys(samples)
+    _check_offsets(samples)
     return {key: _collate_key(key, [sample[key] for sample in samples]) for key in samples[0]}
 
 
@@ -23,6 +24,7 @@ def collate_concerto(samples: list[dict]) -> dict:
     """Like `collate_semseg`, but each correspondence array (points, frames, 2) is first padded with -1 to the
     largest frame count in the batch, so that the arrays of all samples can be concatenated."""
     _check_same_keys(samples)
+    _check_offsets(samples)
     max_frames = max(int(np.asarray(sample["img_num"]).reshape(-1)[0]) for sample in samples)
     batch = {}
     for key in samples[0]:
@@ -41,6 +43,23 @@ def _check_same_keys(samples: list[dict]) -> None:
         if set(sample) != keys:
             raise DataError(f"keys {sorted(set(sample) ^ keys)} are not shared by every sample of the batch",
                             sample=str(sample.get("name", "?")))
+
+
+def _check_offsets(samples: list[dict]) -> None:
+    """Every `<prefix>offset` must split its `<prefix>coord` rows into non-empty pieces.
+
+    Checked here, on the CPU and once per batch, so that the model's forward needs no device sync for it."""
+    for sample in samples:
+        for key in sample:
+            coord_key = key.removesuffix("offset") + "coord"
+            if not key.endswith("offset") or coord_key not in sample:
+                continue
+            counts = np.diff(np.asarray(sample[key], dtype=np.int64).reshape(-1), prepend=0)
+            num_points = len(sample[coord_key])
+            if len(counts) == 0 or counts.min() <= 0 or counts.sum() != num_points:
+                raise DataError(f"{np.asarray(sample[key]).tolist()} must be strictly increasing and end at the "
+                                f"{num_points} rows of {coord_key!r}", sample=str(sample.get("name", "?")),
+                                field=key)
 
 
 def _pad_frames(correspondence: np.ndarray, num_frames: int) -> np.ndarray:

@@ -68,10 +68,7 @@ def prepare_frames(frames_color: list[np.ndarray], frames_correspondence: list[n
         if rows.shape == (1, 3) and np.all(rows == -1):
             continue
         remapped = remap_correspondence(rows, box, out_h, out_w, patch_size)
-        point = remapped[:, 2].astype(np.int64)
-        if len(point) and (point.min() < 0 or point.max() >= num_points):
-            raise DataError(f"frame {i}: point index out of range for a cloud of {num_points} points",
-                            sample=sample, field="frames_correspondence")
+        point = remapped[:, 2].astype(np.int64)  # in range: record.check_correspondence checked it on decode
         # Several pixels of one point: as in Pointcept, the last row after sorting wins.
         correspondence[point, i] = remapped[:, :2]
     return images, correspondence

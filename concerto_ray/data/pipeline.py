@@ -13,6 +13,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
 from typing import Iterator, Literal
 
 import numpy as np
@@ -36,6 +37,7 @@ from concerto_ray.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 Mode = Literal["pretrain", "semseg_train", "semseg_val"]
+SceneHook = Callable[[dict], dict]  # decoded scene -> decoded scene
 
 
 @dataclass
@@ -81,8 +83,9 @@ class BadSampleLog:
 class SampleTransform:
     """decode -> validate -> transform one shard row. Picklable; runs inside Ray Data tasks."""
 
-    def __init__(self, config: StreamConfig, bad_log=None):
+    def __init__(self, config: StreamConfig, bad_log=None, scene_hook: SceneHook | None = None):
         self.mode = config.mode
+        self.scene_hook = scene_hook
         self.seed = config.seed
         self.segment_asset = config.segment_asset
         self.bad_log = bad_log
@@ -105,6 +108,8 @@ class SampleTransform:
             pretrain = self.mode == "pretrain"
             data = decode_record(record, segment_asset=self.segment_asset, with_frames=pretrain,
                                  require_labels=not pretrain)
+            if self.scene_hook is not None:
+                data = self.scene_hook(data)
             return [self.transform(data, self.rng(name))]
         except DataError as exc:
             if self.bad_log is None:
@@ -114,11 +119,27 @@ class SampleTransform:
             return []
 
 
-def build_dataset(config: StreamConfig, bad_log=None) -> ray.data.Dataset:
-    """The lazily executed Ray dataset of transformed samples (one row per sample)."""
+def build_dataset(config: StreamConfig, bad_log=None, *, scenes: Collection[str] | None = None,
+                  scene_hook: SceneHook | None = None) -> ray.data.Dataset:
+    """The lazily executed Ray dataset of transformed samples (one row per sample).
+
+    `scenes`: stream only the samples of these names. `scene_hook`: applied to every decoded full-resolution
+    scene before the transforms (fine-tuning limits the labelled points there)."""
     ds = read_shards(config.shards, splits=config.splits, endpoint_url=config.endpoint_url,
                      verify=config.verify_checksums, shuffle=ray.data.FileShuffleConfig(seed=config.seed))
-    return ds.flat_map(SampleTransform(config, bad_log if config.skip_bad else None))
+    if scenes is not None:
+        ds = ds.filter(KeepScenes(scenes))
+    return ds.flat_map(SampleTransform(config, bad_log if config.skip_bad else None, scene_hook))
+
+
+class KeepScenes:
+    """Row filter on the sample name; picklable for Ray Data tasks."""
+
+    def __init__(self, names: Collection[str]):
+        self.names = frozenset(names)
+
+    def __call__(self, row: dict) -> bool:
+        return str(row["name"]) in self.names
 
 
 class CollateColumns(NumpyBatchCollateFn):

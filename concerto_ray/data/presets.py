@@ -13,7 +13,6 @@ Pointcept's RandomDropNormal uses for "no normal", so the feature width stays th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -43,8 +42,6 @@ from concerto_ray.data.transforms import (
 from concerto_ray.data.views import MultiViewGenerator
 from concerto_ray.errors import ConfigError, DataError
 
-SampleTransform = Callable[[dict, np.random.Generator], dict]
-
 PRETRAIN_KEYS = ("global_origin_coord", "global_coord", "global_color", "global_offset", "local_origin_coord",
                  "local_coord", "local_color", "local_offset", "grid_size", "name", "images",
                  "global_correspondence", "img_num")
@@ -70,15 +67,6 @@ class GeometryAugmentConfig:
 
 
 @dataclass
-class ColorJitterConfig:
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.02
-    p: float = 0.8
-
-
-@dataclass
 class ConcertoPretrainTransformConfig:
     crop_h: int = 518
     crop_w: int = 518
@@ -98,7 +86,9 @@ class ConcertoPretrainTransformConfig:
     local_view_scale: tuple[float, float] = (0.1, 0.4)
     max_size: int = 65536
     enc2d_max_size: int = 65536
-    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
+    # Concerto's values; a YAML `color_jitter` section sets all five (RandomColorJitter's own defaults are "off").
+    color_jitter: RandomColorJitter = field(
+        default_factory=lambda: RandomColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.02, p=0.8))
     chromatic_translation_p: float = 0.95
     chromatic_translation_ratio: float = 0.05
     rotate_p: float = 0.8
@@ -122,6 +112,8 @@ class ConcertoPretrainTransformConfig:
 
 @dataclass
 class SemsegTransformConfig:
+    # Labels must lie in [-1 (ignored), num_classes); None checks only the lower bound. FinetuneConfig sets it.
+    num_classes: int | None = None
     grid_size: float = 0.02
     dropout_ratio: float = 0.2
     dropout_application_ratio: float = 1.0
@@ -141,18 +133,19 @@ class SemsegTransformConfig:
     def __post_init__(self):
         if self.grid_size <= 0 or self.point_max < 1:
             raise ConfigError("grid_size and point_max must be positive")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
 
 
 # ------------------------------------------------------------------------------------------------ pre-training
 
 
-def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> SampleTransform:
+def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> Transform:
     image_augmentation = ImageAugmentation(jitter_p=cfg.image_jitter_p, jitter_std=cfg.image_jitter_std,
                                            blur_p=cfg.image_blur_p, blur_sigma=cfg.image_blur_sigma,
                                            mean=cfg.image_mean, std=cfg.image_std)
     color_augmentation = (
-        RandomColorJitter(cfg.color_jitter.brightness, cfg.color_jitter.contrast, cfg.color_jitter.saturation,
-                          cfg.color_jitter.hue, cfg.color_jitter.p),
+        cfg.color_jitter,
         ChromaticTranslation(cfg.chromatic_translation_p, cfg.chromatic_translation_ratio),
         NormalizeColor(),
     )
@@ -203,7 +196,7 @@ def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> SampleT
 # ------------------------------------------------------------------------------------- semantic segmentation
 
 
-def semseg_train_transform(cfg: SemsegTransformConfig) -> SampleTransform:
+def semseg_train_transform(cfg: SemsegTransformConfig) -> Transform:
     geometry = cfg.geometry
     transforms = (
         CenterShift(apply_z=True),
@@ -223,13 +216,13 @@ def semseg_train_transform(cfg: SemsegTransformConfig) -> SampleTransform:
     )
 
     def transform(data: dict, rng: np.random.Generator) -> dict:
-        data = apply_transforms(transforms, _checked_points(data), rng)
+        data = apply_transforms(transforms, _checked_labelled_points(data, cfg.num_classes), rng)
         return _collect_semseg(data, ("coord", "grid_coord", "segment"))
 
     return transform
 
 
-def semseg_val_transform(cfg: SemsegTransformConfig) -> SampleTransform:
+def semseg_val_transform(cfg: SemsegTransformConfig) -> Transform:
     """Voxelised validation sample; `inverse` and `origin_segment` give back the full-resolution labels."""
     transforms = (
         CenterShift(apply_z=True),
@@ -240,7 +233,7 @@ def semseg_val_transform(cfg: SemsegTransformConfig) -> SampleTransform:
     )
 
     def transform(data: dict, rng: np.random.Generator) -> dict:
-        data = apply_transforms(transforms, _checked_points(data), rng)
+        data = apply_transforms(transforms, _checked_labelled_points(data, cfg.num_classes), rng)
         return _collect_semseg(data, ("coord", "grid_coord", "segment", "origin_segment", "inverse"))
 
     return transform
@@ -266,7 +259,8 @@ def semseg_test_fragments(data: dict, cfg: SemsegTransformConfig) -> dict:
     """
     # Every test augmentation is deterministic (p = 1, one angle, one scale), so a fixed generator is exact.
     rng = np.random.default_rng(0)
-    data = apply_transforms((CenterShift(apply_z=True), NormalizeColor()), _checked_points(data), rng)
+    data = apply_transforms((CenterShift(apply_z=True), NormalizeColor()),
+                            _checked_labelled_points(data, cfg.num_classes), rng)
     voxelize = GridSample(cfg.grid_size, return_grid_coord=True)
     fragment_list = []
     for augmentation in semseg_test_augmentations(cfg):
@@ -291,6 +285,19 @@ def _checked_points(data: dict) -> dict:
             raise DataError(f"expected shape ({n}, 3), got {data[key].shape}", sample=name, field=key)
     if "normal" not in data:
         data = {**data, "normal": np.zeros((n, 3), dtype=np.float32)}
+    return data
+
+
+def _checked_labelled_points(data: dict, num_classes: int | None) -> dict:
+    """`_checked_points`, plus segment labels in [-1 (ignored), num_classes)."""
+    data = _checked_points(data)
+    segment = data["segment"]
+    upper = np.inf if num_classes is None else num_classes
+    bad = (segment < -1) | (segment >= upper)
+    if bad.any():
+        allowed = "-1 (ignored) or >= 0" if num_classes is None else f"-1 (ignored) or 0..{num_classes - 1}"
+        raise DataError(f"label {segment[bad][0]} is out of range ({int(bad.sum())} points); labels must be "
+                        f"{allowed}", sample=str(data["name"]), field="segment")
     return data
 
 

@@ -218,8 +218,21 @@ class SphereCrop:
         if len(coord) <= self.point_max:
             return data
         center = coord[rng.integers(len(coord))]
-        nearest = np.argsort(np.sum(np.square(coord - center), axis=1))[: self.point_max]
-        return select_points(data, nearest)
+        return select_points(data, nearest_indices(coord, center, self.point_max))
+
+
+def nearest_indices(coord: np.ndarray, center: np.ndarray, size: int) -> np.ndarray:
+    """Indices of the `size` points nearest to `center`, nearest first; equal to
+    `np.argsort(distance, kind="stable")[:size]`, but only the kept points are sorted."""
+    distance = np.sum(np.square(coord - center), axis=1)
+    if size >= len(distance):
+        return np.argsort(distance, kind="stable")
+    cutoff = np.partition(distance, size - 1)[size - 1]
+    closer = np.flatnonzero(distance < cutoff)
+    # Points at exactly the cutoff distance: the lowest indices, as the stable sort would keep them.
+    at_cutoff = np.flatnonzero(distance == cutoff)[: size - len(closer)]
+    kept = np.concatenate([closer, at_cutoff])
+    return kept[np.argsort(distance[kept], kind="stable")]
 
 
 def fnv_hash(grid_coord: np.ndarray) -> np.ndarray:
@@ -250,10 +263,11 @@ class GridSample:
         grid_coord -= grid_coord.min(axis=0)
         key = fnv_hash(grid_coord)
         order = np.argsort(key)  # points of one voxel become contiguous
-        _, inverse_sorted, count = np.unique(key[order], return_inverse=True, return_counts=True)
-        first = np.cumsum(np.insert(count, 0, 0)[:-1])  # position of each voxel's first point in `order`
-        inverse = np.empty_like(inverse_sorted)
-        inverse[order] = inverse_sorted
+        # Voxels straight from the sorted keys: a new voxel starts wherever the key changes.
+        first = np.concatenate([[0], np.flatnonzero(np.diff(key[order])) + 1])
+        count = np.diff(first, append=len(key))
+        inverse = np.empty(len(key), dtype=np.intp)
+        inverse[order] = np.repeat(np.arange(len(first)), count)
         return grid_coord, order, first, count, inverse
 
     def __call__(self, data: dict, rng: np.random.Generator) -> dict:
@@ -309,6 +323,8 @@ def _drop_rows(data: dict, key: str, drop_ratio: float, application_ratio: float
                rng: np.random.Generator) -> dict:
     if key not in data or rng.random() >= application_ratio:
         return data
+    if drop_ratio >= 1.0:  # every row: no need to draw which (Pointcept's draws come from np.random anyway)
+        return {**data, key: np.zeros_like(data[key])}
     values = np.array(data[key], copy=True)
     n = len(values)
     values[rng.choice(n, int(n * drop_ratio), replace=False)] = 0

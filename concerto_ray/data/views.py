@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from concerto_ray.data.transforms import Transform, apply_transforms
+from concerto_ray.data.transforms import Transform, apply_transforms, nearest_indices
 
 VIEW_KEYS = ("coord", "origin_coord", "color", "normal", "correspondence")
 
@@ -40,7 +40,7 @@ class MultiViewGenerator:
         coord = data["coord"]
         shared = apply_transforms(self.global_shared_transforms, data, rng)
 
-        major_index = self._crop(coord, self._major_center(data, rng), self.enc2d_max_size)
+        major_index = nearest_indices(coord, self._major_center(data, rng), self.enc2d_max_size)
         seen_frames = np.flatnonzero(np.any(data["correspondence"][major_index] != -1, axis=(0, 2)))
         data = {**data, "images": data["images"][seen_frames], "img_num": len(seen_frames),
                 "correspondence": data["correspondence"][:, seen_frames]}
@@ -48,8 +48,8 @@ class MultiViewGenerator:
         major_coord = coord[major_index]
 
         global_indices = [major_index] + [
-            self._crop(coord, major_coord[rng.integers(len(major_coord))], self._random_size(len(coord), rng,
-                                                                                            self.global_view_scale))
+            nearest_indices(coord, major_coord[rng.integers(len(major_coord))],
+                            self._random_size(len(coord), rng, self.global_view_scale))
             for _ in range(self.global_view_num - 1)
         ]
         local_indices = []
@@ -58,7 +58,7 @@ class MultiViewGenerator:
             if covered.all():
                 covered[:] = False
             center = major_coord[rng.choice(np.flatnonzero(~covered))]
-            index = self._crop(coord, center, self._random_size(len(coord), rng, self.local_view_scale))
+            index = nearest_indices(coord, center, self._random_size(len(coord), rng, self.local_view_scale))
             local_indices.append(index)
             covered |= np.isin(major_index, index)
 
@@ -89,11 +89,6 @@ class MultiViewGenerator:
             if size > 0:
                 return size
         return int(max(10, scale[1] * limit))
-
-    @staticmethod
-    def _crop(coord: np.ndarray, center: np.ndarray, size: int) -> np.ndarray:
-        """Indices of the `size` points nearest to `center`, nearest first."""
-        return np.argsort(np.sum(np.square(coord - center), axis=1))[:size]
 
 
 def _view(data: dict, index: np.ndarray) -> dict:

@@ -2,8 +2,9 @@
 
 Four modes, as in Pointcept's `configs/concerto/semseg-ptv3-*`:
 
-- `lin`: linear probe. Encoder-only backbone, frozen and in eval mode; the features of every level are
-  up-cast onto the finest one and a linear head is trained (`DefaultSegmentorV2`, `freeze_backbone=True`).
+- `lin`: linear probe. Encoder-only backbone, frozen (no gradients; it follows the model's train/eval mode, so
+  drop path stays on in training); the features of every level are up-cast onto the finest one and a linear head
+  is trained (`DefaultSegmentorV2`, `freeze_backbone=True`).
 - `dec`: the pre-trained encoder is frozen (`freeze_encoder`), a fresh decoder and the head are trained.
 - `ft`: full fine-tuning of encoder, decoder and head.
 - `lora`: encoder-only backbone with LoRA adapters on the attention `qkv` layers (`DefaultLORASegmentorV2`);
@@ -12,6 +13,7 @@ Four modes, as in Pointcept's `configs/concerto/semseg-ptv3-*`:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ class CriteriaConfig:
 
     def __post_init__(self):
         if self.ce_weight < 0 or self.lovasz_weight < 0 or self.ce_weight + self.lovasz_weight == 0:
-            raise ValueError(f"criteria weights must be >= 0 and not both 0, got ce_weight={self.ce_weight}, "
+            raise ConfigError(f"criteria weights must be >= 0 and not both 0, got ce_weight={self.ce_weight}, "
                              f"lovasz_weight={self.lovasz_weight}")
 
 
@@ -51,7 +53,7 @@ class LoraSettings:
 
     def __post_init__(self):
         if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1 or not self.target_modules:
-            raise ValueError(f"lora needs r >= 1, alpha >= 1, 0 <= dropout < 1 and target modules; got r={self.r}, "
+            raise ConfigError(f"lora needs r >= 1, alpha >= 1, 0 <= dropout < 1 and target modules; got r={self.r}, "
                              f"alpha={self.alpha}, dropout={self.dropout}, target_modules={self.target_modules}")
 
 
@@ -81,13 +83,13 @@ class DataEfficiencyConfig:
 
     def __post_init__(self):
         if self.label_budget is not None and self.label_file is not None:
-            raise ValueError("give label_budget or label_file, not both")
+            raise ConfigError("give label_budget or label_file, not both")
         if self.scene_percent is not None and self.scene_list_file is not None:
-            raise ValueError("give scene_percent or scene_list_file, not both")
+            raise ConfigError("give scene_percent or scene_list_file, not both")
         if self.label_budget is not None and self.label_budget < 1:
-            raise ValueError(f"label_budget must be >= 1 point per scene, got {self.label_budget}")
+            raise ConfigError(f"label_budget must be >= 1 point per scene, got {self.label_budget}")
         if self.scene_percent is not None and not 0 < self.scene_percent <= 100:
-            raise ValueError(f"scene_percent must lie in (0, 100], got {self.scene_percent}")
+            raise ConfigError(f"scene_percent must lie in (0, 100], got {self.scene_percent}")
 
 
 @dataclass
@@ -130,18 +132,23 @@ class FinetuneConfig:
     def __post_init__(self):
         encoder_only = self.mode in ("lin", "lora")
         if self.backbone.enc_mode != encoder_only:
-            raise ValueError(f"mode {self.mode!r} needs backbone.enc_mode={encoder_only}")
+            raise ConfigError(f"mode {self.mode!r} needs backbone.enc_mode={encoder_only}")
         if self.mode == "dec" and not self.backbone.freeze_encoder:
-            raise ValueError("mode 'dec' trains the decoder on a frozen encoder: set backbone.freeze_encoder=true")
+            raise ConfigError("mode 'dec' trains the decoder on a frozen encoder: set backbone.freeze_encoder=true")
         if self.mode == "ft" and self.backbone.freeze_encoder:
-            raise ValueError("mode 'ft' trains the whole backbone: set backbone.freeze_encoder=false")
+            raise ConfigError("mode 'ft' trains the whole backbone: set backbone.freeze_encoder=false")
         if self.num_classes < 1 or len(self.class_names) != self.num_classes:
-            raise ValueError(f"num_classes is {self.num_classes} but class_names has {len(self.class_names)} names")
+            raise ConfigError(f"num_classes is {self.num_classes} but class_names has {len(self.class_names)} names")
+        if self.transform.num_classes is None:  # the transforms check labels against the model's classes
+            self.transform = dataclasses.replace(self.transform, num_classes=self.num_classes)
+        elif self.transform.num_classes != self.num_classes:
+            raise ConfigError(f"transform.num_classes is {self.transform.num_classes} but num_classes is "
+                              f"{self.num_classes}")
         if min(self.lr, self.block_lr) <= 0 or self.weight_decay < 0:
-            raise ValueError(f"lr and block_lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
+            raise ConfigError(f"lr and block_lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
                              f"block_lr={self.block_lr}, weight_decay={self.weight_decay}")
         if self.epochs < 1 or self.batch_size < 1 or not 1 <= self.eval_epochs <= self.epochs:
-            raise ValueError(f"need epochs >= 1, batch_size >= 1 and 1 <= eval_epochs <= epochs; got "
+            raise ConfigError(f"need epochs >= 1, batch_size >= 1 and 1 <= eval_epochs <= epochs; got "
                              f"epochs={self.epochs}, batch_size={self.batch_size}, eval_epochs={self.eval_epochs}")
 
 

@@ -25,21 +25,30 @@ from concerto_ray.finetune.metrics import SegMetrics, confusion_matrix, segmenta
 def scene_probabilities(model: nn.Module, data: dict, cfg: FinetuneConfig) -> torch.Tensor:
     """(points, classes) summed softmax over all augmentation passes and fragments, on the CPU.
 
-    `data` is a decoded scene (`name`, `coord`, `color`, optional `normal`, `segment`). The model is put in
-    eval mode and must return {"seg_logits": ...} for an offset-batched fragment."""
+    `data` is a decoded scene (`name`, `coord`, `color`, optional `normal`, `segment`). The model runs in eval
+    mode (its own mode is restored afterwards) and must return {"seg_logits": ...} for an offset-batched
+    fragment."""
+    was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    sample = semseg_test_fragments(data, cfg.transform)
-    num_points = len(sample["segment"])
-    votes = torch.zeros(num_points, cfg.num_classes)
-    for fragment in sample["fragment_list"]:
-        batch = {key: value.to(device) for key, value in collate_semseg([fragment]).items()}
-        probs = model(batch)["seg_logits"].float().softmax(dim=-1).cpu()
-        votes.index_add_(0, batch["index"].cpu(), probs)
+    try:
+        votes = _summed_probabilities(model, data, cfg)
+    finally:
+        model.train(was_training)
     uncovered = int((votes.sum(dim=1) == 0).sum())
     if uncovered:
-        raise DataError(f"{uncovered} of {num_points} points are in no test fragment", sample=str(sample["name"]))
+        raise DataError(f"{uncovered} of {len(votes)} points are in no test fragment", sample=str(data["name"]))
     return votes
+
+
+def _summed_probabilities(model: nn.Module, data: dict, cfg: FinetuneConfig) -> torch.Tensor:
+    device = next(model.parameters()).device
+    sample = semseg_test_fragments(data, cfg.transform)
+    # Votes stay on the model's device and come back once per scene: no host sync per fragment.
+    votes = torch.zeros(len(sample["segment"]), cfg.num_classes, device=device)
+    for fragment in sample["fragment_list"]:
+        batch = {key: value.to(device) for key, value in collate_semseg([fragment]).items()}
+        votes.index_add_(0, batch["index"], model(batch)["seg_logits"].float().softmax(dim=-1))
+    return votes.cpu()
 
 
 def evaluate_scene(model: nn.Module, data: dict, cfg: FinetuneConfig) -> np.ndarray:

@@ -15,29 +15,29 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     """Multiclass Lovasz-softmax (Berman et al., 2018) over the classes present in `target`.
 
     For each present class, the per-point errors |1[target == c] - p_c| are sorted in decreasing order and
-    weighted by the gradient of the Lovasz extension of the Jaccard loss; the result is averaged over classes."""
+    weighted by the gradient of the Lovasz extension of the Jaccard loss; the result is averaged over classes.
+    All present classes are handled at once: one sort of the (points, classes) errors along the points."""
     valid = target != ignore_index
     probs = logits.float().softmax(dim=1)[valid]
     target = target[valid]
     if target.numel() == 0:
         return logits.sum() * 0.0
-    losses = []
-    for c in target.unique():
-        foreground = (target == c).float()
-        errors = (foreground - probs[:, c]).abs()
-        errors_sorted, order = torch.sort(errors, descending=True)
-        losses.append(torch.dot(errors_sorted, _jaccard_gradient(foreground[order])))
-    return torch.stack(losses).mean()
+    classes = target.unique()
+    foreground = (target[:, None] == classes[None, :]).float()
+    errors = (foreground - probs[:, classes]).abs()
+    errors_sorted, order = torch.sort(errors, dim=0, descending=True)
+    per_class = (errors_sorted * _jaccard_gradient(foreground.gather(0, order))).sum(dim=0)
+    return per_class.mean()
 
 
 def _jaccard_gradient(foreground_sorted: torch.Tensor) -> torch.Tensor:
-    """Increments of 1 - IoU as the points, in sorted order, are predicted as the class one after another."""
-    total = foreground_sorted.sum()
-    intersection = total - foreground_sorted.cumsum(0)
-    union = total + (1.0 - foreground_sorted).cumsum(0)
+    """Increments of 1 - IoU as the points, in sorted order (dim 0), are predicted as the class one after
+    another; one column per class."""
+    total = foreground_sorted.sum(dim=0)
+    intersection = total - foreground_sorted.cumsum(dim=0)
+    union = total + (1.0 - foreground_sorted).cumsum(dim=0)
     jaccard = 1.0 - intersection / union
-    jaccard[1:] = jaccard[1:] - jaccard[:-1].clone()
-    return jaccard
+    return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
 
 
 class SegmentationLoss(nn.Module):

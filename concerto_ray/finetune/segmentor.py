@@ -37,8 +37,8 @@ class Segmentor(nn.Module):
     `segment`, also "loss".
 
     Encoder-only backbones have the features of all coarser levels concatenated onto the finest one. With
-    `freeze_backbone` (linear probing) the backbone gets no gradients and stays in eval mode, so drop path is
-    off even while the head trains (the reference leaves the frozen backbone in train mode)."""
+    `freeze_backbone` (linear probing) the backbone gets no gradients but follows the segmentor's train/eval
+    mode, as in the reference: drop path stays active while the head trains."""
 
     def __init__(self, backbone: PTv3Config, num_classes: int, criteria: SegmentationLoss | None = None,
                  freeze_backbone: bool = False):
@@ -50,13 +50,6 @@ class Segmentor(nn.Module):
         self.up_cast_levels = len(backbone.enc_depths) - 1 if backbone.enc_mode else 0
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-            self.backbone.eval()
-
-    def train(self, mode: bool = True) -> Segmentor:
-        super().train(mode)
-        if self.freeze_backbone:
-            self.backbone.eval()
-        return self
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):

@@ -21,12 +21,12 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Dinov2WithRegistersModel
 
-from concerto_ray.errors import DataError
+from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.model.configs import ConcertoConfig
 from concerto_ray.model.heads import PrototypeHead
 from concerto_ray.model.image_encoder import patch_features
-from concerto_ray.model.sonata import Sonata, finish_losses, up_cast
-from concerto_ray.model.structure import Point, offset2batch, offset2bincount
+from concerto_ray.model.sonata import Sonata, finish_losses, first_view_rows, up_cast
+from concerto_ray.model.structure import Point, offset2batch
 
 
 class Concerto(Sonata):
@@ -35,7 +35,7 @@ class Concerto(Sonata):
         self.config: ConcertoConfig = config
         if config.enc2d_loss_weight > 0:
             if image_encoder.config.hidden_size != config.enc2d_head_in_channels:
-                raise ValueError(f"the image encoder is {image_encoder.config.hidden_size} wide but "
+                raise ConfigError(f"the image encoder is {image_encoder.config.hidden_size} wide but "
                                  f"enc2d_head_in_channels is {config.enc2d_head_in_channels}")
             # Attribute names follow the reference so that its checkpoints load strictly.
             self.enc2d_model = image_encoder
@@ -78,14 +78,16 @@ class Concerto(Sonata):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         c = self.config
-        if c.enc2d_loss_weight > 0:
+        views = self._prepare_views(batch)  # checks the point views first
+        if c.enc2d_loss_weight > 0 and batch["global_coord"].device.type == "cpu":
+            # The checks read values (device syncs and a full scan): on an accelerator the batch comes from
+            # collate_concerto, which builds images, img_num and correspondences consistently.
             validate_image_batch(batch, c.num_global_view, c.patch_h, c.patch_w)
-        views = self._prepare_views(batch)
         teacher = self._teacher_forward(views.global_point)
         student_masked = self._student_forward(views.masked_point) if self._needs_masked_student() else None
         weighted = self._point_losses(teacher, student_masked, views.local_point)
         if c.enc2d_loss_weight > 0:
-            if int(batch["img_num"].sum()) > 0:
+            if batch["images"].shape[0] > 0:  # one image per img_num count: a shape, no device sync
                 enc2d = self._enc2d_loss(student_masked, batch)
             else:
                 point_weights = sum(weight for _, weight in weighted.values())
@@ -102,12 +104,8 @@ class Concerto(Sonata):
         correspondence = pool_correspondence(point, batch["global_correspondence"])
 
         # Rows of the first global view of every scene, and the scene each row belongs to.
-        counts = offset2bincount(point.offset)
-        starts = point.offset - counts
-        principal = range(0, len(point.offset), c.num_global_view)
-        rows = torch.cat([torch.arange(int(starts[v]), int(point.offset[v]), device=counts.device)
-                          for v in principal])
-        scene_of_row = offset2batch(torch.cumsum(counts[::c.num_global_view], dim=0))
+        rows = first_view_rows(point.batch, c.num_global_view)
+        scene_of_row = point.batch[rows] // c.num_global_view
         feat3d = point.feat[rows]
         correspondence = correspondence[rows]
 
@@ -116,7 +114,7 @@ class Concerto(Sonata):
             raise DataError("no point of the first global views projects into any image",
                             field="global_correspondence")
         patch = correspondence[row, view].long()  # pooled coordinates are truncated, as in the reference
-        img_num = batch["img_num"].to(counts.device).long()
+        img_num = batch["img_num"].to(point.feat.device).long()
         first_image = torch.cumsum(img_num, dim=0) - img_num
         image = first_image[scene_of_row[row]] + view
         flat_patch = image * num_patches + patch[:, 0] * c.patch_w + patch[:, 1]

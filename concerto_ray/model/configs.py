@@ -54,24 +54,24 @@ class SonataConfig:
     def __post_init__(self):
         if self.mask_loss_weight + self.roll_mask_loss_weight + self.unmask_loss_weight + \
                 self._extra_loss_weight() <= 0:
-            raise ValueError("at least one loss weight must be positive")
+            raise ConfigError("at least one loss weight must be positive")
         if self.num_global_view not in (1, 2):
-            raise ValueError(f"num_global_view must be 1 or 2, got {self.num_global_view}")
+            raise ConfigError(f"num_global_view must be 1 or 2, got {self.num_global_view}")
         if self.num_global_view == 1 and self.roll_mask_loss_weight > 0:
-            raise ValueError("roll_mask_loss_weight > 0 needs num_global_view == 2")
+            raise ConfigError("roll_mask_loss_weight > 0 needs num_global_view == 2")
         if self.num_local_view < 1:
-            raise ValueError(f"num_local_view must be >= 1, got {self.num_local_view}")
+            raise ConfigError(f"num_local_view must be >= 1, got {self.num_local_view}")
         num_stages = len(self.backbone.enc_channels)
         if not 0 <= self.up_cast_level < num_stages:
-            raise ValueError(f"up_cast_level must lie in [0, {num_stages - 1}], got {self.up_cast_level}")
+            raise ConfigError(f"up_cast_level must lie in [0, {num_stages - 1}], got {self.up_cast_level}")
         upcast_channels = sum(self.backbone.enc_channels[num_stages - 1 - self.up_cast_level:])
         if self.head_in_channels != upcast_channels:
-            raise ValueError(f"head_in_channels is {self.head_in_channels} but up-casting "
+            raise ConfigError(f"head_in_channels is {self.head_in_channels} but up-casting "
                              f"{self.up_cast_level} levels of enc_channels {tuple(self.backbone.enc_channels)} "
                              f"gives {upcast_channels}")
         unknown = set(self.teacher_custom) - {f.name for f in dataclasses.fields(PTv3Config)}
         if unknown:
-            raise ValueError(f"teacher_custom has keys that are not backbone fields: {sorted(unknown)}")
+            raise ConfigError(f"teacher_custom has keys that are not backbone fields: {sorted(unknown)}")
 
     def _extra_loss_weight(self) -> float:
         return 0.0
@@ -104,14 +104,14 @@ class ConcertoConfig(SonataConfig):
         super().__post_init__()
         num_stages = len(self.backbone.enc_channels)
         if not self.up_cast_level <= self.enc2d_upcast_level < num_stages:
-            raise ValueError(f"enc2d_upcast_level must lie in [{self.up_cast_level}, {num_stages - 1}], "
+            raise ConfigError(f"enc2d_upcast_level must lie in [{self.up_cast_level}, {num_stages - 1}], "
                              f"got {self.enc2d_upcast_level}")
         upcast_channels = sum(self.backbone.enc_channels[num_stages - 1 - self.enc2d_upcast_level:])
         if self.backbone_out_channels != upcast_channels:
-            raise ValueError(f"backbone_out_channels is {self.backbone_out_channels} but up-casting "
+            raise ConfigError(f"backbone_out_channels is {self.backbone_out_channels} but up-casting "
                              f"{self.enc2d_upcast_level} levels gives {upcast_channels}")
         if self.enc2d_head_in_channels != self.image_encoder.hidden_size:
-            raise ValueError(f"enc2d_head_in_channels ({self.enc2d_head_in_channels}) must equal the image "
+            raise ConfigError(f"enc2d_head_in_channels ({self.enc2d_head_in_channels}) must equal the image "
                              f"encoder's hidden_size ({self.image_encoder.hidden_size})")
 
     def _extra_loss_weight(self) -> float:

@@ -18,7 +18,7 @@ from torch import nn
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.model.serialization import ORDERS
 from concerto_ray.model.sparse import SubMConv3d
-from concerto_ray.model.structure import Point, batch2offset, offset2batch, offset2bincount, validate_offset
+from concerto_ray.model.structure import Point, offset2bincount, validate_point_layout
 
 
 @dataclasses.dataclass
@@ -456,6 +456,8 @@ class PointTransformerV3(nn.Module):
                 module.shuffle_orders = enabled
 
     def _check_input(self, data: dict) -> None:
+        """Shape checks, free of device syncs; the value checks of offset/batch run only on CPU tensors (on an
+        accelerator, `concerto_ray.data.collate` has already made them on the CPU)."""
         if "feat" not in data:
             raise DataError("the input has no 'feat'", field="feat")
         feat = data["feat"]
@@ -463,21 +465,16 @@ class PointTransformerV3(nn.Module):
             raise DataError(f"has shape {tuple(feat.shape)} but the backbone expects "
                             f"(N, in_channels={self.config.in_channels})", field="feat")
         num_points = feat.shape[0]
-        if "offset" in data:
-            validate_offset(data["offset"], num_points)
-        if "batch" in data:
-            batch = data["batch"]
-            if batch.shape != (num_points,) or torch.any(batch[1:] < batch[:-1]) or int(batch[0]) != 0:
-                raise DataError("must give each point's sample index, starting at 0, with points grouped by "
-                                "sample in sample order", field="batch")
-            validate_offset(batch2offset(batch), num_points)
-            if "offset" in data and not torch.equal(batch, offset2batch(data["offset"])):
-                raise DataError("does not match 'offset'", field="batch")
-        elif "offset" not in data:
+        if "offset" not in data and "batch" not in data:
             raise DataError("the input needs 'offset' or 'batch'", field="offset")
+        if "batch" in data and data["batch"].shape != (num_points,):
+            raise DataError(f"has shape {tuple(data['batch'].shape)}, expected ({num_points},): one sample index "
+                            f"per point", field="batch")
         for name in ("coord", "grid_coord"):
             if name in data and data[name].shape != (num_points, 3):
                 raise DataError(f"has shape {tuple(data[name].shape)}, expected ({num_points}, 3)", field=name)
+        if feat.device.type == "cpu":
+            validate_point_layout(data, num_points)
 
     def forward(self, data: dict) -> Point:
         self._check_input(data)

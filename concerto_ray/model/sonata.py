@@ -146,7 +146,7 @@ class Sonata(nn.Module):
                     pred, student_masked.origin_coord, student_masked.offset, student_masked.batch,
                     targets, teacher.origin_coord, teacher.offset, temp, "mask"), c.mask_loss_weight)
             if c.roll_mask_loss_weight > 0:
-                order = swap_view_pairs(teacher.offset, c.num_global_view)
+                order = swap_view_pairs(teacher.offset, teacher.batch, c.num_global_view)
                 losses["roll_mask_loss"] = (self._matched_loss(
                     pred, student_masked.origin_coord, student_masked.offset, student_masked.batch,
                     targets[order.index], teacher.origin_coord[order.index], order.offset, temp, "roll_mask"),
@@ -156,7 +156,7 @@ class Sonata(nn.Module):
             local = self._student_forward(local_point)
             pred = self.student["unmask_head"](local.feat)
             # All local views of a scene are matched against the scene's first global view.
-            principal = teacher.batch % c.num_global_view == 0
+            principal = first_view_rows(teacher.batch, c.num_global_view)
             principal_offset = batch2offset(teacher.batch[principal] // c.num_global_view)
             losses["unmask_loss"] = (self._matched_loss(
                 pred, local.origin_coord, local.offset[c.num_local_view - 1::c.num_local_view], local.batch,
@@ -198,11 +198,10 @@ def finish_losses(weighted: dict[str, tuple[torch.Tensor, float]]) -> dict[str, 
     workers (like the reference's all-reduce); the total keeps its local value, since the gradient
     all-reduce already averages what it drives."""
     result = {"loss": sum(value * weight for value, weight in weighted.values())}
-    for name, (value, _) in weighted.items():
-        value = value.detach().clone()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.AVG)
-        result[name] = value
+    terms = torch.stack([value.detach() for value, _ in weighted.values()])  # one all-reduce for all terms
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(terms, op=dist.ReduceOp.AVG)
+    result.update(zip(weighted, terms.unbind()))
     return result
 
 
@@ -218,10 +217,12 @@ def validate_point_batch(batch: dict, num_global_view: int, num_local_view: int)
             if batch[key].shape[0] != coord.shape[0]:
                 raise DataError(f"has {batch[key].shape[0]} rows but {prefix}_coord has {coord.shape[0]}",
                                 field=key)
-        try:
-            validate_offset(batch[f"{prefix}_offset"], coord.shape[0])
-        except DataError as exc:
-            raise DataError(exc.problem, field=f"{prefix}_offset") from None
+        offset = batch[f"{prefix}_offset"]
+        if offset.device.type == "cpu":  # reads values: on an accelerator, collate has checked it on the CPU
+            try:
+                validate_offset(offset, coord.shape[0])
+            except DataError as exc:
+                raise DataError(exc.problem, field=f"{prefix}_offset") from None
     num_global = len(batch["global_offset"])
     if num_global % num_global_view:
         raise DataError(f"has {num_global} views, not a multiple of num_global_view={num_global_view}",
@@ -301,15 +302,25 @@ def segment_mean(values: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
+def first_view_rows(batch: torch.Tensor, num_global_view: int) -> torch.Tensor:
+    """Boolean mask of the points of each scene's first global view (views are grouped by scene)."""
+    return batch % num_global_view == 0
+
+
 @torch.no_grad()
-def swap_view_pairs(offset: torch.Tensor, num_global_view: int) -> ViewOrder:
-    """Order that swaps the two global views of every scene: [a, a', b, b'] -> [a', a, b', b]."""
+def swap_view_pairs(offset: torch.Tensor, batch: torch.Tensor, num_global_view: int) -> ViewOrder:
+    """Order that swaps the two global views of every scene: [a, a', b, b'] -> [a', a, b', b].
+
+    `batch` is each point's view index. Computed on the device, without reading values back."""
     counts = offset2bincount(offset)
-    starts = offset - counts
     new_views = torch.arange(len(offset), device=offset.device).view(-1, num_global_view).flip(1).flatten()
-    index = torch.cat([torch.arange(int(starts[v]), int(offset[v]), device=offset.device)
-                       for v in new_views.tolist()])
-    return ViewOrder(index=index, offset=torch.cumsum(counts[new_views], dim=0))
+    new_offset = torch.cumsum(counts[new_views], dim=0)
+    new_start_of_view = (new_offset - counts[new_views])[torch.argsort(new_views)]
+    point = torch.arange(len(batch), device=batch.device)
+    # Each point keeps its place within its view; its view moves to the view's new start.
+    destination = new_start_of_view[batch] + point - (offset - counts)[batch]
+    index = torch.empty_like(point).scatter_(0, destination, point)
+    return ViewOrder(index=index, offset=new_offset)
 
 
 def up_cast(point: Point, levels: int) -> Point:

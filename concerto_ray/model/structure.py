@@ -51,6 +51,22 @@ def validate_offset(offset: torch.Tensor, num_points: int) -> None:
                         f"(offset={offset.tolist()})", field="offset")
 
 
+def validate_point_layout(data: dict, num_points: int) -> None:
+    """The data-dependent checks of a batch's `offset` and/or `batch` (sorted, non-empty, consistent).
+
+    They read tensor values, i.e. sync with the device: run them on CPU tensors, once per batch."""
+    if "offset" in data:
+        validate_offset(data["offset"], num_points)
+    if "batch" in data:
+        batch = data["batch"]
+        if len(batch) and (torch.any(batch[1:] < batch[:-1]) or int(batch[0]) != 0):
+            raise DataError("must give each point's sample index, starting at 0, with points grouped by "
+                            "sample in sample order", field="batch")
+        validate_offset(batch2offset(batch), num_points)
+        if "offset" in data and not torch.equal(batch, offset2batch(data["offset"])):
+            raise DataError("does not match 'offset'", field="batch")
+
+
 class Point(dict):
     """A batched point cloud; keys are also readable and writable as attributes (`point.feat`)."""
 

@@ -1,0 +1,107 @@
+"""`ray job submit` of jobs/pretrain.py against a real head node started with `ray start --head` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, s3_server):
+    """A separate Ray cluster, as `ray up` would give: a head node with the job server, on loopback only.
+
+    It runs with --block in its own process group, so that stopping it stops only this cluster (`ray stop` would
+    stop every Ray instance on the machine)."""
+    dashboard_port = _free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    # Ray's token authentication stays on, as on a real cluster; the head and every client share this token.
+    # (This process read Ray's auth settings at import, so its clients pass the token as a header.)
+    token = secrets.token_hex(32)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--disable-usage-stats"],
+        start_new_session=True, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ, RAY_ADDRESS=""))
+    head_address = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client = JobSubmissionClient(head_address, headers={"Authorization": f"Bearer {token}"})
+            client.list_jobs()
+            break
+        except Exception:
+            if head.poll() is not None or time.monotonic() > deadline:
+                os.killpg(head.pid, signal.SIGKILL)
+                raise RuntimeError(f"the Ray head did not start: {log.read_text()[-3000:]}") from None
+            time.sleep(1)
+    yield head_address, client
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=60)
+    monkeypatch.undo()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_pretrain_succeeds_with_checkpoint_in_s3(ray_head, s3_server, dinov2_dir, pretrain_shards,
+                                                                  mlflow_server, tmp_path):
+    # The job runs from an uploaded copy of the working directory, as on a real cluster.
+    working_dir = tmp_path / "job"
+    shutil.copytree(REPO, working_dir, ignore=shutil.ignore_patterns(".venv", ".git", "demo", "__pycache__", ".device",
+                                                                      "*.egg-info"))
+    env_vars = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                           "AWS_ENDPOINT_URL")}
+    overrides = [f"data.shards={pretrain_shards}", f"model.image_encoder_weights={dinov2_dir}", "run.name=job-run",
+                 f"run.storage_path=s3://{s3_server.bucket}/jobs", f"run.endpoint_url={s3_server.endpoint_url}",
+                 f"mlflow.tracking_uri={mlflow_server}", "data.seed=0", "data.pretrain.crop_h=28",
+                 "data.pretrain.crop_w=28", "data.pretrain.max_size=1024", "data.pretrain.enc2d_max_size=1024"]
+    address, client = ray_head
+    command = [RAY, "job", "submit", f"--address={address}", "--no-wait", "--submission-id=pretrain-tiny",
+               f"--working-dir={working_dir}", f"--runtime-env-json={json.dumps({'env_vars': env_vars})}", "--",
+               "python", "jobs/pretrain.py", "--config", "configs/pretrain-tiny.yaml",
+               *[arg for o in overrides for arg in ("--set", o)]]
+    subprocess.run(command, check=True, capture_output=True, env=dict(os.environ, RAY_ADDRESS=""))
+
+    deadline = time.monotonic() + 600
+    while (status := client.get_job_status("pretrain-tiny")) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                                      JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, "the job did not finish in 10 minutes"
+        time.sleep(2)
+    logs = client.get_job_logs("pretrain-tiny")
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "finished; latest checkpoint:" in logs
+
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=s3_server.bucket, Prefix="jobs/job-run/")["Contents"]}
+    assert {"jobs/job-run/step-00000004/model.pt", "jobs/job-run/step-00000004/progress.json"} <= keys
+
+
+def test_a_config_typo_fails_the_job_script_before_ray(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "pretrain.py"), "--config",
+                             str(REPO / "configs" / "pretrain-tiny.yaml"), "--set", "optim.lrr=0.1"],
+                            capture_output=True, text=True, env=dict(os.environ, RAY_ADDRESS="127.0.0.1:1"))
+    assert result.returncode == 2
+    assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in result.stderr
+    assert "Traceback" not in result.stderr
