@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,8 +42,9 @@ def ray_head(tmp_path_factory, s3_server):
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    gcs_port = _free_port()
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2",
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          "--disable-usage-stats"],
         start_new_session=True, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ, RAY_ADDRESS=""))
@@ -62,6 +64,10 @@ def ray_head(tmp_path_factory, s3_server):
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(timeout=60)
     monkeypatch.undo()
+    # `ray start` recorded this head as the machine's current cluster; a later plain ray.init() would try to join it.
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 @pytest.mark.slow
