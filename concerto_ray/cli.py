@@ -71,7 +71,8 @@ def _pretrain(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from concerto_ray.demo import run_demo
 
-    run_demo(Path(args.workdir), scenes=args.scenes, seed=args.seed)
+    run_demo(Path(args.workdir), scenes=args.scenes, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
+             dinov2=Path(args.dinov2) if args.dinov2 else None)
 
 
 def _model_info(args: argparse.Namespace) -> None:
@@ -124,6 +125,13 @@ def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from concerto_ray.finetune.commands import (
+        add_finetune_arguments,
+        add_sweep_arguments,
+        finetune_command,
+        sweep_command,
+    )
+
     parser = argparse.ArgumentParser(
         prog="concerto-ray",
         description="Concerto / Sonata point-cloud pre-training and fine-tuning on Ray.",
@@ -171,11 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(p, "pre-training YAML config, e.g. configs/pretrain-tiny.yaml")
     p.set_defaults(func=_pretrain)
 
+    p = sub.add_parser("finetune", formatter_class=fmt, help="semantic-segmentation fine-tuning / probing",
+                       description="Linear / decoder probing, full or LoRA fine-tuning on Ray Train, from a "
+                                   "pre-trained checkpoint (ours or Pointcept's) or random init. Same as "
+                                   "`python jobs/finetune.py`.")
+    add_finetune_arguments(p)
+    p.set_defaults(func=finetune_command)
+
+    p = sub.add_parser("sweep", formatter_class=fmt, help="a Ray Tune sweep of fine-tuning runs",
+                       description="Fine-tuning runs over a search space with Ray Tune (ASHA early stopping), one "
+                                   "MLflow parent run with a child per trial. Same as `python jobs/sweep.py`.")
+    add_sweep_arguments(p)
+    p.set_defaults(func=sweep_command)
+
     p = sub.add_parser("demo", formatter_class=fmt, help="the end-to-end demo on embedded defaults",
-                       description="Local Ray -> synthetic scenes -> shards -> the streaming pipeline.")
-    p.add_argument("--workdir", default="demo", help="where the demo writes its data and runs")
-    p.add_argument("--scenes", type=int, default=12, help="synthetic scenes")
+                       description="Local Ray -> synthetic scenes -> shards -> tiny Concerto pre-training on CPU "
+                                   "workers -> linear probes of the pre-trained vs a random backbone -> mIoU table. "
+                                   "Resumable: a rerun reuses what the work folder holds.")
+    p.add_argument("--workdir", default="demo", help="where the demo writes its data, runs and MLflow store")
+    p.add_argument("--scenes", type=int, default=16, help="synthetic scenes (3/4 train, 1/4 held out)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-epochs", type=int, default=30, help="pre-training epochs")
+    p.add_argument("--dinov2", help="directory of DINOv2-with-registers weights of the tiny architecture "
+                                    "(default: random weights, written to WORKDIR/dinov2-tiny)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("compare", formatter_class=fmt, help="MLflow runs side by side: params, metrics, loss curves",

@@ -9,7 +9,7 @@ import pytest
 
 from concerto_ray.cli import build_parser, main
 
-SUBCOMMANDS = [["synth"], ["prepare"], ["stream"], ["demo"], ["compare"], ["model", "info"], ["model", "convert"]]
+SUBCOMMANDS = [["synth"], ["prepare"], ["stream"], ["finetune"], ["sweep"], ["demo"], ["compare"], ["model", "info"], ["model", "convert"]]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)

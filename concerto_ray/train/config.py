@@ -67,24 +67,22 @@ class OptimConfig:
 
 
 @dataclass
-class RunSection:
+class RunSettings:
+    """Where a Ray Train run keeps its state and what it runs on; pre-training and fine-tuning share these."""
+
     name: str  # the run's folder under storage_path; reuse it with --resume
     storage_path: str  # local folder or s3://bucket/prefix for checkpoints and run state
     endpoint_url: str | None = None  # S3-compatible endpoint of storage_path
-    epochs: int = 100
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # leave CPUs free on the cluster for Ray Data's transform tasks
-    amp: Literal["bf16", "off"] = "bf16"  # bf16 autocast needs no gradient scaler
     seed: int = 0
-    checkpoint_every: int = 1000  # optimizer steps; the last step is always checkpointed
     checkpoints_to_keep: int = 3
     max_failures: int = 0  # worker failures Ray Train recovers from, each time from the latest checkpoint
     max_nonfinite_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
-    find_unused_parameters: bool = False  # DDP: only for model configs that leave trainable parameters unused
 
     def __post_init__(self):
-        for name in ("epochs", "num_workers", "checkpoint_every", "checkpoints_to_keep", "max_nonfinite_steps"):
+        for name in ("num_workers", "checkpoints_to_keep", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0:
@@ -98,6 +96,20 @@ class RunSection:
     def run_uri(self) -> str:
         """The run's folder as a user would write it."""
         return posixpath.join(self.storage_path.rstrip("/"), self.name)
+
+
+@dataclass
+class RunSection(RunSettings):
+    epochs: int = 100
+    amp: Literal["bf16", "off"] = "bf16"  # bf16 autocast needs no gradient scaler
+    checkpoint_every: int = 1000  # optimizer steps; the last step is always checkpointed
+    find_unused_parameters: bool = False  # DDP: only for model configs that leave trainable parameters unused
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("epochs", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -164,20 +176,37 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of `data` with each `dotted.key=value` set; unknown keys are left for `from_dict` to name."""
+    """A copy of `data` with each `dotted.key=value` set (the value read as YAML); unknown keys are left for
+    `from_dict` to name."""
     data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides).items():
+        set_value(data, key, value)
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["a.b=1", "c=[x, y]"] -> {"a.b": 1, "c": ["x", "y"]}: each value read as YAML."""
+    parsed = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        *parents, leaf = key.split(".")
-        node = data
-        for i, part in enumerate(parents):
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parents[:i + 1])} is not a section")
-        node[leaf] = yaml.safe_load(text)
-    return data
+        try:
+            parsed[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from None
+    return parsed
+
+
+def set_value(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `data[a][b][c] = value` for key "a.b.c" in place, creating missing sections."""
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {'.'.join(parents[:i + 1])} is not a section")
+    node[leaf] = value
 
 
 def validate(config: PretrainConfig) -> None:
@@ -191,8 +220,8 @@ def validate(config: PretrainConfig) -> None:
     if data.splits is None:
         data.splits = ["train"]
     # Workers do not share the driver's working directory: local paths become absolute here.
-    data.shards = _absolute(data.shards)
-    config.run.storage_path = _absolute(config.run.storage_path)
+    data.shards = absolute_uri(data.shards)
+    config.run.storage_path = absolute_uri(config.run.storage_path)
     weights = config.model.image_encoder_weights
     if weights is not None and Path(weights).is_dir():
         config.model.image_encoder_weights = str(Path(weights).resolve())
@@ -203,7 +232,7 @@ def validate(config: PretrainConfig) -> None:
     _check_views(config, model_config)
     if isinstance(model_config, ConcertoConfig) and model_config.enc2d_loss_weight > 0:
         _check_image_encoder_weights(model_config)
-    _check_storage(config)
+    check_storage(config.run, config.mlflow)
     steps = steps_per_epoch(config)
     if steps < 1:
         raise ConfigError(f"one epoch gives no optimizer step: {_train_samples(config)} samples in splits "
@@ -220,9 +249,9 @@ def steps_per_epoch(config: PretrainConfig) -> int:
     return rows_per_worker // config.data.batch_size // config.optim.grad_accumulation
 
 
-def resolve_tracking_uri(config: PretrainConfig, local_run_dir: str | None) -> str:
+def resolve_tracking_uri(mlflow: MlflowSection, local_run_dir: str | None) -> str:
     """The MLflow tracking URI: the config's, else $MLFLOW_TRACKING_URI, else SQLite in a local run folder."""
-    uri = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     if local_run_dir is None:
@@ -231,7 +260,8 @@ def resolve_tracking_uri(config: PretrainConfig, local_run_dir: str | None) -> s
     return f"sqlite:///{local_run_dir}/mlflow.db"
 
 
-def _absolute(uri: str) -> str:
+def absolute_uri(uri: str) -> str:
+    """Workers do not share the driver's working directory: local paths are made absolute, URIs kept."""
     return uri if "://" in uri else str(Path(uri).expanduser().resolve())
 
 
@@ -262,12 +292,12 @@ def _check_image_encoder_weights(model_config: ConcertoConfig) -> None:
                           f"model in the Hugging Face cache (nothing is downloaded at run time)")
 
 
-def _check_storage(config: PretrainConfig) -> None:
-    run = config.run
+def check_storage(run: RunSettings, mlflow: MlflowSection) -> None:
+    """The run folder is local or on S3, and MLflow has somewhere to log to."""
     if "://" in run.storage_path and not run.storage_path.startswith(S3_SCHEME):
         raise ConfigError(f"run.storage_path {run.storage_path!r}: use a local folder or s3://bucket/prefix")
     local_dir = None if run.storage_path.startswith(S3_SCHEME) else run.run_uri
-    resolve_tracking_uri(config, local_dir)
+    resolve_tracking_uri(mlflow, local_dir)
 
 
 def _train_samples(config: PretrainConfig) -> int:

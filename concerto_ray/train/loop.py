@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import ray.train
@@ -34,6 +34,7 @@ from concerto_ray.data import storage
 from concerto_ray.data.pipeline import StreamConfig, batch_points, batch_to_device, iter_batches
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.schedules import SslSchedules
+from concerto_ray.errors import TrainingError
 from concerto_ray.train.config import PretrainConfig
 from concerto_ray.train.optim import build_optimizer, set_weight_decay, weight_decay_schedule
 from concerto_ray.train.state import CheckpointError, Progress, checkpoint_uri, load_checkpoint, save_checkpoint
@@ -42,7 +43,7 @@ from concerto_ray.train.tracking import StepMetrics
 CHECKPOINT_DIR_FORMAT = "step-{:08d}"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
@@ -87,7 +88,7 @@ class Worker:
 
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
         self.run_dir = storage.resolve(config.run.run_uri, config.run.endpoint_url)
-        self.consecutive_nonfinite = 0
+        self.nonfinite_guard = NonFiniteGuard(config.run.max_nonfinite_steps)
         self.last_saved_step = self.progress.global_step
 
     def run(self) -> None:
@@ -148,21 +149,16 @@ class Worker:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
         nonfinite |= not bool(torch.isfinite(grad_norm))
-        # Agree across workers, so that all of them skip the same steps; sum points and total loss on the way.
-        shared = torch.tensor([float(nonfinite), float(points), terms["loss"]], dtype=torch.float64,
-                              device=self.device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
-            dist.all_reduce(shared)
-        nonfinite, points, terms["loss"] = bool(shared[0] > 0), float(shared[1]), float(shared[2]) / world
+        nonfinite, (points, total_loss) = agree_across_workers(nonfinite, [float(points), terms["loss"]], self.device)
+        terms["loss"] = total_loss / world_size()
 
         if nonfinite:
-            self.skip_step(step + 1)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.progress.skipped_steps += 1
         else:
-            self.consecutive_nonfinite = 0
             self.optimizer.step()
             self.ssl_model.update_teacher()
+        self.nonfinite_guard.record(nonfinite, step + 1)
         group = self.optimizer.param_groups[0]  # the parameters outside the encoder blocks, at the peak lr
         values = dict(terms, lr=group["lr"], weight_decay=weight_decay, adam_beta1=group["betas"][0],
                       teacher_momentum=schedule.momentum, teacher_temp=schedule.teacher_temp,
@@ -170,17 +166,6 @@ class Worker:
                       skipped_steps=self.progress.skipped_steps, epoch=self.progress.epoch, points=points)
         self.scheduler.step()
         return values
-
-    def skip_step(self, step_number: int) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.progress.skipped_steps += 1
-        self.consecutive_nonfinite += 1
-        limit = self.config.run.max_nonfinite_steps
-        if self.consecutive_nonfinite >= limit:
-            first = step_number - self.consecutive_nonfinite + 1
-            raise NonFiniteLossError(f"stopping: {self.consecutive_nonfinite} optimizer steps in a row "
-                                     f"({first}..{step_number}) had a non-finite loss or gradient "
-                                     f"(run.max_nonfinite_steps = {limit}); lower optim.lr or check the data")
 
     def gradient_sync(self, last: bool):
         """DDP all-reduces gradients only on the last micro-batch of an accumulated step."""
@@ -197,16 +182,52 @@ class Worker:
 
     def save_and_report(self, values: dict[str, float]) -> None:
         name = CHECKPOINT_DIR_FORMAT.format(self.progress.global_step)
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if self.rank == 0:
-                save_checkpoint(Path(folder), self.ssl_model, self.optimizer, self.scheduler, self.progress)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(dict(values, step=self.progress.global_step), checkpoint=checkpoint,
-                             checkpoint_dir_name=name)
+        report_checkpoint(name, dict(values, step=self.progress.global_step),
+                          lambda folder: save_checkpoint(folder, self.ssl_model, self.optimizer, self.scheduler,
+                                                         self.progress))
         self.last_saved_step = self.progress.global_step
         if self.metrics is not None:
             self.metrics.commit(self.run_dir.uri_of(name))
+
+
+class NonFiniteGuard:
+    """Counts consecutive optimizer steps skipped for a non-finite loss or gradient; too many stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+
+    def record(self, nonfinite: bool, step_number: int) -> None:
+        self.consecutive = self.consecutive + 1 if nonfinite else 0
+        if self.consecutive >= self.limit:
+            first = step_number - self.consecutive + 1
+            raise NonFiniteLossError(f"stopping: {self.consecutive} optimizer steps in a row "
+                                     f"({first}..{step_number}) had a non-finite loss or gradient "
+                                     f"(max_nonfinite_steps = {self.limit}); lower the lr or check the data")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def agree_across_workers(nonfinite: bool, sums: list[float], device: torch.device) -> tuple[bool, list[float]]:
+    """Whether any worker had a non-finite step (so that all of them skip the same steps), and `sums` summed over
+    the workers, in one all-reduce."""
+    shared = torch.tensor([float(nonfinite), *sums], dtype=torch.float64, device=device)
+    if world_size() > 1:
+        dist.all_reduce(shared)
+    return bool(shared[0] > 0), shared[1:].tolist()
+
+
+def report_checkpoint(name: str, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+    """Every worker reports `metrics`; rank 0 also `save`s a checkpoint into a folder that Ray Train persists as
+    `<run folder>/<name>/`."""
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save(Path(folder))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 def epoch_steps(shard, stream: StreamConfig, accumulation: int, first_step: int,

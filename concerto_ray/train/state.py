@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from concerto_ray.config import from_dict
-from concerto_ray.errors import ConfigError
+from concerto_ray.errors import ConfigError, TrainingError
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -27,7 +27,7 @@ PROGRESS_FILE = "progress.json"
 FROZEN_PREFIX = "enc2d_model."  # Concerto's image encoder
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TrainingError):
     """A checkpoint cannot be used to resume; the message names the checkpoint and the file."""
 
 

@@ -15,11 +15,11 @@ from typing import Any
 import yaml
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from concerto_ray.config import to_dict
 from concerto_ray.data.storage import Location
 from concerto_ray.errors import ConfigError
-from concerto_ray.train.config import PretrainConfig
 
 RUN_ID_FILE = "mlflow_run.json"
 CHECKPOINT_TAG = "checkpoint"
@@ -37,26 +37,33 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def open_run(config: PretrainConfig, tracking_uri: str, run_dir: Location, resume: bool,
-             artifact_location: str | None = None) -> str:
-    """The id of the MLflow run of this training run: a new one, or with `resume` the one it started with."""
+def open_run(config: Any, run_name: str, experiment: str, tracking_uri: str, run_dir: Location, resume: bool,
+             artifact_location: str | None = None, parent_run_id: str | None = None) -> str:
+    """The id of the MLflow run of the training run in `run_dir`: a new one (a child of `parent_run_id` if given),
+    or with `resume` the one it started with. `config` (a config dataclass) becomes its params and config.yaml."""
     client = MlflowClient(tracking_uri)
     if resume:
         if not run_dir.exists(RUN_ID_FILE):
             raise ConfigError(f"cannot resume: {run_dir.uri_of(RUN_ID_FILE)} is missing, so the MLflow run of "
-                              f"{config.run.name!r} is unknown")
+                              f"{run_name!r} is unknown")
         run_id = json.loads(run_dir.read_bytes(RUN_ID_FILE))["run_id"]
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
-        experiment = client.get_experiment_by_name(config.mlflow.experiment)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else client.create_experiment(config.mlflow.experiment, artifact_location=artifact_location))
-        run_id = client.create_run(experiment_id, run_name=config.run.name).info.run_id
+        experiment_id = experiment_id_of(client, experiment, artifact_location)
+        tags = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else None
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         params = [Param(key, value) for key, value in flatten(to_dict(config)).items()]
         client.log_batch(run_id, params=params)
         run_dir.write_bytes(RUN_ID_FILE, json.dumps({"run_id": run_id}).encode())
     client.log_text(run_id, yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
     return run_id
+
+
+def experiment_id_of(client: MlflowClient, experiment: str, artifact_location: str | None = None) -> str:
+    """The id of the named experiment, created if it does not exist yet."""
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found is not None else client.create_experiment(
+        experiment, artifact_location=artifact_location)
 
 
 def close_run(tracking_uri: str, run_id: str, succeeded: bool) -> None:

@@ -7,6 +7,10 @@ Ray Train keeps the run's state in `<storage_path>/<run.name>/`: the checkpoints
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import pyarrow.fs as pafs
 import ray
 import ray.train
@@ -16,7 +20,13 @@ from concerto_ray.config import to_dict
 from concerto_ray.data import storage
 from concerto_ray.data.pipeline import BadSampleLog, build_dataset
 from concerto_ray.errors import ConfigError
-from concerto_ray.train.config import PretrainConfig, resolve_tracking_uri, steps_per_epoch
+from concerto_ray.train.config import (
+    MlflowSection,
+    PretrainConfig,
+    RunSettings,
+    resolve_tracking_uri,
+    steps_per_epoch,
+)
 from concerto_ray.train.loop import NonFiniteLossError, train_loop_per_worker
 from concerto_ray.train.state import CheckpointError
 from concerto_ray.train.tracking import RUN_ID_FILE, close_run, log_skipped_samples, open_run
@@ -28,45 +38,76 @@ _CLEAR_WORKER_ERRORS = (CheckpointError, NonFiniteLossError)
 def run_pretrain(config: PretrainConfig, resume: bool = False) -> ray.train.Result:
     """Train until `run.epochs` are done; with `resume`, continue the stopped run of the same `run.name`."""
     run = config.run
+    tracked = start_tracked_run(config, run, config.mlflow, resume)
+    bad_log = BadSampleLog.remote() if config.data.skip_bad else None
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(config), "steps_per_epoch": steps_per_epoch(config),
+                           "tracking_uri": tracked.tracking_uri, "mlflow_run_id": tracked.mlflow_run_id},
+        scaling_config=scaling_config(run),
+        run_config=ray_run_config(run, ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep)),
+        datasets={"train": build_dataset(config.data, bad_log)},
+    )
+    result = fit(trainer, tracked, _CLEAR_WORKER_ERRORS)
+    if bad_log is not None:
+        log_skipped_samples(tracked.tracking_uri, tracked.mlflow_run_id, ray.get(bad_log.get.remote()))
+    close_run(tracked.tracking_uri, tracked.mlflow_run_id, succeeded=True)
+    return result
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    run_dir: storage.Location  # <storage_path>/<name>/
+    tracking_uri: str
+    mlflow_run_id: str
+
+
+def start_tracked_run(config: Any, run: RunSettings, mlflow: MlflowSection, resume: bool,
+                      parent_run_id: str | None = None) -> TrackedRun:
+    """Check that the run folder is new (or, with `resume`, started) and open the run's MLflow run in it."""
     run_dir = storage.resolve(run.run_uri, run.endpoint_url)
     started = run_dir.exists(RUN_ID_FILE)
     if resume and not started:
         raise ConfigError(f"cannot resume run {run.name!r}: nothing was started at {run_dir.uri}")
     if started and not resume:
         raise ConfigError(f"run {run.name!r} already exists at {run_dir.uri}: resume it (--resume) or choose "
-                          f"another run.name")
+                          f"another run name")
     local = isinstance(run_dir.filesystem, pafs.LocalFileSystem)
     if local:
         run_dir.filesystem.create_dir(run_dir.root, recursive=True)
-    tracking_uri = resolve_tracking_uri(config, run_dir.root if local else None)
+    tracking_uri = resolve_tracking_uri(mlflow, run_dir.root if local else None)
     uses_default_store = local and tracking_uri.startswith(f"sqlite:///{run_dir.root}")
-    mlflow_run_id = open_run(config, tracking_uri, run_dir, resume,
-                             artifact_location=run_dir.path("mlflow-artifacts") if uses_default_store else None)
+    run_id = open_run(config, run.name, mlflow.experiment, tracking_uri, run_dir, resume,
+                      artifact_location=run_dir.path("mlflow-artifacts") if uses_default_store else None,
+                      parent_run_id=parent_run_id)
+    return TrackedRun(run_dir, tracking_uri, run_id)
 
-    bad_log = BadSampleLog.remote() if config.data.skip_bad else None
+
+def scaling_config(run: RunSettings) -> ray.train.ScalingConfig:
+    return ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                   resources_per_worker={"CPU": run.cpus_per_worker})
+
+
+def ray_run_config(run: RunSettings, checkpoint_config: ray.train.CheckpointConfig,
+                   callbacks: Sequence[ray.train.UserCallback] = ()) -> ray.train.RunConfig:
+    """Ray Train's state and checkpoints in `<storage_path>/<name>/`, on the local filesystem or S3."""
     storage_root = storage.resolve(run.storage_path, run.endpoint_url)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "steps_per_epoch": steps_per_epoch(config),
-                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                               resources_per_worker={"CPU": run.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run.name, storage_path=storage_root.root, storage_filesystem=storage_root.filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures)),
-        datasets={"train": build_dataset(config.data, bad_log)},
-    )
+    return ray.train.RunConfig(name=run.name, storage_path=storage_root.root,
+                               storage_filesystem=storage_root.filesystem, checkpoint_config=checkpoint_config,
+                               failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+                               callbacks=list(callbacks))
+
+
+def fit(trainer: TorchTrainer, tracked: TrackedRun,
+        clear_errors: tuple[type[BaseException], ...] = _CLEAR_WORKER_ERRORS) -> ray.train.Result:
+    """`trainer.fit()`, marking the MLflow run failed if it fails. A worker error of a `clear_errors` type is
+    raised as it is, instead of inside Ray's wrapper."""
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except BaseException as exc:
-        close_run(tracking_uri, mlflow_run_id, succeeded=False)
+        close_run(tracked.tracking_uri, tracked.mlflow_run_id, succeeded=False)
         failures = exc.worker_failures.values() if isinstance(exc, ray.train.WorkerGroupError) else ()
-        clear = next((error for error in failures if isinstance(error, _CLEAR_WORKER_ERRORS)), None)
+        clear = next((error for error in failures if isinstance(error, clear_errors)), None)
         if clear is not None:
             raise clear from exc
         raise
-    if bad_log is not None:
-        log_skipped_samples(tracking_uri, mlflow_run_id, ray.get(bad_log.get.remote()))
-    close_run(tracking_uri, mlflow_run_id, succeeded=True)
-    return result
