@@ -174,7 +174,7 @@ class FinetuneWorker:
             epoch = self.progress.epoch
             for (batch,), _ in epoch_steps(shard, stream, 1, self.progress.step_in_epoch, self.steps_per_epoch):
                 values = self.optimizer_step(batch)
-                self.advance()
+                self.progress.advance(self.steps_per_epoch)
                 if self.metrics is not None:
                     self.metrics.add(self.progress.global_step, values)
             if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
@@ -205,13 +205,6 @@ class FinetuneWorker:
         self.scheduler.step()
         return dict(lrs, loss=total_loss / world_size(), grad_norm=float(grad_norm),
                     skipped_steps=self.progress.skipped_steps, epoch=self.progress.epoch)
-
-    def advance(self) -> None:
-        self.progress.global_step += 1
-        self.progress.step_in_epoch += 1
-        if self.progress.step_in_epoch == self.steps_per_epoch:
-            self.progress.epoch += 1
-            self.progress.step_in_epoch = 0
 
     def evaluate_and_report(self) -> None:
         round_index = self.progress.epoch // self.epochs_per_round

@@ -106,7 +106,7 @@ class Worker:
                 step_started = time.perf_counter()
                 values.update(points_per_s=values.pop("points") / step_seconds, step_time_s=step_seconds,
                               data_wait_s=data_wait, data_wait_fraction=data_wait / step_seconds)
-                self.advance()
+                self.progress.advance(self.steps_per_epoch)
                 last_metrics = values
                 if self.metrics is not None:
                     self.metrics.add(self.progress.global_step, values)
@@ -172,13 +172,6 @@ class Worker:
         if isinstance(self.model, DistributedDataParallel) and not last:
             return self.model.no_sync()
         return contextlib.nullcontext()
-
-    def advance(self) -> None:
-        self.progress.global_step += 1
-        self.progress.step_in_epoch += 1
-        if self.progress.step_in_epoch == self.steps_per_epoch:
-            self.progress.epoch += 1
-            self.progress.step_in_epoch = 0
 
     def save_and_report(self, values: dict[str, float]) -> None:
         name = CHECKPOINT_DIR_FORMAT.format(self.progress.global_step)

@@ -38,6 +38,14 @@ class Progress:
     step_in_epoch: int = 0  # optimizer steps done in `epoch`; their batches are dropped on resume
     skipped_steps: int = 0
 
+    def advance(self, steps_per_epoch: int) -> None:
+        """Count one optimizer step; an epoch ends after `steps_per_epoch` of them."""
+        self.global_step += 1
+        self.step_in_epoch += 1
+        if self.step_in_epoch == steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+
 
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress) -> None:
