@@ -47,7 +47,9 @@ def ray_head(tmp_path_factory, s3_server):
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          "--disable-usage-stats"],
-        start_new_session=True, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ, RAY_ADDRESS=""))
+        start_new_session=True, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+        # Jobs run `python` from the head's PATH: this environment's, as on a cluster node with the package installed.
+        env=dict(os.environ, RAY_ADDRESS="", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"))
     head_address = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.monotonic() + 120
     while True:
@@ -88,7 +90,8 @@ def test_ray_job_submit_pretrain_succeeds_with_checkpoint_in_s3(ray_head, s3_ser
                f"--working-dir={working_dir}", f"--runtime-env-json={json.dumps({'env_vars': env_vars})}", "--",
                "python", "jobs/pretrain.py", "--config", "configs/pretrain-tiny.yaml",
                *[arg for o in overrides for arg in ("--set", o)]]
-    subprocess.run(command, check=True, capture_output=True, env=dict(os.environ, RAY_ADDRESS=""))
+    submitted = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, RAY_ADDRESS=""))
+    assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-3000:]
 
     deadline = time.monotonic() + 600
     while (status := client.get_job_status("pretrain-tiny")) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,

@@ -9,6 +9,7 @@ consume, validating it on the way so that bad data fails with the sample, file a
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,9 +118,15 @@ def row_to_record(row: dict) -> SceneRecord:
     )
 
 
+# numpy parses .npy headers with ast.literal_eval, which CPython 3.11 does not make thread-safe (it fails with "AST
+# constructor recursion depth mismatch" when threads parse at once, as prepare's reader threads do).
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def load_npy(blob: bytes, *, sample: str, file: str, field: str | None = None) -> np.ndarray:
     try:
-        return np.load(io.BytesIO(blob), allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            return np.load(io.BytesIO(blob), allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError/EOFError/OSError depending on the damage
         raise DataError(f"not a readable .npy array ({exc})", sample=sample, file=file, field=field) from None
 
