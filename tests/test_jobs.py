@@ -90,7 +90,12 @@ def test_ray_job_submit_pretrain_succeeds_with_checkpoint_in_s3(ray_head, s3_ser
                f"--working-dir={working_dir}", f"--runtime-env-json={json.dumps({'env_vars': env_vars})}", "--",
                "python", "jobs/pretrain.py", "--config", "configs/pretrain-tiny.yaml",
                *[arg for o in overrides for arg in ("--set", o)]]
-    submitted = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, RAY_ADDRESS=""))
+    deadline = time.monotonic() + 180
+    while True:  # the head's job agent starts after its dashboard, later still on a loaded machine
+        submitted = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, RAY_ADDRESS=""))
+        if submitted.returncode == 0 or "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-3000:]
 
     deadline = time.monotonic() + 600
