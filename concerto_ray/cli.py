@@ -126,7 +126,6 @@ def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from concerto_ray.finetune.commands import (
-        add_finetune_arguments,
         add_sweep_arguments,
         finetune_command,
         sweep_command,
@@ -183,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Linear / decoder probing, full or LoRA fine-tuning on Ray Train, from a "
                                    "pre-trained checkpoint (ours or Pointcept's) or random init. Same as "
                                    "`python jobs/finetune.py`.")
-    add_finetune_arguments(p)
+    add_run_arguments(p, "fine-tuning config: a name from configs/ (e.g. semseg-tiny-lin) or a YAML path")
     p.set_defaults(func=finetune_command)
 
     p = sub.add_parser("sweep", formatter_class=fmt, help="a Ray Tune sweep of fine-tuning runs",

@@ -9,15 +9,6 @@ from __future__ import annotations
 import argparse
 
 
-def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True,
-                   help="fine-tuning config: a name from configs/ (e.g. semseg-tiny-lin) or a YAML path")
-    p.add_argument("--resume", action="store_true", help="continue the stopped run of the same run.name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="set a value, read as YAML (repeatable): data.shards=..., run.name=..., run.storage_path=..., "
-                        "run.num_workers=2, mlflow.tracking_uri=..., or any fine-tuning field: lr=0.001, lora.r=16")
-
-
 def finetune_command(args: argparse.Namespace) -> None:
     import ray
 
