@@ -43,9 +43,13 @@ def ray_head(tmp_path_factory, s3_server):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     gcs_port = _free_port()
+    # Every port of our own: another Ray on the machine (the suite's local cluster) holds the fixed defaults, and a
+    # head whose job agent cannot bind answers every submission with "No available agent".
+    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port")]
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *ports,
          "--disable-usage-stats"],
         start_new_session=True, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
         # Jobs run `python` from the head's PATH: this environment's, as on a cluster node with the package installed.
@@ -90,7 +94,7 @@ def test_ray_job_submit_pretrain_succeeds_with_checkpoint_in_s3(ray_head, s3_ser
                f"--working-dir={working_dir}", f"--runtime-env-json={json.dumps({'env_vars': env_vars})}", "--",
                "python", "jobs/pretrain.py", "--config", "configs/pretrain-tiny.yaml",
                *[arg for o in overrides for arg in ("--set", o)]]
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 120
     while True:  # the head's job agent starts after its dashboard, later still on a loaded machine
         submitted = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, RAY_ADDRESS=""))
         if submitted.returncode == 0 or "No available agent" not in submitted.stderr or time.monotonic() > deadline:
