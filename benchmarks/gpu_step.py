@@ -73,7 +73,7 @@ CONCERTO_REGIONS = [
 ] + POINT_REGIONS[1:]
 
 # Relative error (L2 over all output features) allowed between the two models. Pointcept casts q, k and v to bf16
-# for its flash path even in fp32, and its spconv runs in fp16 under autocast (ours in fp32), so neither is exact.
+# for its flash path even in fp32, and under autocast both spconvs run in fp16, so neither is exact.
 AGREEMENT = {"fp32": 1e-2, "bf16": 5e-2}
 
 

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import ray
+import ray.data
 import torch
 from transformers import Dinov2WithRegistersModel
 
@@ -33,6 +34,9 @@ PROBE_CONFIG = "semseg-tiny-lin"
 # make the probes, not the pre-training, most of the demo's time on two cores.
 DEMO_PROBE = {"eval_epochs": 2, "transform.test_rotations": [0.0], "transform.test_scales": [],
               "transform.test_flip": False}
+# A checkpoint every few minutes rather than the tiny config's every 2 steps (which the recovery tests need).
+DEMO_CHECKPOINT_EVERY = 60
+RESULTS_FILE = "results.txt"
 
 
 def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: int = 30,
@@ -56,7 +60,11 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
 
     pretrain = load_pretrain_config(PRETRAIN_CONFIG, [
         f"data.shards={shards_dir}", f"model.image_encoder_weights={dinov2}", f"run.storage_path={runs}",
-        f"run.epochs={pretrain_epochs}", f"run.seed={seed}", f"mlflow.tracking_uri={tracking_uri}"])
+        f"run.epochs={pretrain_epochs}", f"run.seed={seed}", f"run.checkpoint_every={DEMO_CHECKPOINT_EVERY}",
+        f"mlflow.tracking_uri={tracking_uri}"])
+    # Ray Data's live progress bars, redrawn from every worker, would bury the demo's own output. Datasets carry
+    # the driver's context, and Ray Train hands it to its workers.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     # A Ray of its own unless RAY_ADDRESS names a cluster (never one that a stale `ray start` left behind).
     ray.init(address=os.environ.get("RAY_ADDRESS", "local"), ignore_reinit_error=True, include_dashboard=False)
     print(f"[3/4] pre-training tiny Concerto for {pretrain_epochs} epochs on {pretrain.run.num_workers} CPU workers, "
@@ -77,8 +85,12 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
         result = run_finetune(probe, resume=(runs / name).exists())
         results[label] = max((metrics for _, metrics in result.best_checkpoints), key=lambda m: m[SCORE])
 
-    print("\nlinear probe on held-out synthetic scenes (ScanNet-20 classes)")
-    print(f"{'backbone':14s} {'mIoU':>7s} {'mAcc':>7s} {'allAcc':>7s}")
-    for label, metrics in results.items():
-        print(f"{label:14s} {metrics['val_miou']:7.3f} {metrics['val_macc']:7.3f} {metrics['val_all_acc']:7.3f}")
-    print(f"\nMLflow: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    ray.shutdown()  # no worker output after this point: the table stays readable
+    lines = ["linear probe on held-out synthetic scenes (ScanNet-20 classes)",
+             f"{'backbone':14s} {'mIoU':>7s} {'mAcc':>7s} {'allAcc':>7s}"]
+    lines += [f"{label:14s} {metrics['val_miou']:7.3f} {metrics['val_macc']:7.3f} {metrics['val_all_acc']:7.3f}"
+              for label, metrics in results.items()]
+    (workdir / RESULTS_FILE).write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+    print(f"\n(also in {workdir / RESULTS_FILE})")
+    print(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")

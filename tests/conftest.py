@@ -51,8 +51,10 @@ def s3_server():
 def ray_local(s3_server):
     """A 2-CPU local Ray cluster. It starts after `s3_server` because Ray's workers inherit the environment of
     the process that starts the cluster, and must see the S3 credentials."""
-    # address="local": always a fresh cluster of our own, never one that `ray start` left on the machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    # address="local": always a fresh cluster of our own, never one that `ray start` left on the machine. With the
+    # dashboard, as on a real cluster: Ray Train frees the resources of a run whose trial Tune stopped through the
+    # state API it serves.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=_free_port())
     yield
     ray.shutdown()
 

@@ -147,7 +147,8 @@ def test_decoder_modes_train_the_decoder_and_split_learning_rates():
     block = {id(p) for p in groups["block"]["params"]}
     for name, param in ft.named_parameters():
         assert (id(param) in block) == ("block" in name)
-    assert groups["block"]["lr"] == 0.0002 and groups["default"]["lr"] == 0.002
+    assert groups["block"]["lr"] == tiny_config("ft").block_lr and groups["default"]["lr"] == tiny_config("ft").lr
+    assert groups["block"]["lr"] != groups["default"]["lr"]
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA
@@ -382,7 +383,7 @@ def test_config_names_resolve_and_bad_input_is_named(tmp_path):
         load_finetune_config("semseg-ptv3-base-v1m1-0a-scannet-lim")
     tiny_yaml = (CONFIG_DIR / f"{TINY}.yaml").read_text()
     for old, new, message in (("mode: lin", "mode: linear", "mode: 'linear' is not one of"),
-                              ("lr: 0.002", "lr: fast", "lr: expected a number"),
+                              ("lr: 0.05", "lr: fast", "lr: expected a number"),
                               ("enc_mode: true", "enc_mode: false", "mode 'lin' needs backbone.enc_mode=True")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(tiny_yaml.replace(old, new, 1))

@@ -66,7 +66,7 @@ def test_run_is_checked_before_ray(semseg_shards, tmp_path):
 
 
 def test_linear_probe_beats_chance_and_logs_to_mlflow(ray_local, semseg_shards, mlflow_server, tmp_path):
-    run = tiny_run(semseg_shards, tmp_path, mlflow_server, "probe", epochs=12, eval_epochs=2, lr=0.05)
+    run = tiny_run(semseg_shards, tmp_path, mlflow_server, "probe", epochs=12, eval_epochs=2)
     result = run_finetune(run)
     best_checkpoint, best = max(result.best_checkpoints, key=lambda pair: pair[1]["val_miou"])
     print(f"linear probe: val mIoU {best['val_miou']:.4f}, mAcc {best['val_macc']:.4f}, "

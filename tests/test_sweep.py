@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from concerto_ray.errors import ConfigError
 from concerto_ray.cli import main as cli_main
-from concerto_ray.finetune.sweep import load_sweep_config
+from concerto_ray.finetune.sweep import load_sweep_config, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SWEEP = REPO / "configs" / "sweep-semseg-tiny.yaml"
@@ -64,3 +66,31 @@ def test_shipped_sweeps_load(sweep_shards, tmp_path):
     with pytest.raises(ConfigError, match="data.shards is still the placeholder"):
         load_sweep_config(REPO / "configs" / "sweep-semseg-ptv3-large-v1m1-0e-scannet-data-efficiency.yaml",
                           [f"run.storage_path={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_four_trial_asha_sweep_completes_with_an_mlflow_child_per_trial(ray_local, sweep_shards, mlflow_server,
+                                                                          tmp_path):
+    sweep = load_sweep_config(TINY_SWEEP, overrides(
+        sweep_shards, tmp_path, f"mlflow.tracking_uri={mlflow_server}", "run.name=sweep-asha",
+        f"overrides.transform={yaml.safe_dump(ONE_TEST_PASS['transform'], default_flow_style=True).strip()}"))
+    result = run_sweep(sweep)
+
+    assert result.trials == 4
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{result.parent_run_id}'")
+    assert len(children) == 4
+    # Every trial runs its first round (grace period 1); ASHA may stop the weaker ones there (KILLED).
+    statuses = [child.info.status for child in children]
+    assert set(statuses) <= {"FINISHED", "KILLED"} and "FINISHED" in statuses
+    rounds = {child.info.run_id: [m.value for m in client.get_metric_history(child.info.run_id, "val_miou")]
+              for child in children}
+    assert all(len(values) == 2 if child.info.status == "FINISHED" else 1 <= len(values) <= 2
+               for child, values in zip(children, rounds.values()))
+    assert result.best_metrics["val_miou"] == pytest.approx(max(max(values) for values in rounds.values()))
+    assert parent.data.metrics["best_val_miou"] == pytest.approx(result.best_metrics["val_miou"])
+    assert 1e-3 <= result.best_values["lr"] <= 1e-1 and result.best_values["weight_decay"] in (0.0, 0.02)
+    assert (Path(result.best_checkpoint) / "model.pt").is_file()

@@ -197,8 +197,10 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     sweep.mlflow.tracking_uri = tracked.tracking_uri
     param_space = {key: dimension.tune_domain() for key, dimension in sweep.space.items()}
     param_space[CONFIG_KEY] = ray.tune.grid_search(sweep.configs)
+    # max_t one round past the last: a trial that runs all its rounds then ends by itself (its TorchTrainer shuts
+    # down and its MLflow run is closed) instead of being stopped by the scheduler at its last report.
     scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=sweep.asha.grace_period,
-                               reduction_factor=sweep.asha.reduction_factor, max_t=_max_rounds(sweep))
+                               reduction_factor=sweep.asha.reduction_factor, max_t=_max_rounds(sweep) + 1)
                  if sweep.asha is not None else FIFOScheduler())
     sweep_dir = storage.resolve(sweep.run.run_uri, sweep.run.endpoint_url)
     trainable = ray.tune.with_parameters(run_trial, sweep=to_dict(sweep), parent_run_id=tracked.mlflow_run_id)
@@ -215,10 +217,11 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         grid = tuner.fit()
         result = _best(grid, sweep, tracked.mlflow_run_id)
     except BaseException:
-        _close_trial_runs(tracked.tracking_uri, tracked.mlflow_run_id)
+        _close_trial_runs(tracked.tracking_uri, tracked.mlflow_run_id, stopped=set())
         close_run(tracked.tracking_uri, tracked.mlflow_run_id, succeeded=False)
         raise
-    _close_trial_runs(tracked.tracking_uri, tracked.mlflow_run_id)
+    stopped = {_trial_run_name(trial.metrics["trial_id"]) for trial in grid if trial.error is None and trial.metrics}
+    _close_trial_runs(tracked.tracking_uri, tracked.mlflow_run_id, stopped)
     client = MlflowClient(tracked.tracking_uri)
     for key, value in result.best_metrics.items():
         client.log_metric(tracked.mlflow_run_id, f"best_{key}", value)
@@ -234,7 +237,7 @@ def run_trial(values: dict[str, Any], sweep: dict, parent_run_id: str) -> None:
     sweep_config = from_dict(SweepConfig, sweep)
     values = dict(values)
     config = values.pop(CONFIG_KEY)
-    run = trial_run(sweep_config, config, values, f"trial-{ray.tune.get_context().get_trial_id()}")
+    run = trial_run(sweep_config, config, values, _trial_run_name(ray.tune.get_context().get_trial_id()))
     # run_sweep verified the shards once; the check's tasks would not fit this trial's tiny resource request.
     run.data.verify_checksums = False
     run_finetune(run, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
@@ -271,11 +274,18 @@ def _best(grid: ray.tune.ResultGrid, sweep: SweepConfig, parent_run_id: str) -> 
                        best_checkpoint=checkpoint, parent_run_id=parent_run_id, trials=len(grid))
 
 
-def _close_trial_runs(tracking_uri: str, parent_run_id: str) -> None:
-    """Child runs still RUNNING belong to trials Tune stopped early (ASHA) or lost: mark them KILLED."""
+def _trial_run_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"
+
+
+def _close_trial_runs(tracking_uri: str, parent_run_id: str, stopped: set[str]) -> None:
+    """Mark KILLED the child runs of trials that did not end by themselves: those still RUNNING (Tune ended the
+    trial's process) and those that FAILED only because the scheduler stopped them (`stopped`: the run names of
+    trials that Tune saw end without an error)."""
     client = MlflowClient(tracking_uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     children = client.search_runs([experiment_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_run_id}' "
-                                                                 f"and attributes.status = 'RUNNING'")
+                                                                 f"and attributes.status != 'FINISHED'")
     for child in children:
-        client.set_terminated(child.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+        if child.info.status == "RUNNING" or (child.info.status == "FAILED" and child.info.run_name in stopped):
+            client.set_terminated(child.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))

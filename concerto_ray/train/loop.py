@@ -140,9 +140,11 @@ class Worker:
                 if self.rank == 0 and step + 1 in self.config.faults.nonfinite_loss_steps:
                     loss = loss * math.nan  # test hook (faults.nonfinite_loss_steps)
                 (loss / len(micro_batches)).backward()
-            nonfinite |= not bool(torch.isfinite(loss))
-            for name, value in losses.items():
-                terms[name] = terms.get(name, 0.0) + float(value) / len(micro_batches)
+            # one device-to-host copy for the finiteness check and every logged term
+            values = torch.stack([loss.detach(), *(v.detach().float() for v in losses.values())]).tolist()
+            nonfinite |= not math.isfinite(values[0])
+            for name, value in zip(losses, values[1:]):
+                terms[name] = terms.get(name, 0.0) + value / len(micro_batches)
             points += batch_points(batch)
 
         clip = self.config.optim.clip_grad

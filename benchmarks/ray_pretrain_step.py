@@ -1,0 +1,112 @@
+"""Pre-training step time, data-wait fraction and worker scaling through Ray (Ray Data stream -> Ray Train).
+
+Writes synthetic scenes and parquet shards, then pre-trains with each worker count of --workers on a local Ray and
+reads the per-step metrics that rank 0 logged to MLflow: step_time_s, data_wait_s (time the step waited for its
+batches), data_wait_fraction and points_per_s (points of all workers per second). Medians skip the first
+--skip-steps steps (start-up); the data-wait fraction is also given as the share of all those steps' time, which
+counts the waits at epoch starts. With several worker counts it prints the throughput of each relative to the first.
+
+    # the tiny config on CPU workers (issue: pre-training)
+    PYTHONPATH=. python benchmarks/ray_pretrain_step.py --epochs 5 --out cpu.json
+    # the base config on 1 and 2 GPUs, ScanNet-sized scenes (issue: GPU throughput)
+    PYTHONPATH=.:/tmp/site python benchmarks/ray_pretrain_step.py --config configs/pretrain-concerto-v1m1-0-base.yaml \
+        --gpu --workers 1,2 --scenes 32 --points 150000 --views 12 --image-size 640x480 --epochs 2 \
+        --set data.batch_size=2 --out gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from transformers import Dinov2WithRegistersModel
+
+from concerto_ray.data.shards import prepare
+from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
+from concerto_ray.model.configs import get_model_config
+from concerto_ray.train.config import load_pretrain_config
+from concerto_ray.train.tracking import RUN_ID_FILE
+from concerto_ray.train.trainer import run_pretrain
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain-tiny.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: the config's)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--scenes", type=int, default=8, help="synthetic scenes, all in the train split")
+    parser.add_argument("--points", type=int, default=20000, help="points per scene")
+    parser.add_argument("--views", type=int, default=8, help="RGB-D frames per scene")
+    parser.add_argument("--image-size", default="320x240", help="WIDTHxHEIGHT of the frames")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--skip-steps", type=int, default=2, help="first steps left out of the medians")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.image_size.split("x"))
+
+    work = Path(tempfile.mkdtemp(prefix="concerto-ray-step-"))
+    started = time.perf_counter()
+    write_synthetic_dataset(work / "scenes", SynthConfig(
+        scenes=args.scenes, points_per_scene=args.points, views_per_scene=args.views, image_width=width,
+        image_height=height, splits={"train": 1.0}), progress=False)
+    prepare(work / "scenes", str(work / "shards"), target_shard_mb=16, progress=False)
+    print(f"scenes and shards written in {time.perf_counter() - started:.0f} s")
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
+    model_name = yaml.safe_load(args.config.read_text())["model"]["name"]
+    torch.manual_seed(0)  # a frozen DINOv2 of the config's architecture with random weights (no downloads)
+    Dinov2WithRegistersModel(get_model_config(model_name).image_encoder.architecture()).save_pretrained(
+        work / "dinov2")
+
+    ray.init(address="local", include_dashboard=False)
+    counts = [int(n) for n in args.workers.split(",")] if args.workers else [None]
+    results = []
+    for workers in counts:
+        config = load_pretrain_config(args.config, [
+            *args.set, f"data.shards={work / 'shards'}", f"model.image_encoder_weights={work / 'dinov2'}",
+            f"run.storage_path={work / 'runs'}", f"run.name=step-{workers}w",
+            *([f"run.num_workers={workers}"] if workers else []), f"run.use_gpu={args.gpu}", f"run.epochs={args.epochs}", "run.checkpoint_every=1000000",
+            f"mlflow.tracking_uri={tracking_uri}"])
+        run_pretrain(config)
+        run_id = json.loads((work / "runs" / config.run.name / RUN_ID_FILE).read_text())["run_id"]
+        results.append(summarise(MlflowClient(tracking_uri), run_id, args.skip_steps,
+                                 dict(workers=config.run.num_workers, gpu=args.gpu, cpus_per_worker=config.run.cpus_per_worker,
+                                      batch_per_worker=config.data.batch_size,
+                                      accumulation=config.optim.grad_accumulation, amp=config.run.amp)))
+        print(json.dumps(results[-1], indent=2))
+    for result in results[1:]:
+        result["throughput_vs_first"] = result["points_per_s_median"] / results[0]["points_per_s_median"]
+    report = {"config": str(args.config), "overrides": args.set, "scenes": args.scenes, "points": args.points,
+              "views": args.views, "image_size": args.image_size, "epochs": args.epochs,
+              "gpu_name": torch.cuda.get_device_name(0) if args.gpu else None, "runs": results}
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+def summarise(client: MlflowClient, run_id: str, skip: int, result: dict) -> dict:
+    def history(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)][skip:]
+
+    step_times, waits = history("step_time_s"), history("data_wait_s")
+    result.update(steps_measured=len(step_times), step_time_s_median=statistics.median(step_times),
+                  data_wait_fraction_median=statistics.median(history("data_wait_fraction")),
+                  data_wait_fraction_total=sum(waits) / sum(step_times),
+                  points_per_s_median=statistics.median(history("points_per_s")),
+                  samples_per_s=result["workers"] * result["batch_per_worker"] * result["accumulation"]
+                  / statistics.median(step_times))
+    return result
+
+
+if __name__ == "__main__":
+    main()
