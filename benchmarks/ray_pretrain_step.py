@@ -75,12 +75,13 @@ def main() -> None:
         config = load_pretrain_config(args.config, [
             *args.set, f"data.shards={work / 'shards'}", f"model.image_encoder_weights={work / 'dinov2'}",
             f"run.storage_path={work / 'runs'}", f"run.name=step-{workers}w",
-            *([f"run.num_workers={workers}"] if workers else []), f"run.use_gpu={args.gpu}", f"run.epochs={args.epochs}", "run.checkpoint_every=1000000",
-            f"mlflow.tracking_uri={tracking_uri}"])
+            *([f"run.num_workers={workers}"] if workers else []), f"run.use_gpu={args.gpu}",
+            f"run.epochs={args.epochs}", "run.checkpoint_every=1000000", f"mlflow.tracking_uri={tracking_uri}"])
         run_pretrain(config)
         run_id = json.loads((work / "runs" / config.run.name / RUN_ID_FILE).read_text())["run_id"]
         results.append(summarise(MlflowClient(tracking_uri), run_id, args.skip_steps,
-                                 dict(workers=config.run.num_workers, gpu=args.gpu, cpus_per_worker=config.run.cpus_per_worker,
+                                 dict(workers=config.run.num_workers, gpu=args.gpu,
+                                      cpus_per_worker=config.run.cpus_per_worker,
                                       batch_per_worker=config.data.batch_size,
                                       accumulation=config.optim.grad_accumulation, amp=config.run.amp)))
         print(json.dumps(results[-1], indent=2))

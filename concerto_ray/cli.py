@@ -59,13 +59,16 @@ def _stream(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     import ray
 
+    from concerto_ray.data import storage
     from concerto_ray.train.config import load_pretrain_config
     from concerto_ray.train.trainer import run_pretrain
 
     config = load_pretrain_config(args.config, args.overrides)  # before Ray: a typo costs no cluster time
     ray.init(ignore_reinit_error=True)
     result = run_pretrain(config, resume=args.resume)
-    print(f"finished; latest checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    storage_root = storage.resolve(config.run.storage_path, config.run.endpoint_url)
+    print(f"finished; latest checkpoint: "
+          f"{storage_root.uri_of_path(result.checkpoint.path) if result.checkpoint else None}")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -65,8 +65,11 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
     # Ray Data's live progress bars, redrawn from every worker, would bury the demo's own output. Datasets carry
     # the driver's context, and Ray Train hands it to its workers.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    # A Ray of its own unless RAY_ADDRESS names a cluster (never one that a stale `ray start` left behind).
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), ignore_reinit_error=True, include_dashboard=False)
+    # A Ray of its own unless RAY_ADDRESS names a cluster (never one that a stale `ray start` left behind), or the
+    # caller's if it is already connected.
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
     print(f"[3/4] pre-training tiny Concerto for {pretrain_epochs} epochs on {pretrain.run.num_workers} CPU workers, "
           f"fed by Ray Data")
     run_dir = runs / pretrain.run.name
@@ -85,7 +88,8 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
         result = run_finetune(probe, resume=(runs / name).exists())
         results[label] = max((metrics for _, metrics in result.best_checkpoints), key=lambda m: m[SCORE])
 
-    ray.shutdown()  # no worker output after this point: the table stays readable
+    if own_ray:
+        ray.shutdown()  # no worker output after this point: the table stays readable
     lines = ["linear probe on held-out synthetic scenes (ScanNet-20 classes)",
              f"{'backbone':14s} {'mIoU':>7s} {'mAcc':>7s} {'allAcc':>7s}"]
     lines += [f"{label:14s} {metrics['val_miou']:7.3f} {metrics['val_macc']:7.3f} {metrics['val_all_acc']:7.3f}"

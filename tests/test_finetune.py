@@ -4,9 +4,11 @@ protocol, data-efficient settings, checkpoint layouts and configs."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import torch
@@ -362,6 +364,23 @@ def test_pretrained_backbone_loads_from_a_pretraining_checkpoint(tmp_path, layou
     assert result.new and all(k.startswith("dec.") for k in result.new)
     with pytest.raises(ConfigError, match="no key becomes 'backbone"):
         load_pretrained_backbone(model, path, keyword="module.nothing", replacement="module.nothing")
+
+
+def test_pretrained_backbone_loads_from_s3(s3_server):
+    sonata = Sonata(get_model_config("tiny-sonata"))
+    buffer = io.BytesIO()
+    torch.save({"state_dict": sonata.state_dict()}, buffer)
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(
+        Bucket=s3_server.bucket, Key="pretrain/run/step-00000004/model.pt", Body=buffer.getvalue())
+    folder = f"s3://{s3_server.bucket}/pretrain/run/step-00000004"
+
+    for path in (folder, f"{folder}/model.pt"):  # a checkpoint folder or the file itself
+        model = build_segmentor(tiny_config("lin", pretrained=PretrainedConfig(path=path)), s3_server.endpoint_url)
+        expected = sonata.student.backbone.state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in model.backbone.state_dict().items())
+    with pytest.raises(ConfigError, match=f"pre-trained checkpoint not found: {folder}-missing/model.pt"):
+        build_segmentor(tiny_config("lin", pretrained=PretrainedConfig(path=f"{folder}-missing/model.pt")),
+                        s3_server.endpoint_url)
 
 
 # ------------------------------------------------------------------------------------------------------ configs

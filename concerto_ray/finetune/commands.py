@@ -12,6 +12,7 @@ import argparse
 def finetune_command(args: argparse.Namespace) -> None:
     import ray
 
+    from concerto_ray.data import storage
     from concerto_ray.finetune.run_config import load_finetune_run, plan_finetune
     from concerto_ray.finetune.trainer import run_finetune
     from concerto_ray.train.config import parse_overrides
@@ -20,8 +21,9 @@ def finetune_command(args: argparse.Namespace) -> None:
     plan_finetune(run)
     ray.init(ignore_reinit_error=True)
     result = run_finetune(run, resume=args.resume)
-    best = max(result.best_checkpoints, key=lambda pair: pair[1]["val_miou"])
-    print(f"finished; best val mIoU {best[1]['val_miou']:.4f} at {best[0].path}")
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_miou"])
+    storage_root = storage.resolve(run.run.storage_path, run.run.endpoint_url)
+    print(f"finished; best val mIoU {metrics['val_miou']:.4f} at {storage_root.uri_of_path(checkpoint.path)}")
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 from concerto_ray.config import from_dict, to_dict
 from concerto_ray.data.pipeline import StreamConfig
 from concerto_ray.data.shards import read_manifest
-from concerto_ray.data.storage import S3_SCHEME
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.finetune.configs import FinetuneConfig, load_finetune_config
 from concerto_ray.finetune.data_efficiency import training_scenes
+from concerto_ray.finetune.segmentor import locate_checkpoint
 from concerto_ray.train.config import (
     SHARDS_PLACEHOLDER,
     MlflowSection,
@@ -109,9 +109,11 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
     if cfg.batch_size % run.run.num_workers:
         raise ConfigError(f"finetune.batch_size ({cfg.batch_size}, over all workers) must be a multiple of "
                           f"run.num_workers ({run.run.num_workers})")
-    pretrained = cfg.pretrained.path
-    if pretrained is not None and (pretrained.startswith(S3_SCHEME) or not Path(pretrained).exists()):
-        raise ConfigError(f"finetune.pretrained.path: {pretrained} is not a local checkpoint file or folder")
+    if cfg.pretrained.path is not None:
+        try:
+            locate_checkpoint(cfg.pretrained.path, run.run.endpoint_url)
+        except ConfigError as exc:
+            raise ConfigError(f"finetune.pretrained.path: {exc}") from None
     check_storage(run.run, run.mlflow)
     scenes = _split_samples(run, cfg.train_split, "finetune.train_split")
     try:

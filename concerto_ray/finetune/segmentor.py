@@ -7,12 +7,15 @@ Parameter names equal the reference's (`backbone.*`, `seg_head.weight`, `seg_hea
 
 from __future__ import annotations
 
+import io
+import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 from torch import nn
 
+from concerto_ray.data import storage
 from concerto_ray.errors import ConfigError
 from concerto_ray.finetune.configs import FinetuneConfig
 from concerto_ray.finetune.lora import add_lora
@@ -62,13 +65,14 @@ class Segmentor(nn.Module):
         return out
 
 
-def build_segmentor(cfg: FinetuneConfig) -> Segmentor:
+def build_segmentor(cfg: FinetuneConfig, endpoint_url: str | None = None) -> Segmentor:
     """The model of `cfg.mode`, with the pre-trained backbone loaded (before LoRA wraps the encoder, as in the
-    reference) when `cfg.pretrained.path` is set."""
+    reference) when `cfg.pretrained.path` is set; `endpoint_url` serves an s3:// checkpoint."""
     criteria = SegmentationLoss(cfg.criteria.ce_weight, cfg.criteria.lovasz_weight, cfg.ignore_index)
     model = Segmentor(cfg.backbone, cfg.num_classes, criteria, freeze_backbone=cfg.mode == "lin")
     if cfg.pretrained.path is not None:
-        load_pretrained_backbone(model, cfg.pretrained.path, cfg.pretrained.keyword, cfg.pretrained.replacement)
+        load_pretrained_backbone(model, cfg.pretrained.path, cfg.pretrained.keyword, cfg.pretrained.replacement,
+                                 endpoint_url)
     if cfg.mode == "lora":
         add_lora(model, cfg.lora)
     return model
@@ -81,16 +85,16 @@ class PretrainedLoad:
     new: list[str]  # model keys the checkpoint does not have (a fresh decoder)
 
 
-def load_pretrained_backbone(model: Segmentor, path: str | Path, keyword: str = "module.student.backbone",
-                             replacement: str = "module.backbone") -> PretrainedLoad:
+def load_pretrained_backbone(model: Segmentor, path: str, keyword: str = "module.student.backbone",
+                             replacement: str = "module.backbone", endpoint_url: str | None = None) -> PretrainedLoad:
     """Copy pre-trained backbone weights into `model.backbone`.
 
     `path` is a checkpoint file holding {"state_dict": ...} (Pointcept's .pth, our model.pt) or a concerto-ray
-    checkpoint folder. Keys are rewritten as the reference's CheckpointLoader does: prefixed with "module." where
-    missing, the first `keyword` replaced by `replacement`, "module." dropped; those then under "backbone." are
-    loaded. Every encoder weight must be found; only decoder weights may be new."""
-    path = Path(path)
-    state_dict = _read_state_dict(path / CHECKPOINT_FILE if path.is_dir() else path)
+    checkpoint folder, local or s3:// (`endpoint_url`: an S3-compatible store). Keys are rewritten as the
+    reference's CheckpointLoader does: prefixed with "module." where missing, the first `keyword` replaced by
+    `replacement`, "module." dropped; those then under "backbone." are loaded. Every encoder weight must be found;
+    only decoder weights may be new."""
+    state_dict = _read_state_dict(path, endpoint_url)
     weights = {}
     for key, value in state_dict.items():
         key = key if key.startswith(DDP_PREFIX) else DDP_PREFIX + key
@@ -112,12 +116,24 @@ def load_pretrained_backbone(model: Segmentor, path: str | Path, keyword: str = 
                           new=list(result.missing_keys))
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ConfigError(f"pre-trained checkpoint not found: {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+def locate_checkpoint(path: str, endpoint_url: str | None = None) -> tuple[storage.Location, str]:
+    """The folder and file name of the checkpoint file that `path` (a file, or a concerto-ray checkpoint folder
+    holding model.pt) names; ConfigError if there is none."""
+    parent, name = posixpath.split(str(path).rstrip("/"))
+    folder = storage.resolve(parent, endpoint_url)
+    if folder.filesystem.get_file_info(folder.path(name)).type == pafs.FileType.Directory:
+        folder, name = storage.resolve(path, endpoint_url), CHECKPOINT_FILE
+    if not folder.exists(name):
+        raise ConfigError(f"pre-trained checkpoint not found: {folder.uri_of(name)}")
+    return folder, name
+
+
+def _read_state_dict(path: str, endpoint_url: str | None) -> dict[str, torch.Tensor]:
+    folder, name = locate_checkpoint(path, endpoint_url)
+    checkpoint = torch.load(io.BytesIO(folder.read_bytes(name)), map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ConfigError(f"{path}: expected a dict with a 'state_dict' entry, as Pointcept and concerto-ray save")
+        raise ConfigError(f"{folder.uri_of(name)}: expected a dict with a 'state_dict' entry, as Pointcept and "
+                          f"concerto-ray save")
     return checkpoint["state_dict"]
 
 

@@ -16,6 +16,7 @@ name, limited annotations rewrite each decoded scene's labels before the transfo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from collections.abc import Sequence
@@ -120,7 +121,8 @@ def log_best_checkpoint(tracked: TrackedRun, result: ray.train.Result) -> None:
 
 def load_finetuned(config: FinetuneConfig, checkpoint: str | Path) -> torch.nn.Module:
     """The segmentor of `config` with the weights of a fine-tuning checkpoint folder (local), in eval mode."""
-    model = build_segmentor(config)
+    # the checkpoint holds every weight: no pre-trained backbone to load first
+    model = build_segmentor(dataclasses.replace(config, pretrained=dataclasses.replace(config.pretrained, path=None)))
     state = torch.load(Path(checkpoint) / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)
     return model.eval()
@@ -146,7 +148,7 @@ class FinetuneWorker:
         self.device = ray.train.torch.get_device()
 
         torch.manual_seed(run.run.seed)  # the same initial head (and decoder) on every worker
-        self.segmentor = build_segmentor(cfg)
+        self.segmentor = build_segmentor(cfg, run.run.endpoint_url)
         self.model = ray.train.torch.prepare_model(self.segmentor)
         schedule = cfg.schedule
         self.optimizer, self.scheduler = adamw_one_cycle(
