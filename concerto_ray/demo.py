@@ -69,7 +69,8 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
     # caller's if it is already connected.
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False)
+        # with its dashboard: Ray Train's clean-up of stopped runs asks the state API it serves
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
     print(f"[3/4] pre-training tiny Concerto for {pretrain_epochs} epochs on {pretrain.run.num_workers} CPU workers, "
           f"fed by Ray Data")
     run_dir = runs / pretrain.run.name
