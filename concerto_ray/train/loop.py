@@ -141,7 +141,7 @@ class Worker:
                     loss = loss * math.nan  # test hook (faults.nonfinite_loss_steps)
                 (loss / len(micro_batches)).backward()
             # one device-to-host copy for the finiteness check and every logged term
-            values = torch.stack([loss.detach(), *(v.detach().float() for v in losses.values())]).tolist()
+            values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())]).tolist()
             nonfinite |= not math.isfinite(values[0])
             for name, value in zip(losses, values[1:]):
                 terms[name] = terms.get(name, 0.0) + value / len(micro_batches)
