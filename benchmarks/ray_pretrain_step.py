@@ -100,12 +100,14 @@ def summarise(client: MlflowClient, run_id: str, skip: int, result: dict) -> dic
         return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)][skip:]
 
     step_times, waits = history("step_time_s"), history("data_wait_s")
+    samples_per_step = result["workers"] * result["batch_per_worker"] * result["accumulation"]
     result.update(steps_measured=len(step_times), step_time_s_median=statistics.median(step_times),
                   data_wait_fraction_median=statistics.median(history("data_wait_fraction")),
                   data_wait_fraction_total=sum(waits) / sum(step_times),
                   points_per_s_median=statistics.median(history("points_per_s")),
-                  samples_per_s=result["workers"] * result["batch_per_worker"] * result["accumulation"]
-                  / statistics.median(step_times))
+                  samples_per_s=samples_per_step / statistics.median(step_times),
+                  # over every measured step, epoch starts included
+                  samples_per_s_overall=samples_per_step * len(step_times) / sum(step_times))
     return result
 
 

@@ -3,13 +3,14 @@
 import hashlib
 import io
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from concerto_ray.data.pipeline import StreamConfig, build_dataset, drain, iter_batches
+from concerto_ray.data.pipeline import EpochReadAhead, StreamConfig, build_dataset, drain, iter_batches
 from concerto_ray.data.presets import ConcertoPretrainTransformConfig
 from concerto_ray.data.shards import prepare, read_manifest
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
@@ -75,6 +76,28 @@ def test_stream_from_s3(ray_local, s3_server, scenes):
     assert stats.samples == 4 and stats.batches == 2 and stats.points > 0 and stats.skipped == []
 
 
+def _names(batches):
+    return sorted(name for batch in batches for name in batch["name"])
+
+
+def test_epochs_are_read_ahead_across_their_boundaries(ray_local, shards):
+    config = StreamConfig(shards=str(shards), batch_size=1, read_ahead_batches=3, pretrain=TINY)
+    manifest = read_manifest(str(shards))
+    every_sample = sorted(name for split in manifest.splits.values() for shard in split.shards for name in shard.samples)
+    with EpochReadAhead(build_dataset(config).iterator(), config, epochs=3) as reader:
+        assert _names(reader.next_epoch()) == every_sample
+        # Without being asked, the reader has started the next epoch: its first batches wait, ready.
+        for _ in range(600):
+            if reader._queue.full():
+                break
+            time.sleep(0.1)
+        assert reader._queue.qsize() == 3
+        next(reader.next_epoch())  # one batch of the second epoch; the others are dropped
+        assert _names(reader.next_epoch()) == every_sample
+        with pytest.raises(RuntimeError, match="all 3 epochs have been read"):
+            next(reader.next_epoch())
+
+
 def _corrupt_first_sample(shards, split="train"):
     """Put NaN coordinates into the first sample of a shard (as storage corruption would) and re-seal it."""
     manifest_path = shards / "manifest.json"
@@ -105,6 +128,9 @@ def test_bad_sample_fails_or_is_skipped_and_counted(ray_local, scenes, tmp_path)
     with pytest.raises(Exception) as err:
         drain(config)
     assert bad in str(err.value) and "NaN/inf coordinates" in str(err.value) and "coord.npy" in str(err.value)
+    with pytest.raises(Exception) as err, EpochReadAhead(build_dataset(config).iterator(), config, 1) as reader:
+        list(reader.next_epoch())  # the error of the reading thread is raised here
+    assert bad in str(err.value) and "NaN/inf coordinates" in str(err.value)
     config.skip_bad = True
     stats = drain(config)
     assert stats.samples == 1 and len(stats.skipped) == 1
@@ -114,5 +140,7 @@ def test_bad_sample_fails_or_is_skipped_and_counted(ray_local, scenes, tmp_path)
 def test_stream_config_is_validated():
     with pytest.raises(ValueError, match="batch_size"):
         StreamConfig(shards="x", batch_size=0)
+    with pytest.raises(ValueError, match="read_ahead_batches must be >= 1, got 0"):
+        StreamConfig(shards="x", read_ahead_batches=0)
     with pytest.raises(DataError, match="no shard manifest"):
         build_dataset(StreamConfig(shards="/nonexistent/shards"))

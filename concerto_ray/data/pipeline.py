@@ -2,7 +2,8 @@
 
     read_shards (parquet / webdataset, local or S3, file order reshuffled every epoch)
       -> flat_map(SampleTransform): decode + validate + Concerto / semseg transforms, in parallel Ray tasks
-      -> [Ray Train] get_dataset_shard(...).iter_batches(collate_fn=...) on each worker
+      -> [Ray Train] get_dataset_shard(...).iter_batches(collate_fn=...) on each worker, read ahead across epoch
+         boundaries by EpochReadAhead
 
 Ray Data does the streaming, parallelism and backpressure; this module only says what to run on each sample.
 """
@@ -10,6 +11,8 @@ Ray Data does the streaming, parallelism and backpressure; this module only says
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -48,6 +51,9 @@ class StreamConfig:
     endpoint_url: str | None = None
     batch_size: int = 2  # samples per batch on each training worker
     shuffle_buffer: int = 8  # samples; shuffles across shard boundaries on top of the per-epoch file shuffle
+    # Batches a training worker holds ready, across epoch boundaries: enough steps to hide the start of the next
+    # epoch's Ray Data execution (a few seconds) behind the end of the current one.
+    read_ahead_batches: int = 4
     # None: fresh augmentations every epoch (training). An int fixes each sample's augmentations by its name, the same
     # in every epoch and run: for debugging and benchmarks, not for training.
     seed: int | None = None
@@ -64,6 +70,8 @@ class StreamConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.read_ahead_batches < 1:
+            raise ConfigError(f"read_ahead_batches must be >= 1, got {self.read_ahead_batches}")
 
 
 @ray.remote(num_cpus=0)
@@ -164,6 +172,78 @@ def iter_batches(iterator, config: StreamConfig, *, drop_last: bool = True) -> I
         drop_last=drop_last,
         prefetch_batches=2,
     )
+
+
+class EpochReadAhead:
+    """The batches of `epochs` consecutive epochs of a Ray Data iterator (a worker's `get_dataset_shard`), read by a
+    background thread that stays up to `config.read_ahead_batches` batches ahead of training.
+
+    Each pass over a dataset is a new Ray Data execution, whose first batch takes seconds (planning, file listing,
+    first reads and transforms). Read from the training thread, every epoch's first step would wait for it; here the
+    next epoch is requested as soon as this worker has received the last batch of the current one, and starts while
+    training works through the batches in hand. Workers stay in step: a streaming split starts an epoch only once
+    every worker has asked for it.
+
+    Use as a context manager; call `next_epoch()` once per epoch. Batches an epoch's consumer leaves unread are
+    dropped, as with a fresh iterator per epoch. Errors of the reader are raised in the consumer."""
+
+    _END_OF_EPOCH = object()
+
+    def __init__(self, iterator, config: StreamConfig, epochs: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=config.read_ahead_batches)
+        self._stop = threading.Event()
+        self._unfinished_epoch = False
+        self._thread = threading.Thread(target=self._read, args=(iterator, config, epochs), daemon=True,
+                                        name="epoch-read-ahead")
+
+    def __enter__(self) -> "EpochReadAhead":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)  # a reader blocked on Ray is a daemon: it must not hold up an error
+
+    def _read(self, iterator, config: StreamConfig, epochs: int) -> None:
+        try:
+            for _ in range(epochs):
+                for batch in iter_batches(iterator, config):
+                    if not self._put(batch):
+                        return
+                if not self._put(self._END_OF_EPOCH):
+                    return
+            self._put(RuntimeError(f"all {epochs} epochs have been read"))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        """Queue `item`; False once the consumer has gone away."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def next_epoch(self) -> Iterator[dict]:
+        """The next epoch's batches."""
+        if self._unfinished_epoch:
+            while self._get() is not self._END_OF_EPOCH:
+                pass
+        self._unfinished_epoch = True
+        return self._epoch_batches()
+
+    def _epoch_batches(self) -> Iterator[dict]:
+        while (batch := self._get()) is not self._END_OF_EPOCH:
+            yield batch
+        self._unfinished_epoch = False
 
 
 def batch_to_device(batch: dict, device: torch.device) -> dict:

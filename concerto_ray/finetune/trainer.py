@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from concerto_ray.config import from_dict, to_dict
 from concerto_ray.data import storage
-from concerto_ray.data.pipeline import batch_to_device, build_dataset
+from concerto_ray.data.pipeline import EpochReadAhead, batch_to_device, build_dataset
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_shards
 from concerto_ray.finetune.configs import FinetuneConfig
@@ -171,19 +171,20 @@ class FinetuneWorker:
 
     def run(self) -> None:
         shard = ray.train.get_dataset_shard("train")
-        stream = self.run_config.stream()
-        while self.progress.epoch < self.cfg.epochs:
-            epoch = self.progress.epoch
-            for (batch,), _ in epoch_steps(shard, stream, 1, self.progress.step_in_epoch, self.steps_per_epoch):
-                values = self.optimizer_step(batch)
-                self.progress.advance(self.steps_per_epoch)
-                if self.metrics is not None:
-                    self.metrics.add(self.progress.global_step, values)
-            if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
-                self.progress.epoch += 1
-                self.progress.step_in_epoch = 0
-            if self.progress.epoch % self.epochs_per_round == 0:
-                self.evaluate_and_report()
+        with EpochReadAhead(shard, self.run_config.stream(), self.cfg.epochs - self.progress.epoch) as reader:
+            while self.progress.epoch < self.cfg.epochs:
+                epoch = self.progress.epoch
+                steps = epoch_steps(reader.next_epoch(), 1, self.progress.step_in_epoch, self.steps_per_epoch)
+                for (batch,), _ in steps:
+                    values = self.optimizer_step(batch)
+                    self.progress.advance(self.steps_per_epoch)
+                    if self.metrics is not None:
+                        self.metrics.add(self.progress.global_step, values)
+                if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
+                    self.progress.epoch += 1
+                    self.progress.step_in_epoch = 0
+                if self.progress.epoch % self.epochs_per_round == 0:
+                    self.evaluate_and_report()
 
     def optimizer_step(self, batch: dict) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from concerto_ray.config import from_dict
 from concerto_ray.data import storage
-from concerto_ray.data.pipeline import StreamConfig, batch_points, batch_to_device, iter_batches
+from concerto_ray.data.pipeline import EpochReadAhead, batch_points, batch_to_device
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.schedules import SslSchedules
 from concerto_ray.errors import TrainingError
@@ -96,25 +96,26 @@ class Worker:
         accumulation = self.config.optim.grad_accumulation
         step_started = time.perf_counter()
         last_metrics: dict[str, float] = {}
-        while self.progress.epoch < self.config.run.epochs:
-            epoch = self.progress.epoch
-            steps = epoch_steps(shard, self.config.data, accumulation, self.progress.step_in_epoch,
-                                self.steps_per_epoch)
-            for micro_batches, data_wait in steps:
-                values = self.optimizer_step(micro_batches)
-                step_seconds = time.perf_counter() - step_started
-                step_started = time.perf_counter()
-                values.update(points_per_s=values.pop("points") / step_seconds, step_time_s=step_seconds,
-                              data_wait_s=data_wait, data_wait_fraction=data_wait / step_seconds)
-                self.progress.advance(self.steps_per_epoch)
-                last_metrics = values
-                if self.metrics is not None:
-                    self.metrics.add(self.progress.global_step, values)
-                if self.progress.global_step % self.config.run.checkpoint_every == 0:
-                    self.save_and_report(values)
-            if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
-                self.progress.epoch += 1
-                self.progress.step_in_epoch = 0
+        with EpochReadAhead(shard, self.config.data, self.config.run.epochs - self.progress.epoch) as reader:
+            while self.progress.epoch < self.config.run.epochs:
+                epoch = self.progress.epoch
+                steps = epoch_steps(reader.next_epoch(), accumulation, self.progress.step_in_epoch,
+                                    self.steps_per_epoch)
+                for micro_batches, data_wait in steps:
+                    values = self.optimizer_step(micro_batches)
+                    step_seconds = time.perf_counter() - step_started
+                    step_started = time.perf_counter()
+                    values.update(points_per_s=values.pop("points") / step_seconds, step_time_s=step_seconds,
+                                  data_wait_s=data_wait, data_wait_fraction=data_wait / step_seconds)
+                    self.progress.advance(self.steps_per_epoch)
+                    last_metrics = values
+                    if self.metrics is not None:
+                        self.metrics.add(self.progress.global_step, values)
+                    if self.progress.global_step % self.config.run.checkpoint_every == 0:
+                        self.save_and_report(values)
+                if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
+                    self.progress.epoch += 1
+                    self.progress.step_in_epoch = 0
         if self.progress.global_step > self.last_saved_step:
             self.save_and_report(last_metrics)
 
@@ -225,13 +226,12 @@ def report_checkpoint(name: str, metrics: dict[str, float], save: Callable[[Path
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def epoch_steps(shard, stream: StreamConfig, accumulation: int, first_step: int,
+def epoch_steps(batches: Iterator[dict], accumulation: int, first_step: int,
                 steps_per_epoch: int) -> Iterator[tuple[list[dict], float]]:
-    """(micro-batches, seconds spent waiting for them) of optimizer steps `first_step`.. of one epoch.
+    """(micro-batches, seconds spent waiting for them) of optimizer steps `first_step`.. of one epoch's `batches`.
 
     The batches of the steps before `first_step`, trained on before an interruption, are read and dropped.
     """
-    batches = iter(iter_batches(shard, stream))
     for _ in range(first_step * accumulation):
         if next(batches, None) is None:
             return
