@@ -2,8 +2,10 @@
 
 import hashlib
 import io
+import itertools
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -98,6 +100,33 @@ def test_epochs_are_read_ahead_across_their_boundaries(ray_local, shards):
             next(reader.next_epoch())
 
 
+def test_read_ahead_keeps_streaming_split_workers_in_step(ray_local, shards):
+    """Two workers of a streaming split (as Ray Train hands them out) read ahead at different paces, one leaving an
+    epoch after its first batch; every epoch they read together still covers each sample once."""
+    config = StreamConfig(shards=str(shards), batch_size=1, read_ahead_batches=2, pretrain=TINY)
+    workers = build_dataset(config).streaming_split(2, equal=True)
+    seen: list[list[list[str]]] = [[], []]
+
+    def train(rank: int) -> None:
+        with EpochReadAhead(workers[rank], config, epochs=3) as reader:
+            for epoch in range(3):
+                batches = reader.next_epoch()
+                if rank == 1 and epoch == 1:
+                    batches = itertools.islice(batches, 1)
+                for batch in batches:
+                    seen[rank].append((epoch, batch["name"][0]))
+                    time.sleep(0.5 if rank == 0 else 0.0)
+
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(train, rank) for rank in (0, 1)]:
+            future.result(timeout=300)  # a worker stuck at the epoch barrier fails here instead of hanging
+    manifest = read_manifest(str(shards))
+    every_sample = sorted(name for split in manifest.splits.values() for shard in split.shards for name in shard.samples)
+    for epoch in (0, 2):
+        assert sorted(name for rank in (0, 1) for e, name in seen[rank] if e == epoch) == every_sample
+    assert len([name for e, name in seen[1] if e == 1]) == 1
+
+
 def _corrupt_first_sample(shards, split="train"):
     """Put NaN coordinates into the first sample of a shard (as storage corruption would) and re-seal it."""
     manifest_path = shards / "manifest.json"
@@ -131,6 +160,9 @@ def test_bad_sample_fails_or_is_skipped_and_counted(ray_local, scenes, tmp_path)
     with pytest.raises(Exception) as err, EpochReadAhead(build_dataset(config).iterator(), config, 1) as reader:
         list(reader.next_epoch())  # the error of the reading thread is raised here
     assert bad in str(err.value) and "NaN/inf coordinates" in str(err.value)
+    assert not reader._thread.is_alive()
+    with pytest.raises(type(err.value)):
+        reader.next_epoch()  # and again, instead of waiting for a reader that has stopped
     config.skip_bad = True
     stats = drain(config)
     assert stats.samples == 1 and len(stats.skipped) == 1

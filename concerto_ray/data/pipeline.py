@@ -193,6 +193,7 @@ class EpochReadAhead:
         self._queue: queue.Queue = queue.Queue(maxsize=config.read_ahead_batches)
         self._stop = threading.Event()
         self._unfinished_epoch = False
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._read, args=(iterator, config, epochs), daemon=True,
                                         name="epoch-read-ahead")
 
@@ -227,8 +228,11 @@ class EpochReadAhead:
         return False
 
     def _get(self):
+        if self._error is not None:  # the reader has stopped: asking again must not wait forever
+            raise self._error
         item = self._queue.get()
         if isinstance(item, BaseException):
+            self._error = item
             raise item
         return item
 

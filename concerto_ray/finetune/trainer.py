@@ -171,20 +171,24 @@ class FinetuneWorker:
 
     def run(self) -> None:
         shard = ray.train.get_dataset_shard("train")
-        with EpochReadAhead(shard, self.run_config.stream(), self.cfg.epochs - self.progress.epoch) as reader:
-            while self.progress.epoch < self.cfg.epochs:
-                epoch = self.progress.epoch
-                steps = epoch_steps(reader.next_epoch(), 1, self.progress.step_in_epoch, self.steps_per_epoch)
-                for (batch,), _ in steps:
-                    values = self.optimizer_step(batch)
-                    self.progress.advance(self.steps_per_epoch)
-                    if self.metrics is not None:
-                        self.metrics.add(self.progress.global_step, values)
-                if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
-                    self.progress.epoch += 1
-                    self.progress.step_in_epoch = 0
-                if self.progress.epoch % self.epochs_per_round == 0:
-                    self.evaluate_and_report()
+        stream = self.run_config.stream()
+        while self.progress.epoch < self.cfg.epochs:
+            # Read ahead within an evaluation round only: the evaluation's Ray Data pipeline must not compete for
+            # CPUs with tasks of the next epoch's that would sit paused, waiting for training to take their batches.
+            round_end = (self.progress.epoch // self.epochs_per_round + 1) * self.epochs_per_round
+            with EpochReadAhead(shard, stream, round_end - self.progress.epoch) as reader:
+                while self.progress.epoch < round_end:
+                    epoch = self.progress.epoch
+                    steps = epoch_steps(reader.next_epoch(), 1, self.progress.step_in_epoch, self.steps_per_epoch)
+                    for (batch,), _ in steps:
+                        values = self.optimizer_step(batch)
+                        self.progress.advance(self.steps_per_epoch)
+                        if self.metrics is not None:
+                            self.metrics.add(self.progress.global_step, values)
+                    if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
+                        self.progress.epoch += 1
+                        self.progress.step_in_epoch = 0
+            self.evaluate_and_report()
 
     def optimizer_step(self, batch: dict) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
