@@ -4,8 +4,8 @@ import hashlib
 import io
 import itertools
 import json
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -82,10 +82,14 @@ def _names(batches):
     return sorted(name for batch in batches for name in batch["name"])
 
 
+def _every_sample(shards) -> list[str]:
+    return sorted(name for split in read_manifest(str(shards)).splits.values() for shard in split.shards
+                  for name in shard.samples)
+
+
 def test_epochs_are_read_ahead_across_their_boundaries(ray_local, shards):
     config = StreamConfig(shards=str(shards), batch_size=1, read_ahead_batches=3, pretrain=TINY)
-    manifest = read_manifest(str(shards))
-    every_sample = sorted(name for split in manifest.splits.values() for shard in split.shards for name in shard.samples)
+    every_sample = _every_sample(shards)
     with EpochReadAhead(build_dataset(config).iterator(), config, epochs=3) as reader:
         assert _names(reader.next_epoch()) == every_sample
         # Without being asked, the reader has started the next epoch: its first batches wait, ready.
@@ -105,25 +109,31 @@ def test_read_ahead_keeps_streaming_split_workers_in_step(ray_local, shards):
     epoch after its first batch; every epoch they read together still covers each sample once."""
     config = StreamConfig(shards=str(shards), batch_size=1, read_ahead_batches=2, pretrain=TINY)
     workers = build_dataset(config).streaming_split(2, equal=True)
-    seen: list[list[list[str]]] = [[], []]
+    seen: list[list[tuple[int, str]]] = [[], []]  # (epoch, sample) each worker trained on
+    errors: list[BaseException] = []
 
     def train(rank: int) -> None:
-        with EpochReadAhead(workers[rank], config, epochs=3) as reader:
-            for epoch in range(3):
-                batches = reader.next_epoch()
-                if rank == 1 and epoch == 1:
-                    batches = itertools.islice(batches, 1)
-                for batch in batches:
-                    seen[rank].append((epoch, batch["name"][0]))
-                    time.sleep(0.5 if rank == 0 else 0.0)
+        try:
+            with EpochReadAhead(workers[rank], config, epochs=3) as reader:
+                for epoch in range(3):
+                    batches = reader.next_epoch()
+                    if rank == 1 and epoch == 1:
+                        batches = itertools.islice(batches, 1)
+                    for batch in batches:
+                        seen[rank].append((epoch, batch["name"][0]))
+                        time.sleep(0.5 if rank == 0 else 0.0)
+        except BaseException as exc:
+            errors.append(exc)
 
-    with ThreadPoolExecutor(2) as pool:
-        for future in [pool.submit(train, rank) for rank in (0, 1)]:
-            future.result(timeout=300)  # a worker stuck at the epoch barrier fails here instead of hanging
-    manifest = read_manifest(str(shards))
-    every_sample = sorted(name for split in manifest.splits.values() for shard in split.shards for name in shard.samples)
+    threads = [threading.Thread(target=train, args=(rank,), daemon=True) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a worker is stuck at the epoch barrier"
+    assert errors == []
     for epoch in (0, 2):
-        assert sorted(name for rank in (0, 1) for e, name in seen[rank] if e == epoch) == every_sample
+        assert sorted(name for rank in (0, 1) for e, name in seen[rank] if e == epoch) == _every_sample(shards)
     assert len([name for e, name in seen[1] if e == 1]) == 1
 
 
