@@ -22,7 +22,6 @@ import torch
 
 from concerto_ray.data.collate import collate_concerto
 from concerto_ray.data.layout import list_samples, read_sample
-from concerto_ray.data.pipeline import batch_to_device
 from concerto_ray.data.presets import ConcertoPretrainTransformConfig, concerto_pretrain_transform
 from concerto_ray.data.record import decode_record
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
@@ -30,6 +29,12 @@ from concerto_ray.model.concerto import Concerto
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.image_encoder import build_untrained_image_encoder
 from concerto_ray.model.schedules import SslSchedules
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """Like concerto_ray.data.pipeline.batch_to_device; that module imports Ray, which the accelerator image lacks
+    and these benchmarks do not need."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def make_batch(samples: int, points: int, views: int, seed: int) -> dict:

@@ -40,7 +40,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import gpu_smoke
 from _reference_gpu_shim import load_reference_for_training, reference_kwargs, set_reference_shuffling
-from concerto_ray.data.pipeline import batch_to_device
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.data.transforms import GridSample
 from concerto_ray.model.concerto import Concerto
@@ -259,7 +258,7 @@ def compare_outputs(ours: torch.nn.Module, reference: torch.nn.Module, ref, batc
 def run_encoder(args, device: torch.device) -> dict:
     config = concerto_config(args.large, args.tiny).backbone
     points = TINY_POINTS if args.tiny else args.points
-    batch = batch_to_device(scene_batch(points, seed=0), device)
+    batch = gpu_smoke.batch_to_device(scene_batch(points, seed=0), device)
     ours = build_encoder(config, device)
     result = {"points_per_scene_raw": points, "points_per_batch": int(batch["offset"][-1]),
               "parameters": sum(p.numel() for p in ours.parameters())}
@@ -282,7 +281,7 @@ def run_concerto(args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = Concerto(config, build_untrained_image_encoder(config.image_encoder)).to(device).train()
     model.set_schedule(SslSchedules.from_config(config, total_steps=1000).at(100))
-    batch = batch_to_device(batch, device)
+    batch = gpu_smoke.batch_to_device(batch, device)
     result = {"global_points": int(batch["global_coord"].shape[0]), "local_points": int(batch["local_coord"].shape[0]),
               "images": int(batch["images"].shape[0]),
               "step": measure(concerto_step(model, batch, device), args, device, CONCERTO_REGIONS)}

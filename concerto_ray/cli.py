@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from concerto_ray.errors import ConfigError, DataError, TrainingError
@@ -18,9 +19,9 @@ def _synth(args: argparse.Namespace) -> None:
 
     config = SynthConfig(scenes=args.scenes, seed=args.seed, points_per_scene=args.points,
                          views_per_scene=args.views, image_width=args.image_size[0],
-                         image_height=args.image_size[1])
+                         image_height=args.image_size[1], flavor=args.flavor, depth=not args.no_depth)
     root = write_synthetic_dataset(args.out, config)
-    print(f"wrote {args.scenes} synthetic scenes to {root}")
+    print(f"wrote {args.scenes} synthetic scenes in {args.flavor}'s processed files to {root}")
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -45,7 +46,8 @@ def _stream(args: argparse.Namespace) -> None:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         values = yaml.safe_load(path.read_text()) or {}
-    values["shards"] = args.shards
+    if args.shards is not None:
+        values["shards"] = args.shards
     for key in ("mode", "batch_size", "seed", "endpoint_url", "splits"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -57,15 +59,14 @@ def _stream(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    import ray
-
+    from concerto_ray.console import default_log_file, start_ray
     from concerto_ray.data import storage
     from concerto_ray.train.config import load_pretrain_config
     from concerto_ray.train.trainer import run_pretrain
 
     config = load_pretrain_config(args.config, args.overrides)  # before Ray: a typo costs no cluster time
-    ray.init(ignore_reinit_error=True)
-    result = run_pretrain(config, resume=args.resume)
+    start_ray(default_log_file("pretrain"))
+    result = run_pretrain(config, resume=args.resume, show_progress=True)
     storage_root = storage.resolve(config.run.storage_path, config.run.endpoint_url)
     print(f"finished; latest checkpoint: "
           f"{storage_root.uri_of_path(result.checkpoint.path) if result.checkpoint else None}")
@@ -97,18 +98,79 @@ def _compare(args: argparse.Namespace) -> None:
     print(compare_runs(args.runs, tracking_uri=args.tracking_uri, out=args.out, experiment=args.experiment))
 
 
+def _embed(args: argparse.Namespace) -> None:
+    import ray
+
+    from concerto_ray.embed import EmbedConfig, run_embed
+
+    config = EmbedConfig(checkpoint=args.checkpoint, shards=args.shards, out=args.out, model=args.model,
+                         source=args.source, splits=args.splits, endpoint_url=args.endpoint_url,
+                         grid_size=args.grid_size, up_cast_levels=args.up_cast_levels, seed=args.seed,
+                         scenes_per_batch=args.scenes_per_batch, concurrency=args.concurrency,
+                         use_gpu=False if args.cpu else None, cpus_per_actor=args.cpus_per_actor,
+                         amp=not args.no_amp, skip_bad=args.skip_bad, verify_checksums=not args.no_verify)
+    ray.init(ignore_reinit_error=True)
+    print(run_embed(config).text())
+
+
+def _viz(args: argparse.Namespace) -> None:
+    from concerto_ray import viz
+
+    where = dict(scene=args.scene, split=args.split, query=args.query, view=args.view, endpoint_url=args.endpoint_url)
+    if args.features:
+        images = viz.images_from_features(args.features, args.out, **where)
+    else:
+        if not args.shards:
+            raise ConfigError("--checkpoint needs --shards (the scenes to embed)")
+        images = viz.images_from_checkpoint(args.checkpoint, args.shards, args.out, model=args.model,
+                                            source=args.source, grid_size=args.grid_size,
+                                            up_cast_levels=args.up_cast_levels, **where)
+    for path in images.values():
+        print(f"wrote {path}")
+
+
+def add_embed_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `embed` (and of jobs/embed.py)."""
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file (.pth / model.pt) or concerto-ray checkpoint folder, local or s3://")
+    p.add_argument("--shards", required=True, help="shards written by `prepare` (local folder or s3://)")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix: <split>/<scene>.parquet")
+    _add_backbone_arguments(p)
+    p.add_argument("--splits", nargs="+", help="splits to embed (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the grid sampling's choice of point per voxel")
+    p.add_argument("--scenes-per-batch", type=int, default=1, help="scenes per forward pass")
+    p.add_argument("--concurrency", type=int, help="model actors (default: one per GPU of the cluster, else 1)")
+    p.add_argument("--cpu", action="store_true", help="run the actors on CPUs even where the cluster has GPUs")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved by each model actor")
+    p.add_argument("--no-amp", action="store_true", help="fp32 forward on GPU (default: fp16 autocast)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and list) scenes that cannot be decoded")
+    p.add_argument("--no-verify", action="store_true", help="do not check the shards' sha256 first")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint")
+
+
+def _add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="named model config the checkpoint was trained as, e.g. "
+                                   "pretrain-concerto-v1m1-0-base (default: the checkpoint's own 'config' entry)")
+    p.add_argument("--source", choices=("student", "teacher"), default="student",
+                   help="which backbone of a pre-training checkpoint")
+    p.add_argument("--grid-size", type=float, default=0.02, help="grid sampling voxel size (m)")
+    p.add_argument("--up-cast-levels", type=int,
+                   help="coarse levels concatenated onto the finer ones (default: the model's, 2)")
+
+
 def _image_size(text: str) -> tuple[int, int]:
     try:
         w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {text!r}") from exc
     return w, h
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `prepare` (shared with jobs/prepare.py)."""
     p.add_argument("src", help="dataset root (holding splits/*.json, or <split>/<scene>/ folders)")
-    p.add_argument("dest", help="local folder or s3://bucket/prefix")
+    p.add_argument("dest", help="local folder or s3://bucket/prefix, one per dataset (e.g. s3://bucket/shards/"
+                                "scannet); a later prepare of other splits of that dataset adds them to its manifest")
     p.add_argument("--format", choices=("parquet", "webdataset"), default="parquet")
     p.add_argument("--splits", nargs="+", help="splits to convert (default: all split files)")
     p.add_argument("--dataset-name", help="name stored in the manifest (default: the folder name of SRC)")
@@ -139,37 +201,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="Concerto / Sonata point-cloud pre-training and fine-tuning on Ray.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback with its causes, not only the message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = sub.add_parser("synth", formatter_class=fmt,
                        help="write procedural indoor scenes in Pointcept's processed layout",
-                       description="Write synthetic ScanNet-like rooms (points, labels, RGB-D frames, poses, "
-                                   "point-pixel correspondences, split files) in Pointcept's processed layout.")
+                       description="Write synthetic rooms (points, labels, RGB-D frames, poses, point-pixel "
+                                   "correspondences, split files) in the processed files of one of the datasets "
+                                   "Pointcept's Concerto preprocessing writes.")
     p.add_argument("out", help="output dataset root (created; must be empty or a previous synth output)")
     p.add_argument("--scenes", type=int, default=8, help="number of scenes")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
     p.add_argument("--points", type=int, default=20000, help="points per scene (ScanNet: ~150000)")
     p.add_argument("--views", type=int, default=8, help="camera frames per scene")
     p.add_argument("--image-size", type=_image_size, default=(320, 240), metavar="WxH", help="frame size")
+    from concerto_ray.data.flavors import FLAVORS  # light: names only
+
+    p.add_argument("--flavor", choices=tuple(FLAVORS), default="scannet",
+                   help="whose processed files to write (names, dtypes, label shapes and ids, splits, intrinsics)")
+    p.add_argument("--no-depth", action="store_true", help="write no depth images (optional in the preprocessing)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("prepare", formatter_class=fmt, help="convert a dataset root into shards + manifest",
                        description="Convert a dataset in Pointcept's processed layout into parquet or webdataset "
-                                   "shards with a manifest. Resumable: finished shards are skipped.")
+                                   "shards with a manifest. Resumable: finished shards are skipped. A destination "
+                                   "holds one dataset; mix several in pre-training with data.sources.")
     add_prepare_arguments(p)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("stream", formatter_class=fmt, help="stream shards through the Ray Data pipeline",
                        description="Read shards with Ray Data, run the pre-training or segmentation transforms and "
                                    "collate batches; prints throughput. Uses RAY_ADDRESS if set, else a local Ray.")
-    p.add_argument("shards", help="local folder or s3://bucket/prefix written by `prepare`")
-    p.add_argument("--config", help="YAML file with StreamConfig fields (transform parameters etc.)")
+    p.add_argument("shards", nargs="?",
+                   help="local folder or s3://bucket/prefix written by `prepare` (or `sources` in --config)")
+    p.add_argument("--config", help="YAML file with StreamConfig fields (sources, transform parameters etc.)")
     p.add_argument("--mode", choices=("pretrain", "semseg_train", "semseg_val"))
     p.add_argument("--batch-size", type=int, help="samples per batch")
     p.add_argument("--batches", type=int, default=None, help="stop after this many batches (default: one epoch)")
     p.add_argument("--seed", type=int,
-                   help="fixed seed: the same augmentations for a sample in every epoch and run (for debugging)")
+                   help="seed of the epoch order and the augmentations (default 0): the same seed, the same stream")
     p.add_argument("--splits", nargs="+", help="splits to read (default: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip, count and log undecodable samples")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")
@@ -214,6 +286,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="compare.png", help="PNG file for the loss curves")
     p.set_defaults(func=_compare)
 
+    p = sub.add_parser("embed", formatter_class=fmt, help="per-point features of every scene with Ray Data",
+                       description="Run a pre-trained backbone over every scene of a shard set (an actor pool, one "
+                                   "GPU each where the cluster has GPUs) and write per-point features (fp16) with "
+                                   "coordinates as parquet, one file per scene. Resumable: scenes whose file exists "
+                                   "are skipped. Same as `python jobs/embed.py`.")
+    add_embed_arguments(p)
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("viz", formatter_class=fmt, help="PCA and similarity pictures of a scene's features",
+                       description="Write pca.png (features -> 3 principal components -> RGB) and similarity.png "
+                                   "(cosine similarity to a query point) of one scene, from the output of `embed` "
+                                   "or from a checkpoint and shards.")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", help="output folder of `embed` (local or s3://)")
+    source.add_argument("--checkpoint", help="checkpoint whose backbone embeds the scene (with --shards)")
+    p.add_argument("--shards", help="shards holding the scene (with --checkpoint)")
+    _add_backbone_arguments(p)
+    p.add_argument("--scene", help="scene name (default: the first)")
+    p.add_argument("--split", help="the scene's split, where its name occurs in several")
+    p.add_argument("--query", type=int, help="point index for the similarity map (default: the most central point)")
+    p.add_argument("--view", choices=("oblique", "top"), default="oblique", help="camera")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint")
+    p.set_defaults(func=_viz)
+
     p = sub.add_parser("model", help="model utilities: parameter counts, checkpoint conversion")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     q = msub.add_parser("info", formatter_class=fmt, help="print backbone and total parameter counts of a config",
@@ -235,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ConfigError, DataError, TrainingError, FileExistsError) as exc:
+        if args.debug:
+            traceback.print_exc()  # with the chain of causes
         print(f"concerto-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

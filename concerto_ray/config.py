@@ -45,7 +45,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:  # __post_init__ checks raise ValueError
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
     return obj
 
 
@@ -67,11 +67,11 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
 def _join(where: str, key: str) -> str:

@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 
 import ray
-import ray.data
 import torch
 from transformers import Dinov2WithRegistersModel
 
+from concerto_ray.console import start_ray
 from concerto_ray.data.shards import prepare
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.finetune.run_config import load_finetune_run
@@ -43,6 +43,11 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
              dinov2: Path | None = None) -> None:
     workdir = workdir.resolve()
     scenes_dir, shards_dir = workdir / "scenes", workdir / "shards"
+    # A Ray of its own unless RAY_ADDRESS names a cluster (never one that a stale `ray start` left behind), or the
+    # caller's if it is already connected; with its dashboard: Ray Train's clean-up of stopped runs asks the state
+    # API it serves.
+    own_ray = not ray.is_initialized()
+    start_ray(workdir / "logs" / "demo.log", address=os.environ.get("RAY_ADDRESS", "local"))
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     runs = workdir / "runs"
     if not (scenes_dir / "splits").is_dir():
@@ -62,19 +67,11 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
         f"data.shards={shards_dir}", f"model.image_encoder_weights={dinov2}", f"run.storage_path={runs}",
         f"run.epochs={pretrain_epochs}", f"run.seed={seed}", f"run.checkpoint_every={DEMO_CHECKPOINT_EVERY}",
         f"mlflow.tracking_uri={tracking_uri}"])
-    # Ray Data's live progress bars, redrawn from every worker, would bury the demo's own output. Datasets carry
-    # the driver's context, and Ray Train hands it to its workers.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # A Ray of its own unless RAY_ADDRESS names a cluster (never one that a stale `ray start` left behind), or the
-    # caller's if it is already connected.
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        # with its dashboard: Ray Train's clean-up of stopped runs asks the state API it serves
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"))
     print(f"[3/4] pre-training tiny Concerto for {pretrain_epochs} epochs on {pretrain.run.num_workers} CPU workers, "
           f"fed by Ray Data")
     run_dir = runs / pretrain.run.name
-    run_pretrain(pretrain, resume=(run_dir / RUN_ID_FILE).exists())  # a finished run resumes to its end at once
+    # a finished run resumes to its end at once
+    run_pretrain(pretrain, resume=(run_dir / RUN_ID_FILE).exists(), show_progress=True)
     checkpoint = sorted(run_dir.glob("step-*"))[-1]
     print(f"      checkpoint: {checkpoint}")
 
@@ -86,11 +83,11 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
             "data.shards": str(shards_dir), "run.storage_path": str(runs), "run.name": name,
             "mlflow.tracking_uri": tracking_uri, "pretrained.path": str(pretrained) if pretrained else None,
             **DEMO_PROBE})
-        result = run_finetune(probe, resume=(runs / name).exists())
+        result = run_finetune(probe, resume=(runs / name).exists(), show_progress=True)
         results[label] = max((metrics for _, metrics in result.best_checkpoints), key=lambda m: m[SCORE])
 
     if own_ray:
-        ray.shutdown()  # no worker output after this point: the table stays readable
+        ray.shutdown()
     lines = ["linear probe on held-out synthetic scenes (ScanNet-20 classes)",
              f"{'backbone':14s} {'mIoU':>7s} {'mAcc':>7s} {'allAcc':>7s}"]
     lines += [f"{label:14s} {metrics['val_miou']:7.3f} {metrics['val_macc']:7.3f} {metrics['val_all_acc']:7.3f}"

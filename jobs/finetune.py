@@ -1,7 +1,8 @@
 """Fine-tune a segmentation model on a Ray cluster.
 
     ray job submit --working-dir . -- python jobs/finetune.py --config semseg-tiny-lin \
-        --set data.shards=demo/shards --set run.name=probe --set run.storage_path=demo/runs
+        --set data.shards=s3://bucket/semseg --set run.name=probe --set run.storage_path=s3://bucket/runs \
+        --set pretrained.path=CHECKPOINT --set mlflow.tracking_uri=URI   # CHECKPOINT: the s3:// one pretrain printed
     python jobs/finetune.py --config semseg-ptv3-large-v1m1-0f-scannet-ft-lora --set data.shards=s3://bucket/scannet \
         --set run.name=lora --set run.storage_path=s3://bucket/runs --set run.num_workers=4 --set run.use_gpu=true
 

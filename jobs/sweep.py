@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python jobs/sweep.py --config configs/sweep-semseg-tiny.yaml
     python jobs/sweep.py --config configs/sweep-semseg-ptv3-large-v1m1-0e-scannet-data-efficiency.yaml \
         --set data.shards=s3://bucket/scannet --set run.storage_path=s3://bucket/runs \
-        --set overrides.pretrained.path=/checkpoints/concerto_large.pth
+        --set overrides.pretrained.path=s3://bucket/checkpoints/concerto_large.pth
 
 Every trial config the sweep can produce is validated before connecting to Ray.
 """

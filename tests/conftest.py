@@ -54,7 +54,9 @@ def ray_local(s3_server):
     # address="local": always a fresh cluster of our own, never one that `ray start` left on the machine. With the
     # dashboard, as on a real cluster: Ray Train frees the resources of a run whose trial Tune stopped through the
     # state API it serves.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=_free_port())
+    # log_to_driver=False, as the commands run it (concerto_ray.console): the workers' output stays in Ray's session
+    # logs, so that a test of what a command prints sees only what the command itself prints.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=_free_port(), log_to_driver=False)
     yield
     ray.shutdown()
 

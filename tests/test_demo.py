@@ -17,7 +17,15 @@ ROW = re.compile(r"^(pre-trained|random init)\s+(\d\.\d{3})\s+(\d\.\d{3})\s+(\d\
 def test_demo_prints_and_writes_the_probe_table(ray_local, tmp_path, capsys):
     run_demo(tmp_path, scenes=4, pretrain_epochs=1)
 
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # A calm terminal: the stages, one bar each (stderr; redrawn with \r), the summaries and the table; Ray's own
+    # logs, its workers' output and library warnings are in the log file named first.
+    assert out.count("\n") + err.count("\n") < 60, out + err
+    for internal in ("pid=", "Execution plan", "INFO", "WARNING", "Warning"):
+        assert internal not in out + err, internal
+    assert out.startswith(f"logs: {tmp_path / 'logs' / 'demo.log'} (Ray's own: ")
+    assert "pre-training: 3 steps in " in out and "probe-pretrained: " in out and "probe-random: " in out
+    assert (tmp_path / "logs" / "demo.log").stat().st_size > 0
     table = (tmp_path / RESULTS_FILE).read_text().splitlines()
     assert table[0] == "linear probe on held-out synthetic scenes (ScanNet-20 classes)"
     rows = {match[1]: [float(v) for v in match.groups()[1:]] for match in map(ROW.match, table[2:])}

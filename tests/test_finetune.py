@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from concerto_ray.data.collate import collate_semseg
-from concerto_ray.data.presets import SemsegTransformConfig, semseg_train_transform, semseg_val_transform
+from concerto_ray.data.presets import (
+    SemsegTransformConfig,
+    semseg_train_transform,
+    semseg_val_transform,
+)
+from concerto_ray.data.transforms import CenterShift
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.finetune.configs import (
     CONFIG_DIR,
@@ -31,7 +36,12 @@ from concerto_ray.finetune.data_efficiency import (
     select_scenes,
     training_scenes,
 )
-from concerto_ray.finetune.evaluate import evaluate, evaluate_scene, scene_probabilities
+from concerto_ray.finetune.evaluate import (
+    evaluate,
+    evaluate_scene,
+    scene_probabilities,
+    validation_confusion,
+)
 from concerto_ray.finetune.lora import merge_lora
 from concerto_ray.finetune.losses import SegmentationLoss, lovasz_softmax
 from concerto_ray.finetune.metrics import (
@@ -40,7 +50,12 @@ from concerto_ray.finetune.metrics import (
     save_confusion_png,
     segmentation_metrics,
 )
-from concerto_ray.finetune.segmentor import Segmentor, build_segmentor, load_pretrained_backbone, param_groups
+from concerto_ray.finetune.segmentor import (
+    Segmentor,
+    build_segmentor,
+    load_pretrained_backbone,
+    param_groups,
+)
 from concerto_ray.model.checkpoint import load_pointcept_state_dict, ray_to_pointcept
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.sonata import Sonata
@@ -258,7 +273,7 @@ def test_fragment_voting_equals_a_direct_forward_for_one_fragment_without_augmen
     cfg = tiny_config("lin", transform=SemsegTransformConfig(test_rotations=(0.0,), test_scales=(), test_flip=False))
     model = deterministic(build_segmentor(cfg)).eval()
     scene = lattice_scene()
-    votes = scene_probabilities(model, scene, cfg)
+    votes, _ = scene_probabilities(model, scene, cfg)
 
     sample = semseg_val_transform(cfg.transform)(scene, np.random.default_rng(0))
     assert len(sample["coord"]) == len(scene["coord"])  # one point per voxel: a single fragment
@@ -276,13 +291,57 @@ def test_fragment_voting_covers_every_point_of_every_pass():
     scene = make_scene("dense", n=300)
     scene["coord"] = np.concatenate([scene["coord"], scene["coord"] + 0.001])  # several points per voxel
     scene = {**scene, **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "segment")}}
-    votes = scene_probabilities(model, scene, cfg)
+    votes, _ = scene_probabilities(model, scene, cfg)
     assert votes.shape == (600, 20)
     # Softmax rows sum to 1: every point is voted on at least once per pass.
     assert torch.all(votes.sum(dim=1) >= passes - 1e-4)
     metrics = evaluate(model, [scene], cfg)
     assert metrics.confusion.sum() == int((scene["segment"] != -1).sum())
     assert model.training  # evaluation gives the model back in the mode it found it in
+
+
+def test_test_protocol_presamples_the_scene_and_scores_every_raw_point():
+    """ScanNet++ / S3DIS: the scene is voxelised at 0.01 first; votes are cast on those points and every raw point
+    takes its voxel's prediction, scored against its own raw label."""
+    transform = SemsegTransformConfig(test_rotations=(0.0,), test_scales=(), test_flip=False,
+                                      test_presample_grid_size=0.01)
+    cfg = tiny_config("lin", transform=transform)
+    model = deterministic(build_segmentor(cfg)).eval()
+    scene = make_scene("dense", n=300)
+    # every point twice, 1 mm apart: the pre-sampling keeps one point per occupied 1 cm voxel
+    scene = {**scene, **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "segment")},
+             "coord": np.concatenate([scene["coord"], scene["coord"] + 0.001])}
+    shifted = CenterShift(apply_z=True)(scene, np.random.default_rng(0))["coord"]
+    voxels = len(np.unique(np.floor(shifted / 0.01), axis=0))
+    votes, sample = scene_probabilities(model, scene, cfg)
+    assert 300 < voxels < 600 and len(votes) == voxels and len(sample["inverse"]) == 600
+    np.testing.assert_array_equal(sample["origin_segment"], scene["segment"])
+    pred = evaluate_scene(model, scene, cfg)
+    assert pred.shape == (600,)
+    np.testing.assert_array_equal(pred, votes.argmax(dim=1).numpy()[sample["inverse"]])
+    assert evaluate(model, [scene], cfg).confusion.sum() == int((scene["segment"] != -1).sum())
+    # the pre-sampling is part of the protocol: without it, votes are cast on all 600 points
+    raw_votes, _ = scene_probabilities(model, scene, tiny_config("lin", transform=dataclasses.replace(
+        transform, test_presample_grid_size=None)))
+    assert len(raw_votes) == 600
+
+
+def test_validation_pass_scores_every_raw_point_through_the_inverse_mapping():
+    cfg = tiny_config("lin")
+    model = deterministic(build_segmentor(cfg)).train()
+    scenes = [make_scene(f"scene{i}", n=400, seed=i) for i in range(2)]
+    samples = [semseg_val_transform(cfg.transform)(scene, np.random.default_rng(0)) for scene in scenes]
+    confusion = validation_confusion(model, samples, cfg)
+    assert model.training  # given back in the mode it was found in
+    assert confusion.sum() == sum(int((scene["segment"] != -1).sum()) for scene in scenes)
+    expected = np.zeros_like(confusion)
+    model.eval()
+    for scene, sample in zip(scenes, samples):
+        inputs = {k: v for k, v in sample.items() if k not in ("segment", "origin_segment", "inverse")}
+        with torch.no_grad():
+            pred = model(collate_semseg([inputs]))["seg_logits"].argmax(dim=1).numpy()[sample["inverse"]]
+        expected += confusion_matrix(pred, scene["segment"], cfg.num_classes)
+    np.testing.assert_array_equal(confusion, expected)
 
 
 # --------------------------------------------------------------------------------------------- data efficiency

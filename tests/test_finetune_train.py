@@ -21,7 +21,12 @@ from concerto_ray.finetune.evaluate import evaluate
 from concerto_ray.finetune.lora import merge_lora
 from concerto_ray.finetune.run_config import load_finetune_run, plan_finetune
 from concerto_ray.finetune.segmentor import build_segmentor
-from concerto_ray.finetune.trainer import BEST_CHECKPOINT_TAG, load_finetuned, run_finetune, validation_scenes
+from concerto_ray.finetune.trainer import (
+    BEST_CHECKPOINT_TAG,
+    load_finetuned,
+    run_finetune,
+    validation_scenes,
+)
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.sonata import Sonata
 from concerto_ray.train.tracking import RUN_ID_FILE
@@ -58,7 +63,8 @@ def test_run_is_checked_before_ray(semseg_shards, tmp_path):
     def load(**overrides):
         return plan_finetune(tiny_run(semseg_shards, tmp_path, "sqlite:///x.db", "check", **overrides))
 
-    assert load().steps_per_epoch == 2  # 4 scenes, batch 2, one worker
+    plan = load()  # 4 training scenes, 20 epochs in 5 rounds: each round is the scenes 4 times, 16 samples
+    assert (plan.round.loop, plan.round.steps, plan.total_steps) == (4, 8, 40)
     assert load(**{"data_efficiency.scene_percent": 50.0}).train_scenes.__len__() == 2
     with pytest.raises(ConfigError, match=r"finetune.lr_rate"):
         load(lr_rate=0.1)
@@ -66,8 +72,8 @@ def test_run_is_checked_before_ray(semseg_shards, tmp_path):
         load(eval_epochs=3)
     with pytest.raises(ConfigError, match=r"finetune.val_split: 'test' is not in the manifest"):
         load(val_split=["test"])
-    with pytest.raises(ConfigError, match="one epoch gives no optimizer step"):
-        load(batch_size=8)
+    with pytest.raises(ConfigError, match=r"batch_size \(3, over all workers\) must be a multiple of run.num_workers"):
+        load(batch_size=3, **{"run.num_workers": 2})
 
 
 def test_linear_probe_beats_chance_and_logs_to_mlflow(ray_local, semseg_shards, mlflow_server, tmp_path):
@@ -96,6 +102,12 @@ def test_linear_probe_beats_chance_and_logs_to_mlflow(ray_local, semseg_shards, 
     # The head fits its training scenes: measured 3.97 over the first 2 steps, 2.32 over the last 4.
     assert np.mean([m.value for m in losses[-4:]]) < 0.75 * np.mean([m.value for m in losses[:2]])
     assert [m.step for m in client.get_metric_history(run_id, "val_miou")] == [steps // 2, steps]
+    # the full test protocol ran once, at the end, on the best round's model
+    assert [m.step for m in client.get_metric_history(run_id, "test_miou")] == [steps]
+    assert result.metrics["best_round"] == (1 if best_checkpoint.path.endswith("round-0001") else 2)
+    assert 0 < result.metrics["test_miou"] <= 1 and 0 < result.metrics["test_all_acc"] <= 1
+    assert {a.path for a in client.list_artifacts(run_id, "eval/test")} == {"eval/test/per_class_iou.txt",
+                                                                           "eval/test/confusion.png"}
     assert info.data.tags[BEST_CHECKPOINT_TAG] == best_checkpoint.path
     assert info.data.metrics["best_val_miou"] == pytest.approx(best["val_miou"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval/round-0002")}
@@ -126,10 +138,13 @@ def test_lora_trains_adapters_and_head_and_merges_identically(ray_local, semseg_
     after = trained.state_dict()
     for name, value in initial.state_dict().items():
         changed = not torch.equal(value, after[name])
-        assert changed == (name in trainable and "lora_A" not in name) or name in trainable, name
-        if name not in trainable:
-            assert not changed, f"{name} is frozen but changed"
-    assert not torch.equal(initial.seg_head.weight, trained.seg_head.weight)
+        assert changed == (name in trainable), f"{name} {'trains' if name in trainable else 'is frozen'} but " \
+                                               f"{'did not change' if not changed else 'changed'}"
+    # peft starts every lora_B at zero, and weight decay keeps a zero at zero: only gradients moved them
+    lora_b = [name for name in trainable if "lora_B" in name]
+    assert len(lora_b) == sum(depths)
+    for name in lora_b:
+        assert not initial.state_dict()[name].any() and after[name].abs().sum() > 0, name
 
     scenes = validation_scenes(run).take_all()
     trained.backbone.set_order_shuffling(False)

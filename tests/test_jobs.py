@@ -12,10 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import boto3
 import pytest
+from ray._private.ray_constants import get_runtime_env_default_excludes
+from ray._private.runtime_env.packaging import create_package
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from concerto_ray.data.shards import prepare
@@ -151,3 +154,22 @@ def test_a_config_typo_fails_the_job_script_before_ray(tmp_path):
     assert result.returncode == 2
     assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_job_package_leaves_data_and_outputs_behind(tmp_path):
+    """`ray job submit --working-dir .` packages the repository as Ray's own packaging does (.gitignore, .rayignore,
+    Ray's default excludes): data and outputs that the README's commands write into it stay on the local machine."""
+    working_dir = tmp_path / "repo"
+    shutil.copytree(REPO, working_dir, ignore=shutil.ignore_patterns(".venv", ".git", ".device", "demo", "data", "runs",
+                                                                      "mlruns", "__pycache__", "*.egg-info"))
+    outputs = ["data/synth/splits/train.json", "data/synth/scene0/coord.npy", "demo/shards/part-00000.parquet",
+               "demo/runs/pretrain-tiny/step-00000002/model.pt", "runs/x/model.pt", "mlruns/0/meta.yaml"]
+    for name in outputs:
+        (working_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (working_dir / name).write_bytes(os.urandom(1 << 16))
+    package = tmp_path / "package.zip"
+    create_package(str(working_dir), package, include_gitignore=True, excludes=get_runtime_env_default_excludes())
+    names = set(zipfile.ZipFile(package).namelist())
+    assert {"jobs/pretrain.py", "configs/pretrain-tiny-s3.yaml", "concerto_ray/cli.py", "pyproject.toml"} <= names
+    leaked = sorted(n for n in names if n.split("/")[0] in {"data", "demo", "runs", "mlruns"})
+    assert not leaked, f"the job package carries outputs: {leaked}"

@@ -12,11 +12,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from concerto_ray.data.pipeline import EpochReadAhead, StreamConfig, build_dataset, drain, iter_batches
+from concerto_ray.data.pipeline import (
+    EpochReadAhead,
+    StreamConfig,
+    build_dataset,
+    drain,
+    iter_batches,
+    stream_sources,
+)
+from concerto_ray.data.sources import EpochPlan
 from concerto_ray.data.presets import ConcertoPretrainTransformConfig
 from concerto_ray.data.shards import prepare, read_manifest
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
-from concerto_ray.errors import DataError
+from concerto_ray.errors import ConfigError
 
 CROP = 42  # 3 x 3 patches of 14 pixels
 TINY = ConcertoPretrainTransformConfig(crop_h=CROP, crop_w=CROP, max_size=4096, enc2d_max_size=4096)
@@ -184,5 +192,15 @@ def test_stream_config_is_validated():
         StreamConfig(shards="x", batch_size=0)
     with pytest.raises(ValueError, match="read_ahead_batches must be >= 1, got 0"):
         StreamConfig(shards="x", read_ahead_batches=0)
-    with pytest.raises(DataError, match="no shard manifest"):
+    with pytest.raises(ConfigError, match="data.shards: .*no shard manifest"):
         build_dataset(StreamConfig(shards="/nonexistent/shards"))
+
+
+def test_the_stream_follows_each_epochs_permutation(ray_local, shards):
+    """Each pass over the dataset (an epoch) streams every sample once, in that epoch's order of the plan."""
+    config = StreamConfig(shards=str(shards), batch_size=1, seed=5, preserve_order=True, pretrain=TINY)
+    plan = EpochPlan(stream_sources(config), seed=5)
+    orders = [[ref.name for ref, _ in plan.order(epoch)] for epoch in range(3)]
+    assert len({tuple(order) for order in orders}) == 3
+    iterator = build_dataset(config).iterator()
+    assert [[b["name"][0] for b in iter_batches(iterator, config)] for _ in range(3)] == orders

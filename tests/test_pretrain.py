@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import boto3
@@ -15,12 +17,14 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
+import concerto_ray.train.trainer
 from concerto_ray.cli import main as cli_main
+from concerto_ray.config import from_dict
 from concerto_ray.errors import ConfigError
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.configs import get_model_config
-from concerto_ray.train.config import OptimConfig, load_pretrain_config
-from concerto_ray.train.loop import NonFiniteLossError
+from concerto_ray.train.config import OptimConfig, PretrainConfig, load_pretrain_config
+from concerto_ray.train.loop import CHECKPOINT_DIR_FORMAT, NonFiniteLossError, Worker
 from concerto_ray.train.optim import build_optimizer, param_groups, weight_decay_schedule
 from concerto_ray.train.state import CheckpointError
 from concerto_ray.train.tracking import RUN_ID_FILE
@@ -61,6 +65,64 @@ def logged_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
 
 def progress_of(checkpoint_dir: Path) -> dict:
     return json.loads((checkpoint_dir / "progress.json").read_text())
+
+
+@pytest.fixture
+def inject_faults(monkeypatch):
+    """Make `run_pretrain` run the product's worker with faults on rank 0 (the product has no fault hooks):
+    `exit_before_step`: the worker process ends abruptly (os._exit) just before that optimizer step (1-based),
+    once Ray Train has recorded the latest checkpoint, unless its attempt started from a checkpoint (so that a
+    restart runs on); `nonfinite_steps`: the loss of those optimizer steps is multiplied by NaN."""
+
+    def inject(exit_before_step: int | None = None, nonfinite_steps: tuple[int, ...] = ()) -> None:
+        def wait_for_recorded_checkpoint(config: PretrainConfig, step: int, timeout_s: float = 300) -> None:
+            """Wait until Ray Train's record of the (local) run lists the latest checkpoint at or before `step`:
+            a worker reports a checkpoint without waiting for the controller to take note of it, and a failure
+            before that would restart from an older one."""
+            latest = CHECKPOINT_DIR_FORMAT.format(step - step % config.run.checkpoint_every)
+            record = Path(config.run.storage_path) / config.run.name / "checkpoint_manager_snapshot.json"
+            deadline = time.monotonic() + timeout_s
+            while step >= config.run.checkpoint_every and latest not in (record.read_text() if record.exists()
+                                                                            else ""):
+                assert time.monotonic() < deadline, f"Ray Train did not record {latest} in {timeout_s} s"
+                time.sleep(0.5)
+
+        def faulty_loop(loop_config: dict) -> None:  # a closure: Ray ships it to the workers by value
+            config = from_dict(PretrainConfig, loop_config["config"])
+            worker = Worker(config, loop_config["steps_per_epoch"], loop_config["tracking_uri"],
+                            loop_config["mlflow_run_id"])
+            if worker.rank == 0:
+                restarted = ray.train.get_checkpoint() is not None
+
+                def before_forward(module, args):
+                    if worker.progress.global_step + 1 == exit_before_step and not restarted:
+                        wait_for_recorded_checkpoint(config, worker.progress.global_step)
+                        os._exit(1)
+
+                def after_forward(module, args, losses):
+                    if worker.progress.global_step + 1 in nonfinite_steps:
+                        return dict(losses, loss=losses["loss"] * math.nan)
+                    return None
+
+                worker.ssl_model.register_forward_pre_hook(before_forward)
+                worker.ssl_model.register_forward_hook(after_forward)
+            worker.run()
+
+        monkeypatch.setattr(concerto_ray.train.trainer, "train_loop_per_worker", faulty_loop)
+
+    return inject
+
+
+def train_attempts(run_name: str) -> list[str]:
+    """The statuses of the attempts Ray Train made at the run named `run_name`, from its own state records (kept
+    while RAY_TRAIN_ENABLE_STATE_TRACKING=1)."""
+    from ray.train.v2._internal.state.state_actor import get_state_actor
+
+    actor = get_state_actor()
+    runs = [run for run in ray.get(actor.get_train_runs.remote()).values() if run.name == run_name]
+    assert len(runs) == 1, f"{len(runs)} Ray Train runs named {run_name!r}"
+    attempts = ray.get(actor.get_train_run_attempts.remote())[runs[0].id].values()
+    return [attempt.status.value for attempt in sorted(attempts, key=lambda attempt: attempt.start_time_ns)]
 
 
 # -- optimizer setup (no Ray) -----------------------------------------------------------------------------------------
@@ -117,7 +179,7 @@ def test_config_typos_fail_before_ray_starts(dinov2_dir, pretrain_shards, tmp_pa
         load("data.batch_size=3")
     with pytest.raises(ConfigError, match="model.image_encoder_weights: '/nonexistent' is neither"):
         load("model.image_encoder_weights=/nonexistent")
-    with pytest.raises(ConfigError, match="data.shards is still the placeholder"):
+    with pytest.raises(ConfigError, match="data.sources_root is still the placeholder"):
         load_pretrain_config(REPO / "configs" / "pretrain-concerto-v1m1-0-base.yaml")
 
     # The command (which jobs/pretrain.py runs) reports the error and exits before connecting to Ray.
@@ -182,21 +244,30 @@ def test_corrupt_checkpoint_names_it(s3_run, s3_server):
 
 
 @pytest.mark.slow
-def test_killed_worker_recovers_from_the_latest_checkpoint(ray_local, tiny, mlflow_server):
+def test_killed_worker_recovers_from_the_latest_checkpoint(ray_local, tiny, mlflow_server, inject_faults,
+                                                           monkeypatch):
     # rank 0 dies before step 3; Ray Train restarts the workers from the step-2 checkpoint.
-    config = tiny("recovered", "faults.exit_at_step=3", "run.max_failures=1")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    inject_faults(exit_before_step=3)
+    config = tiny("recovered", "run.max_failures=1")
     result = run_pretrain(config)
+    # Ray Train saw the failure of its first attempt and finished in a second one.
+    assert train_attempts("recovered") == ["ERRORED", "FINISHED"]
+    assert result.metrics["step"] == STEPS
     assert progress_of(Path(result.checkpoint.path))["global_step"] == STEPS
+    # every optimizer step logged once: none was repeated or skipped across the restart
     run_id = mlflow_run_id(config)
     for key in LOSS_TERMS:
         assert logged_steps(mlflow_server, run_id, key) == list(range(1, STEPS + 1)), key
 
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run(ray_local, tiny, mlflow_server):
-    stopped = tiny("stopped", "faults.exit_at_step=4", "run.max_failures=0")
+def test_resume_continues_a_stopped_run(ray_local, tiny, mlflow_server, inject_faults, monkeypatch):
+    inject_faults(exit_before_step=4)
+    stopped = tiny("stopped", "run.max_failures=0")
     with pytest.raises(ray.train.WorkerGroupError):
         run_pretrain(stopped)
+    monkeypatch.undo()  # the resumed run is a plain one
     run_id = mlflow_run_id(stopped)
     assert logged_steps(mlflow_server, run_id, "loss") == [1, 2]  # what the step-2 checkpoint covers
     assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
@@ -211,9 +282,10 @@ def test_resume_continues_a_stopped_run(ray_local, tiny, mlflow_server):
 
 
 @pytest.mark.slow
-def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, tiny, mlflow_server):
+def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, tiny, mlflow_server, inject_faults):
+    inject_faults(nonfinite_steps=(2, 4, 5))
     config = tiny("nonfinite", "run.epochs=3", "run.checkpoint_every=1", "run.checkpoints_to_keep=10",
-                  "run.max_failures=0", "run.max_nonfinite_steps=2", "faults.nonfinite_loss_steps=[2, 4, 5]")
+                  "run.max_failures=0", "run.max_nonfinite_steps=2")
     with pytest.raises(NonFiniteLossError, match=r"2 optimizer steps in a row \(4..5\)"):
         run_pretrain(config)
     run_dir = Path(config.run.storage_path) / config.run.name

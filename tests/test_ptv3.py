@@ -220,6 +220,32 @@ def test_gradients_reach_every_parameter():
     assert missing == []
 
 
+def test_activation_checkpointing_keeps_outputs_and_gradients_and_saves_fewer_tensors():
+    # Drop path on: the recomputation must draw the same rows as the first pass.
+    model = build(tiny_config(drop_path=0.5)).train()
+    data = make_batch([70, 40])
+    results = []
+    for enabled in (False, True):
+        model.set_activation_checkpointing(enabled)
+        model.zero_grad()
+        saved = []
+
+        def pack(tensor, saved=saved):
+            saved.append(tensor.numel())
+            return tensor
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = model(dict(data)).feat
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()], sum(saved)))
+    (out_plain, grads_plain, saved_plain), (out_ckpt, grads_ckpt, saved_ckpt) = results
+    torch.testing.assert_close(out_ckpt, out_plain)
+    for plain, ckpt in zip(grads_plain, grads_ckpt):
+        torch.testing.assert_close(ckpt, plain)
+    assert saved_ckpt < saved_plain / 2
+
+
 def test_freeze_encoder_leaves_only_decoder_trainable():
     model = build(tiny_config(freeze_encoder=True))
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}

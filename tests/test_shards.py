@@ -323,3 +323,16 @@ def test_missing_manifest_is_named(tmp_path):
     with pytest.raises(DataError, match="run prepare") as err:
         read_manifest(tmp_path)
     assert err.value.file == (tmp_path / MANIFEST_NAME).as_posix()
+
+
+def test_prepare_of_more_splits_adds_them_and_another_dataset_is_refused(dataset, tmp_path):
+    dest = tmp_path / "shards"
+    train = prepare(dataset, str(dest), splits=["train"], progress=False)
+    both = prepare(dataset, str(dest), splits=["val"], progress=False)
+    assert list(both.splits) == ["train", "val"] and both.splits["train"] == train.splits["train"]
+    assert both.total_samples == 4 and both.total_shards == 2 and read_manifest(dest) == both
+    with pytest.raises(ConfigError, match=f"{dest} already holds parquet shards of dataset 'scannet'") as err:
+        prepare(dataset, str(dest), dataset_name="s3dis", progress=False)
+    assert f"{dest}/s3dis" in str(err.value) and read_manifest(dest) == both
+    with pytest.raises(ConfigError, match="already holds parquet shards"):
+        prepare(dataset, str(dest), format="webdataset", progress=False)

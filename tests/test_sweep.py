@@ -69,11 +69,17 @@ def test_shipped_sweeps_load(sweep_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_four_trial_asha_sweep_completes_with_an_mlflow_child_per_trial(ray_local, sweep_shards, mlflow_server,
-                                                                          tmp_path):
+def test_four_trial_asha_sweep_stops_the_bad_trials_early_with_an_mlflow_child_per_trial(ray_local, sweep_shards,
+                                                                                          mlflow_server, tmp_path):
+    # Two good trials (the tiny probe's lr) and two bad ones (an lr that leaves the random head where it started),
+    # alternating and one at a time: ASHA (grace period 1, reduction factor 2) compares each trial's first round
+    # with those before it and stops the bad ones there; a FIFO scheduler would run all four to the end.
+    good_lr, bad_lr = 0.05, 1e-9
     sweep = load_sweep_config(TINY_SWEEP, overrides(
         sweep_shards, tmp_path, f"mlflow.tracking_uri={mlflow_server}", "run.name=sweep-asha",
+        "space={lr: {grid: [0.05, 1.0e-9]}}", "num_samples=2",
         f"overrides.transform={yaml.safe_dump(ONE_TEST_PASS['transform'], default_flow_style=True).strip()}"))
+    assert sweep.asha is not None and sweep.max_concurrent_trials == 1
     result = run_sweep(sweep)
 
     assert result.trials == 4
@@ -83,14 +89,15 @@ def test_four_trial_asha_sweep_completes_with_an_mlflow_child_per_trial(ray_loca
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{result.parent_run_id}'")
     assert len(children) == 4
-    # Every trial runs its first round (grace period 1); ASHA may stop the weaker ones there (KILLED).
-    statuses = [child.info.status for child in children]
-    assert set(statuses) <= {"FINISHED", "KILLED"} and "FINISHED" in statuses
     rounds = {child.info.run_id: [m.value for m in client.get_metric_history(child.info.run_id, "val_miou")]
               for child in children}
-    assert all(len(values) == 2 if child.info.status == "FINISHED" else 1 <= len(values) <= 2
-               for child, values in zip(children, rounds.values()))
+    by_lr = {lr: [child for child in children if float(child.data.params["finetune.lr"]) == lr]
+             for lr in (good_lr, bad_lr)}
+    assert [len(trials) for trials in by_lr.values()] == [2, 2]
+    # the good trials ran both rounds (max_t) and ended by themselves; the bad ones were stopped after the first
+    assert all(child.info.status == "FINISHED" and len(rounds[child.info.run_id]) == 2 for child in by_lr[good_lr])
+    assert all(child.info.status == "KILLED" and len(rounds[child.info.run_id]) == 1 for child in by_lr[bad_lr])
+    assert result.best_values["lr"] == good_lr
     assert result.best_metrics["val_miou"] == pytest.approx(max(max(values) for values in rounds.values()))
     assert parent.data.metrics["best_val_miou"] == pytest.approx(result.best_metrics["val_miou"])
-    assert 1e-3 <= result.best_values["lr"] <= 1e-1 and result.best_values["weight_decay"] in (0.0, 0.02)
     assert (Path(result.best_checkpoint) / "model.pt").is_file()

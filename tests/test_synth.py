@@ -55,11 +55,11 @@ def test_point_cloud_files_have_pointcept_names_dtypes_and_shapes(root):
     for split, name in _scenes():
         cloud = root / split / name
         assert sorted(p.name for p in cloud.iterdir()) == [
-            "color.npy", "coord.npy", "instance.npy", "normal.npy", "segment20.npy"]
+            "color.npy", "coord.npy", "instance.npy", "normal.npy", "segment20.npy", "segment200.npy"]
         n = CONFIG.points_per_scene
         arrays = {p.stem: np.load(p) for p in cloud.iterdir()}
         expected = {"coord": (np.float32, (n, 3)), "color": (np.uint8, (n, 3)), "normal": (np.float32, (n, 3)),
-                    "segment20": (np.int64, (n,)), "instance": (np.int64, (n,))}
+                    "segment20": (np.int64, (n,)), "segment200": (np.int64, (n,)), "instance": (np.int64, (n,))}
         for key, (dtype, shape) in expected.items():
             assert arrays[key].dtype == dtype and arrays[key].shape == shape, key
         np.testing.assert_allclose(np.linalg.norm(arrays["normal"], axis=1), 1.0, atol=1e-5)
@@ -185,6 +185,7 @@ def test_refuses_foreign_directories_and_replaces_an_earlier_synthetic_dataset(t
     ("scenes", 0), ("seed", -1), ("points_per_scene", 10), ("views_per_scene", 0), ("image_width", 8),
     ("image_height", True), ("coord_noise", 0.05), ("splits", {"train": 0.5, "val": 0.4}),
     ("splits", {"train": 0.5, "holdout": 0.5}), ("splits", {"train": 1.0, "val": 0.0}), ("splits", {}),
+    ("flavor", "scannet300"),
 ])
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -195,3 +196,20 @@ def test_config_from_yaml_dict_is_validated():
     assert from_dict(SynthConfig, {"scenes": 2, "splits": {"train": 1}}).splits == {"train": 1.0}
     with pytest.raises(ConfigError, match="image_width"):
         from_dict(SynthConfig, {"image_width": 4})
+
+
+def test_cli_flavor_writes_that_datasets_files(tmp_path):
+    from concerto_ray.cli import main
+
+    out = tmp_path / "s3dis"
+    assert main(["synth", str(out), "--flavor", "s3dis", "--scenes", "1", "--points", "300", "--views", "2",
+                 "--image-size", "32x24", "--no-depth"]) == 0
+    assert json.loads((out / "synth_config.json").read_text())["flavor"] == "s3dis"
+    (room,) = out.glob("Area_*/office_1")  # one scene: in one of the six areas, all of whose split files exist
+    area = room.parent.name
+    assert sorted(p.stem for p in (out / "splits").iterdir()) == [f"Area_{i}" for i in range(1, 7)]
+    assert np.load(room / "segment.npy").shape == (300, 1) and np.load(room / "segment.npy").dtype == np.int16
+    cameras = sorted((out / "images" / area / "office_1").iterdir())
+    assert len(cameras) == 2 and not any(out.rglob("depth"))
+    assert sorted(json.loads((out / "splits" / f"{area}.json").read_text())) == [
+        f"office_1_{c.name}_0" for c in cameras]

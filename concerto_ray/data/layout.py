@@ -3,15 +3,19 @@
     ROOT/splits/<split>.json                      {"<sample>": {"pointclouds": dir, "images": [...],
                                                                 "correspondences": [...]}}
     ROOT/<split>/<scene>/{coord,color,normal,segment*,instance,...}.npy
-    ROOT/images/<split>/<scene>/color/<frame>.png|jpg
+    ROOT/images/<split>/<scene>[/<camera>]/color/<frame>.png|jpg|JPG
                                /depth/<frame>.png          (uint16 millimetres; optional)
-                               /pose/<frame>.npy           (4x4 camera-to-world; optional)
-                               /intrinsic/<frame>.npy or intrinsic/intrinsic.npy   (optional)
+                               /pose/<frame or index>.npy  (4x4; optional)
+                               /intrinsic/<frame or index>.npy, intrinsic/intrinsic.npy, or ROOT/images/intrinsic/K.npy
                                /correspondence/<frame>.npy (M x 3: pixel_x, pixel_y, point_index)
 
-Pointcept's split files store paths relative to the Pointcept checkout (``data/scannet/train/scene0000_00``); they
-are resolved against ROOT by dropping leading components until the path exists under ROOT. A root without split
-files but with ``ROOT/<split>/<scene>/`` folders (the plain semantic-segmentation layout) gives image-less samples.
+The flavours (`flavors.py`) differ in where a frame's pose and intrinsic live: named after the frame (ScanNet,
+ARKitScenes, HM3D, Structured3D, RE10K), numbered by the frame's position in its folder when the images keep their
+camera names (ScanNet++ ``DSC01234.JPG``, S3DIS ``camera_..._domain_rgb.png``), one intrinsic per scene (ScanNet) or
+per dataset (HM3D). Pointcept's split files store paths relative to the Pointcept checkout
+(``data/scannet/train/scene0000_00``); they are resolved against ROOT by dropping leading components until the path
+exists under ROOT. A root without split files but with ``ROOT/<split>/<scene>/`` folders (the plain
+semantic-segmentation layout; Structured3D nests ``<scene>/<room>/``) gives image-less samples.
 """
 
 from __future__ import annotations
@@ -75,13 +79,24 @@ def list_samples(root: str | Path, splits: list[str] | None = None) -> list[Samp
         if split_file.is_file():
             samples.extend(_samples_from_split_file(root, split, split_file))
         elif (root / split).is_dir():
-            samples.extend(
-                SampleFiles(name=d.name, split=split, root=root, pointcloud_dir=d, frames=())
-                for d in sorted((root / split).iterdir()) if d.is_dir()
-            )
+            samples.extend(SampleFiles(name=name, split=split, root=root, pointcloud_dir=d, frames=())
+                           for name, d in _scene_folders(root / split))
         else:
             raise DataError(f"split {split!r} has neither {split_file} nor a folder {root / split}")
     return samples
+
+
+def _scene_folders(split_dir: Path) -> list[tuple[str, Path]]:
+    """(name, folder) of each scene under a split folder. A folder holding sub-folders and no .npy file nests its
+    scenes one level deeper (Structured3D's scene_*/room_*), named "<scene>_<room>" as Pointcept names them."""
+    scenes = []
+    for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        rooms = sorted(p for p in d.iterdir() if p.is_dir())
+        if rooms and not any(d.glob("*.npy")):
+            scenes.extend((f"{d.name}_{room.name}", room) for room in rooms)
+        else:
+            scenes.append((d.name, d))
+    return scenes
 
 
 def _samples_from_split_file(root: Path, split: str, split_file: Path) -> list[SampleFiles]:
@@ -93,6 +108,7 @@ def _samples_from_split_file(root: Path, split: str, split_file: Path) -> list[S
     if not isinstance(entries, dict):
         raise DataError("expected a JSON object mapping sample names to their files", file=file)
     samples = []
+    positions: dict[Path, dict[Path, int]] = {}  # colour folder -> {image: its position in split-file order}
     for name, entry in entries.items():
         where = dict(sample=name, file=file)
         if not isinstance(entry, dict) or "pointclouds" not in entry:
@@ -102,13 +118,14 @@ def _samples_from_split_file(root: Path, split: str, split_file: Path) -> list[S
         if len(images) != len(corrs):
             raise DataError(f"{len(images)} images but {len(corrs)} correspondence files",
                             field="correspondences", **where)
-        frames = tuple(
-            _frame_files(_resolve(root, c, field="images", **where), _resolve(root, r, field="correspondences",
-                                                                               **where))
-            for c, r in zip(images, corrs)
-        )
+        frames = []
+        for c, r in zip(images, corrs):
+            color = _resolve(root, c, field="images", **where)
+            in_folder = positions.setdefault(color.parent, {})
+            frames.append(_frame_files(color, _resolve(root, r, field="correspondences", **where),
+                                       in_folder.setdefault(color, len(in_folder))))
         pc_dir = _resolve(root, entry["pointclouds"], field="pointclouds", **where)
-        samples.append(SampleFiles(name=name, split=split, root=root, pointcloud_dir=pc_dir, frames=frames))
+        samples.append(SampleFiles(name=name, split=split, root=root, pointcloud_dir=pc_dir, frames=tuple(frames)))
     return samples
 
 
@@ -125,7 +142,8 @@ def _resolve(root: Path, entry: str, **where) -> Path:
     raise DataError(f"{entry!r} does not exist under the dataset root {str(root)!r}", **where)
 
 
-def _frame_files(color: Path, correspondence: Path) -> FrameFiles:
+def _frame_files(color: Path, correspondence: Path, position: int) -> FrameFiles:
+    """The files of one frame; `position` is its place among its folder's images in split-file order."""
     # The image folder holds color/, depth/, pose/, intrinsic/ side by side; the frame's path below color/ may
     # include a sub-folder (Structured3D's perspective/panorama views).
     parts = color.parts
@@ -137,15 +155,22 @@ def _frame_files(color: Path, correspondence: Path) -> FrameFiles:
     def existing(*candidates: Path) -> Path | None:
         return next((c for c in candidates if c.is_file()), None)
 
+    def per_frame(kind: str) -> list[Path]:
+        by_name = [image_dir / kind / tail.with_suffix(".npy"), image_dir / kind / f"{tail.stem}.npy"]
+        # Numbered files belong to frames by position only where frames are not themselves numbered: ScanNet's
+        # pose/75.npy is frame 75, not the 76th image.
+        return by_name if tail.stem.isdigit() else [*by_name, image_dir / kind / f"{position}.npy"]
+
+    # S3DIS names a depth image after its colour image with "_domain_depth" for "_domain_rgb".
+    s3dis_depth = tail.with_name(tail.stem.replace("_domain_rgb", "_domain_depth") + ".png")
     return FrameFiles(
         name=tail.with_suffix("").as_posix(),
         color=color,
         correspondence=correspondence,
-        depth=existing(image_dir / "depth" / tail.with_suffix(".png")),
-        pose=existing(image_dir / "pose" / tail.with_suffix(".npy"), image_dir / "pose" / f"{tail.stem}.npy"),
-        intrinsic=existing(image_dir / "intrinsic" / tail.with_suffix(".npy"),
-                           image_dir / "intrinsic" / f"{tail.stem}.npy",
-                           image_dir / "intrinsic" / "intrinsic.npy"),
+        depth=existing(image_dir / "depth" / tail.with_suffix(".png"), image_dir / "depth" / s3dis_depth),
+        pose=existing(*per_frame("pose")),
+        intrinsic=existing(*per_frame("intrinsic"), image_dir / "intrinsic" / "intrinsic.npy",
+                           image_dir.parent.parent / "intrinsic" / "K.npy"),  # HM3D: ROOT/images/intrinsic/K.npy
     )
 
 
@@ -199,5 +224,7 @@ def check_record(record: SceneRecord) -> None:
             if blob:
                 where = dict(sample=record.name, file=f"{key} of frame {frame.color_path}", field=key)
                 matrix = load_npy(blob, **where)
-                if matrix.shape not in ((4, 4), (3, 3)) or not np.isfinite(matrix).all():
+                # ScanNet marks a frame its tracking lost with an all -inf pose (and no correspondences).
+                untracked = key == "pose" and np.all(np.isneginf(matrix))
+                if matrix.shape not in ((4, 4), (3, 3)) or not (untracked or np.isfinite(matrix).all()):
                     raise DataError(f"expected a finite 3x3 or 4x4 matrix, got shape {matrix.shape}", **where)

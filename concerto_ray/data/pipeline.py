@@ -1,20 +1,25 @@
 """The streaming input pipeline: shards -> Ray Data -> CPU transforms -> offset-batched tensors.
 
-    read_shards (parquet / webdataset, local or S3, file order reshuffled every epoch)
+    ShardSampleDatasource (sources.py: one or more shard sets mixed as Pointcept's ConcatDataset, a uniform
+    permutation of all their samples per epoch from the seed, each sample read alone, only the columns needed)
       -> flat_map(SampleTransform): decode + validate + Concerto / semseg transforms, in parallel Ray tasks
       -> [Ray Train] get_dataset_shard(...).iter_batches(collate_fn=...) on each worker, read ahead across epoch
          boundaries by EpochReadAhead
 
-Ray Data does the streaming, parallelism and backpressure; this module only says what to run on each sample.
+Every random draw of a sample (its augmentations, view crops) comes from a generator seeded by (seed, epoch, source,
+sample, draw), so a run is reproduced by its seed. Ray Data does the streaming, parallelism and backpressure; this
+module only says what to run on each sample.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import posixpath
 import queue
 import threading
 import time
-import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from collections.abc import Callable, Collection
 from typing import Iterator, Literal
@@ -34,7 +39,18 @@ from concerto_ray.data.presets import (
     semseg_val_transform,
 )
 from concerto_ray.data.record import decode_record, row_to_record
-from concerto_ray.data.shards import read_shards
+from concerto_ray.data.sources import (
+    DRAW_COLUMN,
+    EPOCH_COLUMN,
+    SOURCE_COLUMN,
+    EpochPlan,
+    ShardSampleDatasource,
+    Source,
+    SourceConfig,
+    check_shards,
+    draw_rng,
+    load_sources,
+)
 from concerto_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -45,21 +61,27 @@ SceneHook = Callable[[dict], dict]  # decoded scene -> decoded scene
 
 @dataclass
 class StreamConfig:
-    shards: str  # local path or s3://bucket/prefix written by `concerto-ray prepare`
+    # One source: `shards` (a local path or s3://bucket/prefix written by `concerto-ray prepare`) and its `splits`
+    # (default: all). Several: `sources` instead, each with its own shards, splits and loop factor or weight.
+    shards: str | None = None
     mode: Mode = "pretrain"
     splits: list[str] | None = None
+    sources: list[SourceConfig] = field(default_factory=list)
+    # The folder or prefix that relative `sources[].shards` are in (one prepare per dataset under it).
+    sources_root: str | None = None
     endpoint_url: str | None = None
     batch_size: int = 2  # samples per batch on each training worker
-    shuffle_buffer: int = 8  # samples; shuffles across shard boundaries on top of the per-epoch file shuffle
     # Batches a training worker holds ready, across epoch boundaries: enough steps to hide the start of the next
     # epoch's Ray Data execution (a few seconds) behind the end of the current one.
     read_ahead_batches: int = 4
-    # None: fresh augmentations every epoch (training). An int fixes each sample's augmentations by its name, the same
-    # in every epoch and run: for debugging and benchmarks, not for training.
+    # Seed of the epoch order and of every augmentation; None: run.seed in training, 0 for `concerto-ray stream`.
     seed: int | None = None
+    # Hand samples out exactly in the epoch's order (Ray Data's preserve_order): with one worker, the same seed then
+    # gives the same batches. Off, a sample whose transform is slow does not hold up the ones behind it.
+    preserve_order: bool = False
     skip_bad: bool = False  # skip (and count, and log) samples that fail to decode instead of failing the run
-    # Check every shard's sha256 against the manifest before streaming: one extra read of the data per run, which
-    # turns in-place corruption into a clear error naming the shard. Turn off for very large datasets.
+    # Check each shard's sha256 against the manifest before streaming, once per shard and machine (a shard is
+    # hashed again when its modification time changes), so in-place corruption is a clear error naming the shard.
     verify_checksums: bool = True
     segment_asset: str | None = None  # label array for semseg ("segment20" for ScanNet); default: auto
     pretrain: ConcertoPretrainTransformConfig = field(default_factory=ConcertoPretrainTransformConfig)
@@ -68,10 +90,32 @@ class StreamConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError(f"shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if self.read_ahead_batches < 1:
             raise ConfigError(f"read_ahead_batches must be >= 1, got {self.read_ahead_batches}")
+        if (self.shards is None) == (not self.sources):
+            raise ConfigError("give exactly one of shards (one source, with splits) and sources (several)")
+        if self.sources and self.splits is not None:
+            raise ConfigError("splits belong to each of the sources when sources are given")
+        if self.sources_root is not None and not self.sources:
+            raise ConfigError("sources_root only applies to sources")
+
+    def source_configs(self) -> list[SourceConfig]:
+        """The sources to mix, their shards relative to `sources_root` resolved; one `shards` folder is a source of
+        loop 1."""
+        if not self.sources:
+            return [SourceConfig(shards=self.shards, splits=self.splits)]
+        return [dataclasses.replace(s, shards=under_root(self.sources_root, s.shards)) for s in self.sources]
+
+    def where(self) -> str:
+        """Where the sources are configured, for error messages (`sources.field_name`)."""
+        return "data.sources" if self.sources else "data"
+
+
+def under_root(root: str | None, shards: str) -> str:
+    """`shards` inside `root` unless it is a URI or an absolute path already."""
+    if root is None or "://" in shards or posixpath.isabs(shards):
+        return shards
+    return posixpath.join(root.rstrip("/"), shards)
 
 
 @ray.remote(num_cpus=0)
@@ -94,7 +138,7 @@ class SampleTransform:
     def __init__(self, config: StreamConfig, bad_log=None, scene_hook: SceneHook | None = None):
         self.mode = config.mode
         self.scene_hook = scene_hook
-        self.seed = config.seed
+        self.seed = 0 if config.seed is None else config.seed
         self.segment_asset = config.segment_asset
         self.bad_log = bad_log
         if config.mode == "pretrain":
@@ -104,10 +148,10 @@ class SampleTransform:
         else:
             self.transform = semseg_val_transform(config.semseg)
 
-    def rng(self, name: str) -> np.random.Generator:
-        if self.seed is None:
-            return np.random.default_rng()  # fresh OS entropy: new augmentations every epoch
-        return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+    def rng(self, row: dict) -> np.random.Generator:
+        """The sample's generator: the same in every run of a seed, new in every epoch and for every repeat."""
+        return draw_rng(self.seed, int(row[EPOCH_COLUMN]), str(row[SOURCE_COLUMN]), str(row["name"]),
+                        int(row[DRAW_COLUMN]))
 
     def __call__(self, row: dict) -> list[dict]:
         name = str(row.get("name", "?"))
@@ -118,7 +162,10 @@ class SampleTransform:
                                  require_labels=not pretrain)
             if self.scene_hook is not None:
                 data = self.scene_hook(data)
-            return [self.transform(data, self.rng(name))]
+            sample = self.transform(data, self.rng(row))
+            if pretrain:  # which source a sample came from, counted per epoch (segmentation batches carry no names)
+                sample[SOURCE_COLUMN] = str(row[SOURCE_COLUMN])
+            return [sample]
         except DataError as exc:
             if self.bad_log is None:
                 raise
@@ -127,16 +174,34 @@ class SampleTransform:
             return []
 
 
+def stream_sources(config: StreamConfig, scenes: Collection[str] | None = None) -> list[Source]:
+    """The config's sources with their samples (only those named in `scenes`, if given), manifests and shards
+    checked (sizes; sha256 with `verify_checksums`)."""
+    sources = load_sources(config.source_configs(), config.endpoint_url, where=config.where(),
+                           scenes=frozenset(scenes) if scenes is not None else None)
+    check_shards(sources, config.verify_checksums)
+    return sources
+
+
+def samples_per_epoch(config: StreamConfig) -> dict[str, int]:
+    """Samples each source contributes to every epoch (its samples times its loop factor, or its weighted share)."""
+    sources = load_sources(config.source_configs(), config.endpoint_url, where=config.where())
+    return EpochPlan(sources, seed=0).counts()  # the counts do not depend on the seed
+
+
 def build_dataset(config: StreamConfig, bad_log=None, *, scenes: Collection[str] | None = None,
                   scene_hook: SceneHook | None = None) -> ray.data.Dataset:
-    """The lazily executed Ray dataset of transformed samples (one row per sample).
+    """The lazily executed Ray dataset of transformed samples (one row per sample), in a new order every epoch.
 
-    `scenes`: stream only the samples of these names. `scene_hook`: applied to every decoded full-resolution
-    scene before the transforms (fine-tuning limits the labelled points there)."""
-    ds = read_shards(config.shards, splits=config.splits, endpoint_url=config.endpoint_url,
-                     verify=config.verify_checksums, shuffle=ray.data.FileShuffleConfig(seed=config.seed))
-    if scenes is not None:
-        ds = ds.filter(KeepScenes(scenes))
+    `scenes`: stream only the samples of these names (shards holding none of them are not read). `scene_hook`:
+    applied to every decoded full-resolution scene before the transforms (fine-tuning limits the labelled points
+    there)."""
+    sources = stream_sources(config, scenes)
+    seed = 0 if config.seed is None else config.seed
+    counts = EpochPlan(sources, seed).counts()
+    log.info("samples per epoch: %s", ", ".join(f"{name} {n}" for name, n in counts.items()))
+    ds = ray.data.read_datasource(ShardSampleDatasource(sources, seed, with_frames=config.mode == "pretrain"))
+    ds.context.execution_options.preserve_order = config.preserve_order
     return ds.flat_map(SampleTransform(config, bad_log if config.skip_bad else None, scene_hook))
 
 
@@ -167,8 +232,6 @@ def iter_batches(iterator, config: StreamConfig, *, drop_last: bool = True) -> I
     return iterator.iter_torch_batches(
         batch_size=config.batch_size,
         collate_fn=CollateColumns(config.mode),
-        local_shuffle_buffer_size=config.shuffle_buffer or None,
-        local_shuffle_seed=config.seed,
         drop_last=drop_last,
         prefetch_batches=2,
     )
@@ -264,6 +327,7 @@ class StreamStats:
     first_batch_seconds: float  # start-up latency: planning, worker start, first shard reads and transforms
     first_batch_samples: int
     skipped: list[str]
+    per_source: dict[str, int] = field(default_factory=dict)  # samples streamed from each source
 
     @property
     def steady_samples_per_s(self) -> float:
@@ -276,6 +340,8 @@ class StreamStats:
         lines = [f"streamed {self.samples} samples in {self.batches} batches, {self.points} points, "
                  f"{self.seconds:.1f} s ({rate:.2f} samples/s; first batch after {self.first_batch_seconds:.1f} s, "
                  f"{self.steady_samples_per_s:.2f} samples/s after it)"]
+        if len(self.per_source) > 1:
+            lines.append("per source: " + ", ".join(f"{name} {n}" for name, n in self.per_source.items()))
         lines.append(f"skipped {len(self.skipped)} bad samples" if self.skipped else "no bad samples")
         lines.extend(f"  {msg}" for msg in self.skipped)
         return "\n".join(lines)
@@ -292,12 +358,14 @@ def drain(config: StreamConfig, max_batches: int | None = None) -> StreamStats:
     bad_log = BadSampleLog.remote() if config.skip_bad else None
     dataset = build_dataset(config, bad_log)
     batches = samples = points = first_samples = 0
+    per_source: Counter[str] = Counter()
     first_seconds = float("nan")
     start = time.perf_counter()
     with tqdm(desc="batches", unit="batch", total=max_batches) as bar:
         for batch in iter_batches(dataset.iterator(), config, drop_last=False):
             batches += 1
             samples += len(batch["name"])
+            per_source.update(batch.get(SOURCE_COLUMN, ()))
             points += batch_points(batch)
             if batches == 1:
                 first_seconds, first_samples = time.perf_counter() - start, samples
@@ -306,4 +374,4 @@ def drain(config: StreamConfig, max_batches: int | None = None) -> StreamStats:
                 break
     seconds = time.perf_counter() - start
     skipped = ray.get(bad_log.get.remote()) if bad_log is not None else []
-    return StreamStats(batches, samples, points, seconds, first_seconds, first_samples, skipped)
+    return StreamStats(batches, samples, points, seconds, first_seconds, first_samples, skipped, dict(per_source))

@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from concerto_ray.data.image_views import IMAGENET_MEAN, IMAGENET_STD, ImageAugmentation, prepare_frames
+from concerto_ray.data.image_views import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageAugmentation,
+    prepare_frames,
+)
 from concerto_ray.data.transforms import (
     CenterShift,
     ChromaticAutoContrast,
@@ -125,6 +130,11 @@ class SemsegTransformConfig:
     chromatic_jitter_p: float = 0.95
     chromatic_jitter_std: float = 0.05
     point_max: int = 102400  # SphereCrop
+    # A first SphereCrop to this share of the voxelised points (ScanNet++ 0.8 and S3DIS 0.6 in some configs).
+    crop_sample_rate: float | None = None
+    # Test protocol: voxelise the scene at this size first (ScanNet++ and S3DIS: 0.01), vote on those points and
+    # score every raw point through the inverse mapping. None: vote on the raw points.
+    test_presample_grid_size: float | None = None
     # Test-time augmentation: each z rotation (units of pi) unscaled and at each extra scale, plus one x/y flip.
     test_rotations: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
     test_scales: tuple[float, ...] = (0.95, 1.05)
@@ -133,6 +143,10 @@ class SemsegTransformConfig:
     def __post_init__(self):
         if self.grid_size <= 0 or self.point_max < 1:
             raise ConfigError("grid_size and point_max must be positive")
+        if self.crop_sample_rate is not None and not 0 < self.crop_sample_rate <= 1:
+            raise ConfigError(f"crop_sample_rate must lie in (0, 1], got {self.crop_sample_rate}")
+        if self.test_presample_grid_size is not None and self.test_presample_grid_size <= 0:
+            raise ConfigError(f"test_presample_grid_size must be positive, got {self.test_presample_grid_size}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
 
@@ -210,6 +224,7 @@ def semseg_train_transform(cfg: SemsegTransformConfig) -> Transform:
         ChromaticTranslation(cfg.chromatic_translation_p, cfg.chromatic_translation_ratio),
         ChromaticJitter(cfg.chromatic_jitter_p, cfg.chromatic_jitter_std),
         GridSample(cfg.grid_size, return_grid_coord=True),
+        *((SphereCrop(sample_rate=cfg.crop_sample_rate),) if cfg.crop_sample_rate is not None else ()),
         SphereCrop(cfg.point_max),
         CenterShift(apply_z=False),
         NormalizeColor(),
@@ -252,22 +267,31 @@ def semseg_test_augmentations(cfg: SemsegTransformConfig) -> list[tuple[Transfor
 
 
 def semseg_test_fragments(data: dict, cfg: SemsegTransformConfig) -> dict:
-    """Pointcept's test-mode sample: {segment, name, fragment_list}.
+    """Pointcept's test-mode sample: {segment, name, fragment_list}, plus {origin_segment, inverse} when the
+    config pre-samples the scene (`test_presample_grid_size`).
 
-    Every augmentation pass is voxelised into fragments that together cover each point at least once; a fragment
-    holds coord, grid_coord, index (into the full cloud), feat and offset.
+    Every augmentation pass is voxelised into fragments that together cover each (pre-sampled) point at least once;
+    a fragment holds coord, grid_coord, index (into `segment`'s points), feat and offset. With pre-sampling,
+    `inverse` maps every raw point to the pre-sampled point whose prediction it takes, and `origin_segment` holds
+    the raw labels the prediction is scored against.
     """
-    # Every test augmentation is deterministic (p = 1, one angle, one scale), so a fixed generator is exact.
+    # The test augmentations are deterministic (p = 1, one angle, one scale) and the pre-sampling's pick of a point
+    # per voxel is drawn from a fixed generator, so a scene's protocol is the same every time.
     rng = np.random.default_rng(0)
-    data = apply_transforms((CenterShift(apply_z=True), NormalizeColor()),
-                            _checked_labelled_points(data, cfg.num_classes), rng)
+    prepare: tuple[Transform, ...] = (CenterShift(apply_z=True), NormalizeColor())
+    if cfg.test_presample_grid_size is not None:
+        prepare += (Copy("segment", "origin_segment"), GridSample(cfg.test_presample_grid_size, return_inverse=True))
+    data = apply_transforms(prepare, _checked_labelled_points(data, cfg.num_classes), rng)
     voxelize = GridSample(cfg.grid_size, return_grid_coord=True)
     fragment_list = []
     for augmentation in semseg_test_augmentations(cfg):
         for fragment in voxelize.fragments(apply_transforms(augmentation, data, rng)):
             fragment = CenterShift(apply_z=False)(fragment, rng)
             fragment_list.append(_collect_semseg(fragment, ("coord", "grid_coord", "index")))
-    return {"segment": data["segment"], "name": data["name"], "fragment_list": fragment_list}
+    sample = {"segment": data["segment"], "name": data["name"], "fragment_list": fragment_list}
+    if cfg.test_presample_grid_size is not None:
+        sample.update(origin_segment=data["origin_segment"], inverse=data["inverse"])
+    return sample
 
 
 # -------------------------------------------------------------------------------------------------- helpers

@@ -169,12 +169,34 @@ def check_points(arrays: dict[str, np.ndarray], *, sample: str, source: str) -> 
     for key, value in arrays.items():
         if key in SCENE_LEVEL_ASSETS or key == "coord":
             continue
+        where = dict(sample=sample, file=f"{source}/{key}.npy", field=key)
         if value.ndim == 0 or value.shape[0] != n:
-            raise DataError(f"has {value.shape[0] if value.ndim else 'no'} rows but coord has {n} points",
-                            sample=sample, file=f"{source}/{key}.npy", field=key)
+            raise DataError(f"has {value.shape[0] if value.ndim else 'no'} rows but coord has {n} points", **where)
+        if is_label_asset(key):
+            primary_labels(value, **where)
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            raise DataError("contains NaN/inf values", sample=sample, file=f"{source}/{key}.npy", field=key)
+            raise DataError("contains NaN/inf values", **where)
     return n
+
+
+def is_label_asset(key: str) -> bool:
+    """Per-point label arrays: segment, segment20, segment200 and instance."""
+    return key.startswith("segment") or key == "instance"
+
+
+def primary_labels(labels: np.ndarray, *, sample: str, file: str, field: str) -> np.ndarray:
+    """The one label per point of a label array, as int32.
+
+    The flavours (see `flavors.py`) store labels as (N,) (ScanNet, HM3D), (N, 1) (S3DIS, Structured3D) or (N, 3)
+    (ScanNet++: up to three labels per point, the major one first, and Pointcept's ScanNet++ dataset uses column 0).
+    Any other shape is an error: flattening it would hand points the labels of other points.
+    """
+    if labels.ndim == 1:
+        return labels.astype(np.int32)
+    if labels.ndim == 2 and labels.shape[1] in (1, 3):
+        return labels[:, 0].astype(np.int32)
+    raise DataError(f"label array of shape {labels.shape}: expected (N,), (N, 1) or (N, 3) (ScanNet++'s three "
+                    "labels per point)", sample=sample, file=file, field=field)
 
 
 def check_correspondence(corr: np.ndarray, num_points: int, width: int, height: int, *,
@@ -207,12 +229,13 @@ def decode_record(record: SceneRecord, *, segment_asset: str | None = None, with
                   require_labels: bool = False) -> dict:
     """Decode and validate a record into the dict the transforms consume.
 
-    Returns Pointcept's raw-sample keys (`coord`, `color`, `normal` as float32, `segment`, `instance` as int32, every
-    other point asset as stored) plus, with frames, `frames_color` (uint8 HxWx3 per frame) and
-    `frames_correspondence` (float32 Mx3 per frame). `segment_asset` picks the label array ("segment20" for ScanNet);
-    by default `segment` if present, else `segment20`. Without labels, `segment` is all -1 (ignored), which suits
-    pre-training; `require_labels` makes a missing label array an error instead (segmentation must not train on
-    silently unlabelled scenes).
+    Returns Pointcept's raw-sample keys (`coord`, `color`, `normal` as float32, `segment`, `instance` as int32, one
+    label per point as `primary_labels` picks it, every other point asset as stored) plus, with frames,
+    `frames_color` (uint8 HxWx3 per frame) and `frames_correspondence` (float32 Mx3 per frame). `segment_asset`
+    picks the label array (`flavors.label_asset`: "segment20" for ScanNet, "segment200" for ScanNet200); by default
+    `segment` if present, else `segment20`.
+    Without labels, `segment` is all -1 (ignored), which suits pre-training; `require_labels` makes a missing label
+    array an error instead (segmentation must not train on silently unlabelled scenes).
     """
     sample, source = record.name, record.source
     arrays = {k: load_npy(v, sample=sample, file=f"{source}/{k}.npy") for k, v in record.point_assets.items()}
@@ -230,8 +253,8 @@ def decode_record(record: SceneRecord, *, segment_asset: str | None = None, with
         raise DataError(f"the label array {segment_asset}.npy is missing (have: {', '.join(sorted(arrays))})",
                         sample=sample, file=source, field=segment_asset)
     for key, asset in (("segment", segment_asset), ("instance", "instance")):
-        data[key] = (arrays[asset].reshape(-1).astype(np.int32) if asset in arrays
-                     else np.full(n, -1, dtype=np.int32))
+        data[key] = (primary_labels(arrays[asset], sample=sample, file=f"{source}/{asset}.npy", field=asset)
+                     if asset in arrays else np.full(n, -1, dtype=np.int32))
     if with_frames:
         colors, corrs = [], []
         for frame in record.frames:

@@ -3,17 +3,19 @@
 Writing (`prepare`): samples are sorted per split and packed greedily into shards by their on-disk size. Each shard
 gets a ``<shard>.done.json`` sidecar once it is complete, keyed by a fingerprint of its plan, so an interrupted run
 resumes where it stopped and a finished one writes nothing. ``manifest.json`` at the destination lists every shard
-with its sample names, size and sha256.
+with its sample names, size and sha256. A destination holds one dataset: a later prepare of other splits of it adds
+them to the manifest; another dataset there is refused (each source of a mix gets its own folder or prefix).
 
 Shard formats, both holding exactly the columns of `record.ARROW_SCHEMA` per sample:
 
-* parquet: one row per sample.
+* parquet: one row per sample, one row group per sample (a reader fetches one sample's chosen columns alone).
 * webdataset: a plain tar; sample ``K`` (its position in the shard, so keys never contain dots) is the members
   ``K.meta.json`` (the string columns), ``K.point.<asset>.npy`` (one per point asset) and ``K.frame<i>.<file>``
   (one per frame file: color, depth, pose, intrinsic, correspondence; empty when the file is absent).
 
-Reading (`read_shards`) checks the shards against the manifest first (size always, sha256 with ``verify``), so that
-a damaged shard fails with its URI named instead of as an error deep inside a Ray read task.
+Reading (`read_shards`, and `sources.py` per sample) checks the shards against the manifest first (size always,
+sha256 with ``verify``, once per shard and machine), so that a damaged shard fails with its URI named instead of as
+an error deep inside a Ray read task.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 DONE_SUFFIX = ".done.json"
 SHARD_EXTENSIONS = {"parquet": "parquet", "webdataset": "tar"}
+# Part of every shard's fingerprint: shards written before parquet got one row group per sample are written again.
+_WRITER_LAYOUT = "row-group-per-sample"
 ShardFormat = Literal["parquet", "webdataset"]
 
-# Rows are buffered up to this many payload bytes before a parquet row group is written.
-_ROW_GROUP_BYTES = 64 << 20
 # Columns that travel in a webdataset sample's meta.json; the rest are binary payloads, one member each.
 _META_COLUMNS = ("name", "split", "dataset", "source", "point_asset_names", "frame_names", "frame_color_paths",
                  "frame_correspondence_paths")
@@ -131,11 +133,12 @@ def prepare(src: str | Path, dest: str | Path, *, format: ShardFormat = "parquet
     src = Path(src).resolve()
     out = storage.resolve(dest, endpoint_url)
     dataset = dataset_name or src.name
+    previous = _previous_manifest(out, format, dataset)
     samples = list_samples(src, splits)
     split_names = list(splits) if splits else available_splits(src)
     plans = plan_shards(samples, format, dataset, int(target_shard_mb * 2**20))
     done = _write_all(plans, out, format, dataset, skip_bad, workers or os.cpu_count() or 1, progress)
-    manifest = _manifest(split_names, format, dataset, str(src), done)
+    manifest = _manifest(split_names, format, dataset, str(src), done, previous)
     text = json.dumps(to_dict(manifest), indent=1) + "\n"
     # Leaving an identical manifest untouched keeps a rerun of a finished prepare free of writes.
     if not out.exists(MANIFEST_NAME) or out.read_bytes(MANIFEST_NAME).decode() != text:
@@ -164,7 +167,8 @@ def plan_shards(samples: list[SampleFiles], format: ShardFormat, dataset: str, t
             filled += size
         for i, group in enumerate(groups):
             path = f"{split}/part-{i:05d}.{SHARD_EXTENSIONS[format]}"
-            key = json.dumps([SCHEMA_VERSION, format, dataset, path, [(s.name, size) for s, size in group]])
+            key = json.dumps([SCHEMA_VERSION, _WRITER_LAYOUT, format, dataset, path,
+                              [(s.name, size) for s, size in group]])
             plans.append(ShardPlan(split, path, [s for s, _ in group], hashlib.sha256(key.encode()).hexdigest()))
     return plans
 
@@ -245,16 +249,38 @@ def _finished_shard(plan: ShardPlan, out: storage.Location, skip_bad: bool) -> _
     return done
 
 
-def _manifest(split_names: list[str], format: ShardFormat, dataset: str, source: str,
-              done: list[_ShardDone]) -> Manifest:
+def _previous_manifest(out: storage.Location, format: ShardFormat, dataset: str) -> Manifest | None:
+    """The manifest already at the destination, if any. Another dataset's (or format's) shards there are an error:
+    each dataset of a multi-source mix gets its own folder or prefix, and a dataset's manifest is never replaced by
+    another's."""
+    if not out.exists(MANIFEST_NAME):
+        return None
+    previous = load_manifest(out)
+    if (previous.dataset, previous.format) != (dataset, format):
+        raise ConfigError(f"{out.uri} already holds {previous.format} shards of dataset {previous.dataset!r}; write "
+                          f"{format} shards of dataset {dataset!r} to a folder of their own, e.g. "
+                          f"{out.uri_of(dataset)}")
+    return previous
+
+
+def _manifest(split_names: list[str], format: ShardFormat, dataset: str, source: str, done: list[_ShardDone],
+              previous: Manifest | None) -> Manifest:
+    """The manifest of the splits just written, plus the other splits of `previous` (a prepare of some splits
+    keeps the ones an earlier prepare of the same dataset wrote)."""
     splits = {}
     for name in split_names:
         shards = [d.shard for d in done if d.shard.path.startswith(f"{name}/")]
         splits[name] = SplitInfo(samples=sum(len(s.samples) for s in shards), shards=shards)
+    skipped = [s for d in done for s in d.skipped]
+    if previous is not None:
+        kept = {name: info for name, info in previous.splits.items() if name not in splits}
+        splits = {**kept, **splits}
+        skipped = [s for s in previous.skipped if s.split in kept] + skipped
+    shards = [shard for info in splits.values() for shard in info.shards]
     return Manifest(
         schema_version=SCHEMA_VERSION, format=format, dataset=dataset, source=source, splits=splits,
-        total_samples=sum(s.samples for s in splits.values()), total_shards=len(done),
-        total_bytes=sum(d.shard.bytes for d in done), skipped=[s for d in done for s in d.skipped],
+        total_samples=sum(s.samples for s in splits.values()), total_shards=len(shards),
+        total_bytes=sum(s.bytes for s in shards), skipped=skipped,
     )
 
 
@@ -285,24 +311,15 @@ class _HashingSink:
 
 
 class _ParquetShardWriter:
+    """One row group per sample, so that a reader can fetch any one sample (and only the columns it needs)."""
+
     def __init__(self, sink: _HashingSink):
         self._writer = pq.ParquetWriter(sink, ARROW_SCHEMA)
-        self._rows: list[dict] = []
-        self._buffered = 0
 
     def add(self, record: SceneRecord) -> None:
-        self._rows.append(record_to_row(record))
-        self._buffered += record.nbytes()
-        if self._buffered >= _ROW_GROUP_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._rows:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=ARROW_SCHEMA))
-        self._rows, self._buffered = [], 0
+        self._writer.write_table(pa.Table.from_pylist([record_to_row(record)], schema=ARROW_SCHEMA))
 
     def close(self) -> None:
-        self._flush()
         self._writer.close()
 
 
@@ -335,19 +352,19 @@ def _webdataset_members(row: dict) -> list[tuple[str, bytes]]:
 
 
 def read_manifest(uri: str | Path, endpoint_url: str | None = None) -> Manifest:
-    return _load_manifest(storage.resolve(uri, endpoint_url))
+    return load_manifest(storage.resolve(uri, endpoint_url))
 
 
 def read_shards(uri: str | Path, *, splits: list[str] | None = None, endpoint_url: str | None = None,
                 verify: bool = True, shuffle: ray.data.FileShuffleConfig | None = None) -> ray.data.Dataset:
     """The samples of `splits` (default: all) as a Ray dataset whose rows have the columns of `ARROW_SCHEMA`.
 
-    Every shard's size is checked against the manifest; with `verify` its sha256 too, which reads each shard once
-    more (in parallel Ray tasks) before the dataset is returned. Without `verify`, a shard damaged in place fails
-    later, inside Ray's reader, with pyarrow's or tarfile's own message.
+    Every shard's size is checked against the manifest; with `verify` its sha256 too, once per shard and machine
+    (`VerifiedShards`): a shard is hashed again only when it changed. Without `verify`, a shard damaged in place
+    fails later, inside Ray's reader, with pyarrow's or tarfile's own message.
     """
     location = storage.resolve(uri, endpoint_url)
-    manifest = _load_manifest(location)
+    manifest = load_manifest(location)
     names = list(splits) if splits else list(manifest.splits)
     unknown = [s for s in names if s not in manifest.splits]
     if unknown:
@@ -356,9 +373,9 @@ def read_shards(uri: str | Path, *, splits: list[str] | None = None, endpoint_ur
     shards = [shard for name in names for shard in manifest.splits[name].shards]
     if not shards:
         raise DataError(f"the manifest lists no shards for splits {names}", file=location.uri_of(MANIFEST_NAME))
-    _check_sizes(location, shards)
+    stats = check_sizes(location, shards)
     if verify:
-        _check_checksums(location, shards)
+        VerifiedShards().verify(location, shards, stats)
     paths = [location.path(s.path) for s in shards]
     if manifest.format == "parquet":
         return ray.data.read_parquet(paths, filesystem=location.filesystem, partitioning=None, shuffle=shuffle)
@@ -366,21 +383,22 @@ def read_shards(uri: str | Path, *, splits: list[str] | None = None, endpoint_ur
     return raw.map_batches(_webdataset_batch_to_table, batch_format="pandas", fn_kwargs={"location": location})
 
 
-def _load_manifest(location: storage.Location) -> Manifest:
+def load_manifest(location: storage.Location) -> Manifest:
     file = location.uri_of(MANIFEST_NAME)
     if not location.exists(MANIFEST_NAME):
         raise DataError("no shard manifest here; run prepare to write one", file=file)
     try:
         manifest = from_dict(Manifest, json.loads(location.read_bytes(MANIFEST_NAME)))
     except ValueError as exc:  # bad JSON, or a ConfigError for missing/unknown keys
-        raise DataError(f"not a valid shard manifest ({exc})", file=file) from None
+        raise DataError(f"not a valid shard manifest ({exc})", file=file) from exc
     if manifest.schema_version != SCHEMA_VERSION:
         raise DataError(f"shards use schema version {manifest.schema_version} but this code reads version "
                         f"{SCHEMA_VERSION}; run prepare again", file=file)
     return manifest
 
 
-def _check_sizes(location: storage.Location, shards: list[ShardInfo]) -> None:
+def check_sizes(location: storage.Location, shards: list[ShardInfo]) -> list[pafs.FileInfo]:
+    """Each shard exists with the size the manifest records; returns their file infos."""
     infos = location.filesystem.get_file_info([location.path(s.path) for s in shards])
     for shard, info in zip(shards, infos):
         if info.type != pafs.FileType.File:
@@ -388,18 +406,41 @@ def _check_sizes(location: storage.Location, shards: list[ShardInfo]) -> None:
         if info.size != shard.bytes:
             raise DataError(f"the shard has {info.size} bytes but the manifest records {shard.bytes}; it is "
                             "truncated or was overwritten", file=location.uri_of(shard.path))
+    return infos
 
 
-def _check_checksums(location: storage.Location, shards: list[ShardInfo]) -> None:
-    digests = ray.get([_sha256_of_file.remote(location.filesystem, location.path(s.path)) for s in shards])
-    for shard, digest in zip(shards, digests):
-        if digest != shard.sha256:
-            raise DataError(f"sha256 {digest} does not match the manifest's {shard.sha256}; the shard is corrupt",
-                            file=location.uri_of(shard.path))
+class VerifiedShards:
+    """Local markers of shards whose sha256 matched the manifest, so that a run hashes only shards that changed.
+
+    A marker is keyed by the shard's URI, its manifest sha256, size and modification time (local files and S3
+    objects both have one): a shard rewritten in place gets a new modification time and is hashed again. Markers
+    are empty files under $CONCERTO_RAY_CACHE (default ~/.cache/concerto-ray)/verified-shards."""
+
+    def __init__(self, root: str | Path | None = None):
+        cache = Path(os.environ.get("CONCERTO_RAY_CACHE") or Path.home() / ".cache" / "concerto-ray")
+        self.root = Path(root) if root is not None else cache / "verified-shards"
+
+    def _marker(self, location: storage.Location, shard: ShardInfo, info: pafs.FileInfo) -> Path:
+        key = json.dumps([location.uri_of(shard.path), shard.sha256, info.size, info.mtime_ns])
+        return self.root / hashlib.sha256(key.encode()).hexdigest()
+
+    def verify(self, location: storage.Location, shards: list[ShardInfo],
+               infos: list[pafs.FileInfo]) -> list[ShardInfo]:
+        """Hash the shards without a valid marker (in parallel Ray tasks); returns those it hashed."""
+        todo = [(s, info) for s, info in zip(shards, infos) if not self._marker(location, s, info).exists()]
+        digests = ray.get([sha256_of_file.remote(location.filesystem, location.path(s.path)) for s, _ in todo])
+        for (shard, info), digest in zip(todo, digests):
+            if digest != shard.sha256:
+                raise DataError(f"sha256 {digest} does not match the manifest's {shard.sha256}; the shard is "
+                                "corrupt", file=location.uri_of(shard.path))
+            marker = self._marker(location, shard, info)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        return [shard for shard, _ in todo]
 
 
 @ray.remote
-def _sha256_of_file(filesystem: pafs.FileSystem, path: str) -> str:
+def sha256_of_file(filesystem: pafs.FileSystem, path: str) -> str:
     sha = hashlib.sha256()
     with filesystem.open_input_stream(path) as stream:
         while chunk := stream.read(8 << 20):
@@ -408,11 +449,11 @@ def _sha256_of_file(filesystem: pafs.FileSystem, path: str) -> str:
 
 
 def _webdataset_batch_to_table(batch, location: storage.Location) -> pa.Table:
-    rows = [_webdataset_sample_to_row(sample, location) for sample in batch.to_dict("records")]
+    rows = [webdataset_sample_to_row(sample, location) for sample in batch.to_dict("records")]
     return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
 
 
-def _webdataset_sample_to_row(sample: dict, location: storage.Location) -> dict:
+def webdataset_sample_to_row(sample: dict, location: storage.Location) -> dict:
     """Inverse of `_webdataset_members`; `sample` maps member suffixes to bytes (NaN where a member is absent)."""
     shard, key = location.uri_of_path(sample["__url__"]), sample["__key__"]
     try:

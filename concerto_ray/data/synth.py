@@ -1,14 +1,18 @@
-"""Procedural indoor scenes written in Pointcept's processed Concerto layout (the ScanNet variant).
+"""Procedural indoor scenes written in the processed files of Pointcept's Concerto datasets.
 
-The demo, the tests and the benchmarks run on these instead of the real ScanNet. Under ROOT:
+The demo, the tests and the benchmarks run on these instead of the real datasets. Each flavour (`flavors.py`:
+scannet, scannet200, scannetpp, s3dis, arkitscenes, hm3d, structured3d, re10k) writes the same kind of room in
+that dataset's names, folders, dtypes, label shapes and ids, split names, intrinsics and split-file grouping. The
+default, ScanNet, writes under ROOT:
 
     {split}/{scene}/coord.npy         float32 (N, 3), metres
     {split}/{scene}/color.npy         uint8   (N, 3)
     {split}/{scene}/normal.npy        float32 (N, 3), unit length
-    {split}/{scene}/segment20.npy     int64   (N,), ScanNet-20 ids, -1 = unannotated
+    {split}/{scene}/segment20.npy     int64   (N,), ScanNet-20 ids, -1 = unannotated (not in the test split)
+    {split}/{scene}/segment200.npy    int64   (N,), ScanNet200 ids
     {split}/{scene}/instance.npy      int64   (N,), -1 = no instance
     images/{split}/{scene}/color/{i}.png            RGB uint8
-    images/{split}/{scene}/depth/{i}.png            uint16 millimetres, 0 = no surface
+    images/{split}/{scene}/depth/{i}.png            uint16 millimetres, 0 = no surface (SynthConfig.depth)
     images/{split}/{scene}/pose/{i}.npy             float32 (4, 4) camera-to-world, OpenCV axes
     images/{split}/{scene}/intrinsic/intrinsic.npy  float32 (4, 4), shared by the scene's views
     images/{split}/{scene}/correspondence/{i}.npy   float64 (M, 3) rows [column, row, point index],
@@ -17,13 +21,13 @@ The demo, the tests and the benchmarks run on these instead of the real ScanNet.
                           (the last entry of a scene holds the remainder)
     synth_config.json     the SynthConfig that wrote ROOT; marks ROOT as safe to overwrite
 
-Split files hold paths relative to ROOT ("train/scene0003_00"); Pointcept's splits.py writes the same
-paths prefixed with "data/scannet/", which readers strip. The real preprocessing also writes
-segment200.npy; synthetic scenes only carry the 20-class labels.
+The other flavours' writers (`_scannetpp`, `_s3dis`, ...) say how they differ. Split files hold paths relative to
+ROOT ("train/scene0003_00"); Pointcept's splits.py writes the same paths prefixed with "data/<dataset>/", which
+readers strip.
 
 A scene is a room (floor and four walls, no ceiling) furnished with objects built from yaw-rotated
-boxes. Points are sampled on the exposed box surfaces; views are ray cast against the same boxes, so
-colour, depth and correspondences agree with the point cloud, occlusion included.
+boxes. Points are sampled on the exposed box surfaces (RE10K: lifted from the views' pixels); views are ray cast
+against the same boxes, so colour, depth and correspondences agree with the point cloud, occlusion included.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -41,10 +45,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from concerto_ray.config import to_dict
+from concerto_ray.data.flavors import FLAVORS, SCANNETPP_CHUNK_SPLIT, flavor
 from concerto_ray.data.scannet_classes import IGNORE_INDEX, class_id
 from concerto_ray.errors import ConfigError
 
-SPLIT_NAMES = ("train", "val", "test")
 MARKER_FILE = "synth_config.json"
 VIEWS_PER_SAMPLE = 4  # Pointcept's splits.py groups a scene's frames four at a time
 DEPTH_TOLERANCE_M = 0.03  # how far a point may sit from the rendered depth and still correspond
@@ -63,11 +67,20 @@ class SynthConfig:
     views_per_scene: int = 8
     image_width: int = 320
     image_height: int = 240
-    # fraction of the scenes in each split; scenes are assigned in blocks, in this order
-    splits: dict[str, float] = field(default_factory=lambda: {"train": 0.75, "val": 0.25})
+    # fraction of the scenes in each split; scenes are assigned in blocks, in this order. Default: 3/4 to the
+    # flavour's first split and 1/4 to its second (S3DIS: one sixth to each area).
+    splits: dict[str, float] | None = None
     coord_noise: float = 0.005  # standard deviation of the Gaussian noise on coordinates, metres
+    flavor: str = "scannet"  # whose processed files to write: a name from flavors.FLAVORS
+    depth: bool = True  # write depth images (Pointcept's preprocessing writes them when asked: --parse_depths)
 
     def __post_init__(self):
+        if self.flavor not in FLAVORS:
+            raise ConfigError(f"flavor: unknown dataset flavour {self.flavor!r}; known: {', '.join(FLAVORS)}")
+        split_names = flavor(self.flavor).splits
+        if self.splits is None:
+            self.splits = ({s: 1 / 6 for s in split_names} if self.flavor == "s3dis"
+                           else {split_names[0]: 0.75, split_names[1]: 0.25})
         minimums = {"scenes": 1, "seed": 0, "points_per_scene": 100, "views_per_scene": 1,
                     "image_width": 16, "image_height": 16}
         for name, minimum in minimums.items():
@@ -80,8 +93,8 @@ class SynthConfig:
         if not isinstance(self.splits, dict) or not self.splits:
             raise ConfigError(f"splits: must map split names to fractions, got {self.splits!r}")
         for name, fraction in self.splits.items():
-            if name not in SPLIT_NAMES:
-                raise ConfigError(f"splits: unknown split {name!r}; use {', '.join(SPLIT_NAMES)}")
+            if name not in split_names:
+                raise ConfigError(f"splits: {self.flavor} has no split {name!r}; use {', '.join(split_names)}")
             if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or fraction <= 0:
                 raise ConfigError(f"splits.{name}: fraction must be > 0, got {fraction!r}")
         if not math.isclose(sum(self.splits.values()), 1.0, abs_tol=1e-6):
@@ -632,53 +645,301 @@ def correspondences(coord: np.ndarray, depth_mm: np.ndarray, intrinsic: np.ndarr
 
 
 # --------------------------------------------------------------------------------------------------
-# Writing
+# One synthetic scene, before it is written in a flavour's files
 
-def _write_scene(root: Path, split: str, name: str, config: SynthConfig, rng) -> None:
+@dataclass
+class _View:
+    rgb: np.ndarray  # (H, W, 3) uint8
+    depth_mm: np.ndarray  # (H, W) uint16, 0 = no surface
+    pose: np.ndarray  # (4, 4) float32 camera-to-world
+    correspondence: np.ndarray  # (M, 3) float64 [column, row, point index], or -np.ones((1, 3))
+
+
+@dataclass
+class _Synthetic:
+    coord: np.ndarray  # (N, 3) float32
+    color: np.ndarray  # (N, 3) uint8
+    normal: np.ndarray  # (N, 3) float32
+    label: np.ndarray  # (N,) ScanNet-20 ids
+    instance: np.ndarray  # (N,)
+    intrinsic: np.ndarray  # (4, 4) float32
+    views: list[_View]
+
+
+def _generate(config: SynthConfig, rng, lifted: bool) -> _Synthetic:
+    """A room, points sampled on its surfaces and rendered views; `lifted` makes the points the views' pixels
+    instead, as RE10K's video-lifted scenes are (each view's pixels with a surface, in row-major order)."""
     scene = _build_scene(rng)
     faces = _scene_faces(scene)
     points, face = _sample_points(scene, faces, config.points_per_scene, rng)
     coord = (points + rng.normal(0.0, config.coord_noise, points.shape)).astype(np.float32)
-    color = np.clip(np.rint(faces.color[face] + rng.normal(0.0, COLOR_NOISE, points.shape)), 0, 255)
-    cloud_dir = root / split / name
-    cloud_dir.mkdir(parents=True)
-    np.save(cloud_dir / "coord.npy", coord)
-    np.save(cloud_dir / "color.npy", color.astype(np.uint8))
-    np.save(cloud_dir / "normal.npy", faces.normal[face].astype(np.float32))
-    np.save(cloud_dir / "segment20.npy", faces.label[face].astype(np.int64))
-    np.save(cloud_dir / "instance.npy", faces.instance[face].astype(np.int64))
-
-    image_dir = root / "images" / split / name
-    for sub in ("color", "depth", "pose", "intrinsic", "correspondence"):
-        (image_dir / sub).mkdir(parents=True)
+    color = np.clip(np.rint(faces.color[face] + rng.normal(0.0, COLOR_NOISE, points.shape)), 0, 255).astype(np.uint8)
     width, height = config.image_width, config.image_height
     intrinsic = _intrinsic(width, height)
-    np.save(image_dir / "intrinsic" / "intrinsic.npy", intrinsic)
     faces_rgb = np.clip(np.rint(faces.color), 0, 255).astype(np.uint8)
-    for view in range(config.views_per_scene):
+    rendered = []
+    for _view in range(config.views_per_scene):
         pose = _random_pose(scene, rng)
         pixel_face, depth = _render(scene, intrinsic, pose, width, height)
         # images carry no per-pixel noise: it would only slow PNG encoding and grow the files
         rgb = np.where(pixel_face[..., None] >= 0, faces_rgb[pixel_face], 0).astype(np.uint8)
         depth_mm = np.rint(np.minimum(depth, 65.535) * 1000.0).astype(np.uint16)
-        Image.fromarray(rgb).save(image_dir / "color" / f"{view}.png")
-        Image.fromarray(depth_mm).save(image_dir / "depth" / f"{view}.png")
-        np.save(image_dir / "pose" / f"{view}.npy", pose)
-        np.save(image_dir / "correspondence" / f"{view}.npy", correspondences(coord, depth_mm, intrinsic, pose))
+        rendered.append((pose, pixel_face, rgb, depth_mm))
+    if lifted:
+        return _lift(faces, intrinsic, rendered)
+    views = [_View(rgb, depth_mm, pose, correspondences(coord, depth_mm, intrinsic, pose))
+             for pose, _face, rgb, depth_mm in rendered]
+    return _Synthetic(coord, color, faces.normal[face].astype(np.float32), faces.label[face], faces.instance[face],
+                      intrinsic, views)
 
 
-def _split_entries(split: str, name: str, views: int) -> dict[str, dict]:
-    """Split-file entries for one scene: its views grouped four at a time, like Pointcept's splits.py."""
-    images = f"images/{split}/{name}"
+def _lift(faces: _Faces, intrinsic: np.ndarray, rendered: list) -> _Synthetic:
+    coords, colors, face_ids, views, count = [], [], [], [], 0
+    for pose, pixel_face, rgb, depth_mm in rendered:
+        row, column = np.nonzero(depth_mm > 0)
+        z = depth_mm[row, column] / 1000.0
+        camera = np.stack([(column - intrinsic[0, 2]) * z / intrinsic[0, 0],
+                           (row - intrinsic[1, 2]) * z / intrinsic[1, 1], z], axis=1)
+        coords.append(camera @ pose[:3, :3].T.astype(np.float64) + pose[:3, 3])
+        colors.append(rgb[row, column])
+        face_ids.append(pixel_face[row, column])
+        index = np.arange(count, count + len(row))
+        count += len(row)
+        table = np.stack([column, row, index], axis=1).astype(np.float64) if len(row) else -np.ones((1, 3))
+        views.append(_View(rgb, depth_mm, pose, table))
+    face = np.concatenate(face_ids)
+    return _Synthetic(np.concatenate(coords), np.concatenate(colors), faces.normal[face], faces.label[face],
+                      faces.instance[face], intrinsic, views)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing, one function per flavour (see flavors.py for the facts they follow)
+
+# Each flavour's class id of every ScanNet-20 class (in SCANNET20_CLASSES order), then of unannotated clutter;
+# classes a dataset lacks become its nearest class, or ignored.
+_LABEL_IDS = {
+    "scannet200": ((0, 2, 6, 10, 1, 5, 3, 4, 14, 16, 13, 30, 8, 18, 23, 47, 15, 12, 36, 134), IGNORE_INDEX),
+    "scannetpp": ((0, 2, 6, 25, 9, 23, 3, 4, 14, 12, 39, 33, 3, 8, 34, 8, 47, 37, IGNORE_INDEX, 18), IGNORE_INDEX),
+    "s3dis": ((2, 1, 12, 12, 8, 9, 7, 6, 5, 10, 11, 12, 7, 12, 12, 12, 12, 12, 12, 12), 12),  # no unlabelled points
+    "hm3d": ((0, 1, 6, 10, 2, 9, 4, 3, 8, 30, 5, 25, 4, 11, 36, 11, 17, 14, 24, 35), 38),
+    "structured3d": ((0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 9, 23, 10, 12, 17, 12, 23, 20, 23, 23), 24),
+}
+_WALL_HUNG = tuple(class_id(name) for name in ("door", "window", "picture", "curtain", "shower curtain"))
+
+
+def _labels(flavour: str, label20: np.ndarray) -> np.ndarray:
+    ids, clutter = _LABEL_IDS[flavour]
+    return np.where(label20 == IGNORE_INDEX, clutter, np.asarray(ids)[label20])
+
+
+def _npy(root: Path, rel: str, array: np.ndarray) -> str:
+    """Save `array` at ROOT/`rel`; returns `rel` (split files hold root-relative paths)."""
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    np.save(root / rel, array)
+    return rel
+
+
+def _image(root: Path, rel: str, image: np.ndarray) -> str:
+    """Save an image at ROOT/`rel`, in the format its suffix names (.png; JPEG for ScanNet++'s .JPG)."""
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(root / rel)
+    return rel
+
+
+def _depth(root: Path, rel: str, depth_mm: np.ndarray, none_mm: int = 0) -> None:
+    """Depth in uint16 millimetres; `none_mm` marks pixels without a surface (ScanNet 0, ScanNet++ 65535)."""
+    _image(root, rel, np.where(depth_mm > 0, depth_mm, none_mm).astype(np.uint16))
+
+
+def _entries(key: str, pointclouds: str, images: list[str], corrs: list[str], group: int | None) -> dict:
+    """Split-file entries: the frames in groups of `group` (Pointcept's splits.py uses 4), or all in one."""
+    if group is None:
+        return {key: {"pointclouds": pointclouds, "images": images, "correspondences": corrs}}
+    return {f"{key}_{k}": {"pointclouds": pointclouds, "images": images[i:i + group],
+                           "correspondences": corrs[i:i + group]}
+            for k, i in enumerate(range(0, len(images), group))}
+
+
+def _points(root: Path, cloud: str, **arrays: np.ndarray) -> None:
+    for key, array in arrays.items():
+        _npy(root, f"{cloud}/{key}.npy", array)
+
+
+def _labelled(config: SynthConfig, split: str) -> bool:
+    return split not in flavor(config.flavor).unlabelled_splits
+
+
+def _scannet(root: Path, split: str, index: int, scene: _Synthetic, config: SynthConfig) -> dict:
+    """ScanNet (and ScanNet200: the same files): frames named by number, one 4x4 intrinsic per scene."""
+    name = f"scene{index:04d}_00"
+    cloud, images = f"{split}/{name}", f"images/{split}/{name}"
+    _points(root, cloud, coord=scene.coord, color=scene.color, normal=scene.normal)
+    if _labelled(config, split):
+        _points(root, cloud, segment20=scene.label.astype(np.int64),
+                segment200=_labels("scannet200", scene.label).astype(np.int64),
+                instance=scene.instance.astype(np.int64))
+    _npy(root, f"{images}/intrinsic/intrinsic.npy", scene.intrinsic)
+    colors, corrs = [], []
+    for i, view in enumerate(scene.views):
+        colors.append(_image(root, f"{images}/color/{i}.png", view.rgb))
+        if config.depth:
+            _depth(root, f"{images}/depth/{i}.png", view.depth_mm)
+        _npy(root, f"{images}/pose/{i}.npy", view.pose)
+        corrs.append(_npy(root, f"{images}/correspondence/{i}.npy", view.correspondence))
+    return _entries(name, cloud, colors, corrs, VIEWS_PER_SAMPLE)
+
+
+def _scannetpp(root: Path, split: str, index: int, scene: _Synthetic, config: SynthConfig) -> dict:
+    """ScanNet++: DSLR JPEGs keep their camera names, so pose and intrinsic (3x3) files are numbered by position;
+    labels are (N, 3): up to three per point, the major (smallest) one first."""
+    name = f"{index:010x}"
+    cloud, images = f"{split}/{name}", f"images/{split}/{name}"
+    _points(root, cloud, coord=scene.coord, color=scene.color, normal=scene.normal)
+    if _labelled(config, split):
+        segment = np.full((len(scene.label), 3), IGNORE_INDEX, dtype=np.int16)
+        instance = np.full((len(scene.label), 3), IGNORE_INDEX, dtype=np.int16)
+        segment[:, 0], instance[:, 0] = _labels("scannetpp", scene.label), scene.instance
+        on_wall = np.isin(scene.label, _WALL_HUNG)  # a door, window or picture also lies on a wall
+        segment[on_wall, 1], instance[on_wall, 1] = _labels("scannetpp", np.array([class_id("wall")]))[0], 0
+        _points(root, cloud, segment=segment, instance=instance)
+        if split == "train":
+            _chunks(root, name, dict(coord=scene.coord, color=scene.color, normal=scene.normal, segment=segment,
+                                     instance=instance), min_points=min(10000, config.points_per_scene // 2))
+    colors, corrs = [], []
+    for i, view in enumerate(scene.views):
+        frame = f"DSC{1000 + 20 * i:05d}"  # the preprocessing keeps every 20th image
+        colors.append(_image(root, f"{images}/color/{frame}.JPG", view.rgb))
+        if config.depth:
+            _depth(root, f"{images}/depth/{frame}.png", view.depth_mm, none_mm=65535)
+        _npy(root, f"{images}/pose/{i}.npy", view.pose)
+        _npy(root, f"{images}/intrinsic/{i}.npy", scene.intrinsic[:3, :3])
+        corrs.append(_npy(root, f"{images}/correspondence/{frame}.npy", view.correspondence))
+    return _entries(name, cloud, colors, corrs, VIEWS_PER_SAMPLE)
+
+
+def _chunks(root: Path, name: str, arrays: dict[str, np.ndarray], min_points: int) -> None:
+    """ScanNet++'s chunked training scenes, as Pointcept's README runs sampling_chunking_data.py: one point per
+    1 cm voxel (--grid_size 0.01, which the script names "grid1mm"), then 6 x 6 m windows every 3 m over the floor
+    plan (both axes spanned by the x extent, as there), each window with at least `min_points` points (there
+    10000; capped here at half a synthetic scene) saved as <name>_<k> with the scene's arrays."""
+    local = arrays["coord"] - arrays["coord"].min(axis=0)
+    _, first = np.unique(np.floor(local / 0.01).astype(np.int64), axis=0, return_index=True)
+    local, arrays = local[first], {key: value[first] for key, value in arrays.items()}
+    starts = np.arange(0, local[:, 0].max() + 3 - 6, 3)
+    k = 0
+    for x0 in starts:
+        for y0 in starts:
+            inside = ((local[:, 0] >= x0) & (local[:, 0] < x0 + 6) & (local[:, 1] >= y0) & (local[:, 1] < y0 + 6))
+            if inside.sum() < min_points:
+                continue
+            _points(root, f"{SCANNETPP_CHUNK_SPLIT}/{name}_{k}", **{key: v[inside] for key, v in arrays.items()})
+            k += 1
+
+
+_S3DIS_ROOMS = ("office", "conferenceRoom", "hallway", "storage", "WC", "lobby", "pantry", "copyRoom", "lounge")
+
+
+def _s3dis(root: Path, split: str, index: int, scene: _Synthetic, config: SynthConfig) -> dict:
+    """S3DIS: rooms under Area_<k>; two cameras per room, each with its own image folder; (N, 1) labels with no
+    unlabelled points; per-frame float64 intrinsics (3x3) and world-to-camera poses, numbered by position."""
+    room = f"{_S3DIS_ROOMS[index % len(_S3DIS_ROOMS)]}_{index // len(_S3DIS_ROOMS) + 1}"
+    cloud = f"{split}/{room}"
+    _points(root, cloud, coord=scene.coord, color=scene.color,
+            segment=_labels("s3dis", scene.label).astype(np.int16)[:, None],
+            instance=scene.instance.astype(np.int16)[:, None], normal=scene.normal)
     entries = {}
-    for group, first in enumerate(range(0, views, VIEWS_PER_SAMPLE)):
-        frames = range(first, min(first + VIEWS_PER_SAMPLE, views))
-        entries[f"{name}_{group}"] = {
-            "pointclouds": f"{split}/{name}",
-            "images": [f"{images}/color/{i}.png" for i in frames],
-            "correspondences": [f"{images}/correspondence/{i}.npy" for i in frames],
-        }
+    cameras = min(2, len(scene.views))
+    for c in range(cameras):
+        camera = f"{index:08x}{c:024x}"
+        images = f"images/{split}/{room}/{camera}"
+        colors, corrs = [], []
+        for i, view in enumerate(scene.views[c::cameras]):
+            frame = f"camera_{camera}_{room}_frame_{5 * i}_domain"
+            colors.append(_image(root, f"{images}/color/{frame}_rgb.png", view.rgb))
+            if config.depth:
+                _depth(root, f"{images}/depth/{frame}_depth.png", view.depth_mm)
+            _npy(root, f"{images}/pose/{i}.npy", np.linalg.inv(view.pose.astype(np.float64)))
+            _npy(root, f"{images}/intrinsic/{i}.npy", scene.intrinsic[:3, :3].astype(np.float64))
+            corrs.append(_npy(root, f"{images}/correspondence/{frame}_rgb.npy", view.correspondence))
+        entries.update(_entries(f"{room}_{camera}", cloud, colors, corrs, VIEWS_PER_SAMPLE))
     return entries
+
+
+def _arkitscenes(root: Path, split: str, index: int, scene: _Synthetic, config: SynthConfig) -> dict:
+    """ARKitScenes: no labels; the mesh's vertex table gives float32 colours; frames named
+    <video>_<timestamp>, correspondences by timestamp alone; per-frame float64 intrinsics (3x3) and poses."""
+    name = f"{41000000 + index}"
+    cloud, images = f"{split}/{name}", f"images/{split}/{name}"
+    _points(root, cloud, coord=scene.coord, color=scene.color.astype(np.float32), normal=scene.normal)
+    colors, corrs = [], []
+    for i, view in enumerate(scene.views):
+        stamp = f"{5000 + 2.5 * i:.3f}"
+        frame = f"{name}_{stamp}"
+        colors.append(_image(root, f"{images}/color/{frame}.png", view.rgb))
+        if config.depth:
+            _depth(root, f"{images}/depth/{frame}.png", view.depth_mm)
+        _npy(root, f"{images}/intrinsic/{frame}.npy", scene.intrinsic[:3, :3].astype(np.float64))
+        _npy(root, f"{images}/pose/{frame}.npy", view.pose.astype(np.float64))
+        corrs.append(_npy(root, f"{images}/correspondence/{stamp}.npy", view.correspondence))
+    return _entries(name, cloud, colors, corrs, VIEWS_PER_SAMPLE)
+
+
+def _hm3d(root: Path, split: str, index: int, scene: _Synthetic, config: SynthConfig) -> dict:
+    """HM3D: one folder per room of a scene; int16 (N,) mpcat40 labels; one intrinsic for the whole dataset."""
+    name = f"{index:05d}_synthHM3D{index % 100:02d}_0_0"
+    cloud, images = f"{split}/{name}", f"images/{split}/{name}"
+    _points(root, cloud, coord=scene.coord, color=scene.color, normal=scene.normal,
+            instance=scene.instance.astype(np.int16), segment=_labels("hm3d", scene.label).astype(np.int16))
+    _npy(root, "images/intrinsic/K.npy", scene.intrinsic[:3, :3].astype(np.float64))
+    colors, corrs = [], []
+    for i, view in enumerate(scene.views):
+        colors.append(_image(root, f"{images}/color/{i}.png", view.rgb))
+        if config.depth:
+            _depth(root, f"{images}/depth/{i}.png", view.depth_mm)
+        _npy(root, f"{images}/pose/{i}.npy", view.pose.astype(np.float64))
+        corrs.append(_npy(root, f"{images}/correspondence/{i}.npy", view.correspondence))
+    return _entries(name, cloud, colors, corrs, VIEWS_PER_SAMPLE)
+
+
+def _structured3d(root: Path, split: str, index: int, scene: _Synthetic, config: SynthConfig) -> dict:
+    """Structured3D: scene_<k>/room_<r> folders, (N, 1) labels and no instances; perspective views under
+    color/prsp with int64 correspondences, all of a room's views in one sample. (The panorama the preprocessing
+    also writes is not in its split files, and not written here.)"""
+    scene_dir, room = f"scene_{index:05d}", f"room_{index % 7}"
+    cloud, images = f"{split}/{scene_dir}/{room}", f"images/{split}/{scene_dir}/{room}"
+    _points(root, cloud, coord=scene.coord, color=scene.color, normal=scene.normal,
+            segment=_labels("structured3d", scene.label).astype(np.int16)[:, None])
+    colors, corrs = [], []
+    for i, view in enumerate(scene.views):
+        colors.append(_image(root, f"{images}/color/prsp/{i}.png", view.rgb))
+        if config.depth:
+            _depth(root, f"{images}/depth/prsp/{i}.png", view.depth_mm, none_mm=65535)
+        _npy(root, f"{images}/intrinsic/{i}.npy", scene.intrinsic[:3, :3].astype(np.float64))
+        _npy(root, f"{images}/pose/{i}.npy", view.pose.astype(np.float64))
+        corrs.append(_npy(root, f"{images}/correspondence/prsp_correspondence/{i}.npy",
+                          view.correspondence.astype(np.int64)))
+    return _entries(f"{scene_dir}_{room}", cloud, colors, corrs, None)
+
+
+def _re10k(root: Path, split: str, index: int, scene: _Synthetic, config: SynthConfig) -> dict:
+    """RE10K: points lifted from a video's frames (float64 coord and normal, no labels), every pixel of a frame
+    corresponding to its own point; float32 3x3 intrinsics; all frames of a clip in one sample."""
+    name = f"{index:016x}"
+    cloud, images = f"{split}/{name}", f"images/{split}/{name}"
+    _points(root, cloud, coord=scene.coord, color=scene.color, normal=scene.normal)
+    colors, corrs = [], []
+    for i, view in enumerate(scene.views):
+        colors.append(_image(root, f"{images}/color/{i}.png", view.rgb))
+        if config.depth:
+            _depth(root, f"{images}/depth/{i}.png", view.depth_mm)
+        _npy(root, f"{images}/pose/{i}.npy", view.pose.astype(np.float64))
+        _npy(root, f"{images}/intrinsic/{i}.npy", scene.intrinsic[:3, :3])
+        corrs.append(_npy(root, f"{images}/correspondence/{i}.npy", view.correspondence))
+    return _entries(name, cloud, colors, corrs, None)
+
+
+_WRITERS = {"scannet": _scannet, "scannet200": _scannet, "scannetpp": _scannetpp, "s3dis": _s3dis,
+            "arkitscenes": _arkitscenes, "hm3d": _hm3d, "structured3d": _structured3d, "re10k": _re10k}
 
 
 def _assign_splits(config: SynthConfig) -> list[str]:
@@ -699,7 +960,7 @@ def _prepare_output(root: Path) -> None:
     if not (root / MARKER_FILE).is_file():
         raise FileExistsError(f"output directory {str(root)!r} is not empty and holds no {MARKER_FILE}, so it is "
                               "not an earlier synthetic dataset; refusing to write into it")
-    ours = {*SPLIT_NAMES, "images", "splits", MARKER_FILE}
+    ours = {*(s for f in FLAVORS.values() for s in f.splits), SCANNETPP_CHUNK_SPLIT, "images", "splits", MARKER_FILE}
     foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
     if foreign:
         raise FileExistsError(f"output directory {str(root)!r} holds a synthetic dataset plus other entries "
@@ -712,7 +973,7 @@ def _prepare_output(root: Path) -> None:
 
 
 def write_synthetic_dataset(out: str | Path, config: SynthConfig, progress: bool = True) -> Path:
-    """Write `config.scenes` synthetic scenes under `out` in Pointcept's layout and return that root.
+    """Write `config.scenes` synthetic scenes under `out` in the files of `config.flavor` and return that root.
 
     Scene k is drawn from its own generator seeded by (config.seed, k): the same seed gives
     byte-identical files, and a scene does not change when the number of scenes does.
@@ -723,10 +984,10 @@ def write_synthetic_dataset(out: str | Path, config: SynthConfig, progress: bool
     (root / MARKER_FILE).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
     samples: dict[str, dict] = {split: {} for split in config.splits}
     split_of = _assign_splits(config)
+    write = _WRITERS[config.flavor]
     for index in tqdm(range(config.scenes), desc="synthetic scenes", unit="scene", disable=not progress):
-        name = f"scene{index:04d}_00"
-        _write_scene(root, split_of[index], name, config, np.random.default_rng([config.seed, index]))
-        samples[split_of[index]].update(_split_entries(split_of[index], name, config.views_per_scene))
+        scene = _generate(config, np.random.default_rng([config.seed, index]), lifted=config.flavor == "re10k")
+        samples[split_of[index]].update(write(root, split_of[index], index, scene, config))
     (root / "splits").mkdir()
     for split, entries in samples.items():
         (root / "splits" / f"{split}.json").write_text(json.dumps(entries, indent=4) + "\n")

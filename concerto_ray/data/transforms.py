@@ -8,8 +8,9 @@ explicit `numpy.random.Generator`, so a sample's augmentations are reproducible 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 from scipy.interpolate import RegularGridInterpolator
@@ -29,8 +30,31 @@ def apply_transforms(transforms: Sequence[Transform], data: dict, rng: np.random
     return data
 
 
+# Indices of the labelled points of a limited-annotation scene (Pointcept's key). Voxelisation and dropout keep
+# these points whatever they draw (`with_labelled`), so that every labelled point reaches the loss.
+SAMPLED_INDEX = "sampled_index"
+
+
 def select_points(data: dict, index: np.ndarray) -> dict:
-    return {key: value[index] if key in POINT_KEYS else value for key, value in data.items()}
+    """The points `index` of the sample; `sampled_index`, if present, is remapped to the labelled points kept."""
+    out = {key: value[index] if key in POINT_KEYS else value for key, value in data.items()}
+    if SAMPLED_INDEX in data:
+        out[SAMPLED_INDEX] = np.flatnonzero(_labelled_mask(data)[index])
+    return out
+
+
+def with_labelled(data: dict, index: np.ndarray) -> np.ndarray:
+    """`index` plus the labelled points (`sampled_index`) it misses, in ascending point order as in Pointcept;
+    `index` itself when the sample has no `sampled_index`."""
+    if SAMPLED_INDEX not in data:
+        return index
+    return np.unique(np.concatenate([index, np.flatnonzero(_labelled_mask(data))]))
+
+
+def _labelled_mask(data: dict) -> np.ndarray:
+    mask = np.zeros(len(data["coord"]), dtype=bool)
+    mask[data[SAMPLED_INDEX]] = True
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------- bookkeeping
@@ -204,21 +228,24 @@ class RandomDropout:
             return data
         n = len(data["coord"])
         keep = rng.choice(n, int(n * (1 - self.dropout_ratio)), replace=False)
-        return select_points(data, keep)
+        return select_points(data, with_labelled(data, keep))
 
 
 @dataclass(frozen=True)
 class SphereCrop:
-    """Keep the `point_max` points nearest to a random point (no-op for smaller clouds)."""
+    """Keep the `point_max` points (with `sample_rate`: that share of the points) nearest to a random point
+    (no-op for smaller clouds). A crop may cut off labelled points: `sampled_index` then lists the kept ones."""
 
     point_max: int = 80000
+    sample_rate: float | None = None
 
     def __call__(self, data: dict, rng: np.random.Generator) -> dict:
         coord = data["coord"]
-        if len(coord) <= self.point_max:
+        point_max = self.point_max if self.sample_rate is None else int(self.sample_rate * len(coord))
+        if len(coord) <= point_max:
             return data
         center = coord[rng.integers(len(coord))]
-        return select_points(data, nearest_indices(coord, center, self.point_max))
+        return select_points(data, nearest_indices(coord, center, point_max))
 
 
 def nearest_indices(coord: np.ndarray, center: np.ndarray, size: int) -> np.ndarray:
@@ -273,7 +300,7 @@ class GridSample:
     def __call__(self, data: dict, rng: np.random.Generator) -> dict:
         grid_coord, order, first, count, inverse = self._voxels(data["coord"])
         # Pointcept's draw: an integer below the largest voxel's count, wrapped into each voxel's count.
-        keep = order[first + rng.integers(0, count.max(), count.size) % count]
+        keep = with_labelled(data, order[first + rng.integers(0, count.max(), count.size) % count])
         out = select_points(data, keep)
         if self.return_grid_coord:
             out["grid_coord"] = grid_coord[keep]

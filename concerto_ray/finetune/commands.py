@@ -10,8 +10,7 @@ import argparse
 
 
 def finetune_command(args: argparse.Namespace) -> None:
-    import ray
-
+    from concerto_ray.console import default_log_file, start_ray
     from concerto_ray.data import storage
     from concerto_ray.finetune.run_config import load_finetune_run, plan_finetune
     from concerto_ray.finetune.trainer import run_finetune
@@ -19,11 +18,15 @@ def finetune_command(args: argparse.Namespace) -> None:
 
     run = load_finetune_run(args.config, parse_overrides(args.overrides))
     plan_finetune(run)
-    ray.init(ignore_reinit_error=True)
-    result = run_finetune(run, resume=args.resume)
+    start_ray(default_log_file("finetune"))
+    result = run_finetune(run, resume=args.resume, show_progress=True)
     checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1]["val_miou"])
     storage_root = storage.resolve(run.run.storage_path, run.run.endpoint_url)
     print(f"finished; best val mIoU {metrics['val_miou']:.4f} at {storage_root.uri_of_path(checkpoint.path)}")
+    final = result.metrics
+    if "test_miou" in final:  # the full test protocol on that model, after the last round
+        print(f"test protocol on the best model: mIoU {final['test_miou']:.4f}, mAcc {final['test_macc']:.4f}, "
+              f"allAcc {final['test_all_acc']:.4f}")
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,10 +36,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sweep_command(args: argparse.Namespace) -> None:
-    import ray
-
+    from concerto_ray.console import default_log_file, start_ray
     from concerto_ray.finetune.sweep import load_sweep_config, run_sweep
 
     sweep = load_sweep_config(args.config, args.overrides)
-    ray.init(ignore_reinit_error=True)
-    print(run_sweep(sweep).summary())
+    start_ray(default_log_file("sweep"))
+    print(run_sweep(sweep, show_progress=True).summary())

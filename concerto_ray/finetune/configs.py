@@ -123,7 +123,10 @@ class FinetuneConfig:
     schedule: OneCycleConfig = field(default_factory=OneCycleConfig)
     clip_grad: float | None = 3.0
     mix_prob: float = 0.8  # Mix3D probability of the training batches
+    # Mixed precision on the GPU, as Pointcept's trainer: autocast to `amp_dtype`; float16 (its default) with a
+    # gradient scaler, whose overflow-skipped steps leave the lr schedule where it is.
     enable_amp: bool = True
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
     lora: LoraSettings = field(default_factory=LoraSettings)
     data_efficiency: DataEfficiencyConfig = field(default_factory=DataEfficiencyConfig)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)

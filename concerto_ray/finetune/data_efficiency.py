@@ -6,7 +6,8 @@
   applied exactly as Pointcept does (the listed points keep their label, whatever it is).
 - LR: training uses a share of the scenes, drawn from `seed`, or listed in the reference's `lr_file`.
 
-Limiting is applied to the decoded full-resolution scene, before any transform, as the reference does.
+Limiting is applied to the decoded full-resolution scene, before any transform, as the reference does, and lists
+the labelled points under `sampled_index`, which grid sampling and dropout then always keep.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from concerto_ray.data.transforms import SAMPLED_INDEX
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.finetune.configs import DataEfficiencyConfig
+from concerto_ray.node_cache import local_copy
 
 SceneLimiter = Callable[[dict], dict]
 
@@ -47,7 +50,8 @@ def keep_labels(data: dict, keep: np.ndarray, ignore_index: int = -1) -> dict:
                         sample=str(data.get("name", "?")), field="segment")
     limited = np.full_like(segment, ignore_index)
     limited[keep] = segment[keep]
-    return {**data, "segment": limited}
+    # Pointcept's `sampled_index`: voxelisation and dropout keep these points (concerto_ray.data.transforms).
+    return {**data, "segment": limited, SAMPLED_INDEX: np.unique(keep)}
 
 
 def limit_annotations(data: dict, budget: int, seed: int, ignore_index: int = -1) -> dict:
@@ -58,7 +62,7 @@ def limit_annotations(data: dict, budget: int, seed: int, ignore_index: int = -1
 
 def load_label_file(path: str | Path) -> dict[str, np.ndarray]:
     """The reference's `la_file`: a torch-saved dict {scene name: indices of the points that keep their label}."""
-    path = Path(path)
+    path = local_copy(str(path), field="label_file")  # an s3:// file: fetched once per node
     if not path.is_file():
         raise ConfigError(f"label file not found: {path}")
     # The reference's files pickle numpy arrays, which the safe loader rejects: only load files you trust.
@@ -115,7 +119,7 @@ def select_scenes(scenes: Sequence[str], percent: float, seed: int) -> list[str]
 
 def load_scene_list(path: str | Path) -> list[str]:
     """The reference's `lr_file`: scene names separated by whitespace (one per line)."""
-    path = Path(path)
+    path = local_copy(str(path), field="scene_list_file")  # an s3:// file: fetched once per node
     if not path.is_file():
         raise ConfigError(f"scene list file not found: {path}")
     names = path.read_text().split()

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from concerto_ray.config import from_dict, to_dict
+from concerto_ray.data.flavors import label_asset
 from concerto_ray.data.pipeline import StreamConfig
 from concerto_ray.data.shards import read_manifest
+from concerto_ray.data.sources import SourceConfig
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.finetune.configs import FinetuneConfig, load_finetune_config
 from concerto_ray.finetune.data_efficiency import training_scenes
@@ -40,8 +42,7 @@ FINETUNE_EXPERIMENT = "concerto-ray-finetune"
 class FinetuneData:
     shards: str  # local path or s3://bucket/prefix written by `concerto-ray prepare`
     endpoint_url: str | None = None  # S3-compatible endpoint of the shards
-    segment_asset: str | None = None  # label array ("segment20" for ScanNet); default: auto
-    shuffle_buffer: int = 8
+    segment_asset: str | None = None  # label array; default: the dataset's (flavors.label_asset: ScanNet segment20)
     verify_checksums: bool = True
 
 
@@ -52,17 +53,46 @@ class FinetuneRun:
     run: RunSettings
     mlflow: MlflowSection = field(default_factory=lambda: MlflowSection(experiment=FINETUNE_EXPERIMENT))
 
+    def stream(self, round_plan: RoundPlan) -> StreamConfig:
+        """The Ray Data stream of one round: the training split `loop` times in one shuffled epoch, as the
+        reference's repeated dataset, batched per worker."""
+        source = SourceConfig(shards=self.data.shards, splits=list(self.finetune.train_split), loop=round_plan.loop)
+        return StreamConfig(sources=[source], mode="semseg_train", endpoint_url=self.data.endpoint_url,
+                            batch_size=round_plan.worker_batch_size, seed=self.run.seed,
+                            verify_checksums=self.data.verify_checksums, segment_asset=self.data.segment_asset,
+                            semseg=self.finetune.transform)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One evaluation round as the reference trains it (Pointcept's train loop with `loop = epoch // eval_epoch`).
+
+    The round is one pass over the training scenes repeated `loop` times (L samples). As torch's
+    DistributedSampler does, every worker gets ceil(L / workers) of them (a few samples repeated to pad); the
+    batches are `batch_size // workers` per worker with the last partial batch dropped, except when L is at most
+    one global batch: the reference then keeps it, so the round is one step of the samples there are."""
+
+    samples: int  # training scenes
+    loop: int
+    num_workers: int
+    batch_size: int  # over all workers
+
+    @property
+    def samples_per_worker(self) -> int:
+        return -(-self.samples * self.loop // self.num_workers)
+
     @property
     def worker_batch_size(self) -> int:
-        """Samples per step on each worker: the config's batch size is over all workers, as in the reference."""
-        return self.finetune.batch_size // self.run.num_workers
+        return min(self.batch_size // self.num_workers, self.samples_per_worker)
 
-    def stream(self, mode: str = "semseg_train") -> StreamConfig:
-        """The Ray Data stream of the training split."""
-        return StreamConfig(shards=self.data.shards, mode=mode, splits=list(self.finetune.train_split),
-                            endpoint_url=self.data.endpoint_url, batch_size=self.worker_batch_size,
-                            shuffle_buffer=self.data.shuffle_buffer, verify_checksums=self.data.verify_checksums,
-                            segment_asset=self.data.segment_asset, semseg=self.finetune.transform)
+    @property
+    def steps(self) -> int:
+        return self.samples_per_worker // self.worker_batch_size
+
+    @property
+    def padding(self) -> int:
+        """Samples repeated so that every worker gets `samples_per_worker`."""
+        return self.samples_per_worker * self.num_workers - self.samples * self.loop
 
 
 @dataclass(frozen=True)
@@ -71,8 +101,13 @@ class FinetunePlan:
 
     train_scenes: list[str]  # after the limited-reconstruction selection
     limited_scenes: bool  # only a share of the training split is used
-    val_scenes: int
-    steps_per_epoch: int
+    val_scenes: list[str]
+    round: RoundPlan
+    rounds: int  # evaluation rounds (Pointcept's eval_epoch)
+
+    @property
+    def total_steps(self) -> int:
+        return self.round.steps * self.rounds
 
 
 def finetune_run_tree(config: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +123,8 @@ def finetune_run_tree(config: str | Path, overrides: dict[str, Any]) -> dict[str
 def load_finetune_run(config: str | Path, overrides: dict[str, Any]) -> FinetuneRun:
     """The run of fine-tuning config `config` (name or path) with `overrides`, typed and with absolute paths."""
     run = from_dict(FinetuneRun, finetune_run_tree(config, overrides))
+    if run.data.segment_asset is None:  # the labels the config's dataset trains on: ScanNet200 reads segment200
+        run.data.segment_asset = label_asset(run.finetune.dataset)
     # Workers do not share the driver's working directory.
     run.data.shards = absolute_uri(run.data.shards)
     run.run.storage_path = absolute_uri(run.run.storage_path)
@@ -120,15 +157,15 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
         selected = training_scenes(scenes, cfg.data_efficiency)
     except DataError as exc:
         raise ConfigError(f"finetune.data_efficiency: {exc}") from None
-    val_scenes = len(_split_samples(run, cfg.val_split, "finetune.val_split"))
+    val_scenes = _split_samples(run, cfg.val_split, "finetune.val_split")
     if not val_scenes:
         raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
-    steps = len(selected) // run.run.num_workers // run.worker_batch_size
-    if steps < 1:
-        raise ConfigError(f"one epoch gives no optimizer step: {len(selected)} training scenes for "
-                          f"{run.run.num_workers} workers x {run.worker_batch_size} samples per worker")
+    if not selected:
+        raise ConfigError(f"finetune.train_split {list(cfg.train_split)} has no samples to train on")
+    round_plan = RoundPlan(samples=len(selected), loop=cfg.epochs // cfg.eval_epochs,
+                           num_workers=run.run.num_workers, batch_size=cfg.batch_size)
     return FinetunePlan(train_scenes=selected, limited_scenes=len(selected) < len(scenes), val_scenes=val_scenes,
-                        steps_per_epoch=steps)
+                        round=round_plan, rounds=cfg.eval_epochs)
 
 
 def _split_samples(run: FinetuneRun, splits: tuple[str, ...], where: str) -> list[str]:

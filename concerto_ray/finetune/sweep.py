@@ -32,6 +32,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from concerto_ray.config import from_dict, to_dict
+from concerto_ray.console import TrialBar
 from concerto_ray.data import storage
 from concerto_ray.data.shards import read_shards
 from concerto_ray.errors import ConfigError
@@ -43,9 +44,16 @@ from concerto_ray.finetune.run_config import (
     plan_finetune,
 )
 from concerto_ray.finetune.trainer import SCORE, run_finetune
-from concerto_ray.train.config import MlflowSection, RunSettings, absolute_uri, apply_overrides, check_storage
-from concerto_ray.train.trainer import start_tracked_run
+from concerto_ray.spot_watcher import on_demand_placement
+from concerto_ray.train.config import (
+    MlflowSection,
+    RunSettings,
+    absolute_uri,
+    apply_overrides,
+    check_storage,
+)
 from concerto_ray.train.tracking import close_run
+from concerto_ray.train.trainer import start_tracked_run
 
 CONFIG_KEY = "config"
 # Tune needs a non-empty resource request per trial; the trial function only waits on its TorchTrainer, whose
@@ -187,8 +195,9 @@ def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_sweep(sweep: SweepConfig) -> SweepResult:
-    """Run every trial of the sweep on the connected Ray cluster; the best trial by val mIoU."""
+def run_sweep(sweep: SweepConfig, show_progress: bool = False) -> SweepResult:
+    """Run every trial of the sweep on the connected Ray cluster; the best trial by val mIoU. `show_progress`: a
+    progress bar of the trials on stderr (the CLI's) instead of Tune's status tables, which are never shown."""
     if sweep.data.verify_checksums:
         splits = {split for config in sweep.configs for split in _splits(sweep, config)}
         read_shards(sweep.data.shards, splits=sorted(splits), endpoint_url=sweep.data.endpoint_url, verify=True)
@@ -205,13 +214,14 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     sweep_dir = storage.resolve(sweep.run.run_uri, sweep.run.endpoint_url)
     trainable = ray.tune.with_parameters(run_trial, sweep=to_dict(sweep), parent_run_id=tracked.mlflow_run_id)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS}),
+        ray.tune.with_resources(trainable, on_demand_placement(TRIAL_DRIVER_CPUS)),  # not on spot nodes
         param_space=param_space,
         tune_config=ray.tune.TuneConfig(metric=SCORE, mode="max", scheduler=scheduler,
                                         num_samples=sweep.num_samples,
                                         max_concurrent_trials=sweep.max_concurrent_trials),
         run_config=ray.tune.RunConfig(name="tune", storage_path=sweep_dir.root,
-                                      storage_filesystem=sweep_dir.filesystem),
+                                      storage_filesystem=sweep_dir.filesystem, verbose=0,
+                                      callbacks=[TrialBar(SCORE)] if show_progress else None),
     )
     try:
         grid = tuner.fit()

@@ -1,25 +1,34 @@
 """Semantic segmentation fine-tuning on Ray Train: streamed training split -> TorchTrainer -> evaluation rounds.
 
-The config's `epochs` are cut into `eval_epochs` equal rounds (Pointcept's `eval_epoch`). After each round rank 0
-evaluates the full-resolution validation scenes with the reference's test protocol (`evaluate.py`); every worker
-then reports the validation metrics with a checkpoint (`round-NNNN/`, the layout of `concerto_ray.train.state`).
-Ray Train keeps the `run.checkpoints_to_keep` best by val mIoU, plus the latest, from which a failure restart or
-`resume=True` continues at the next round.
+Training is cut into `eval_epochs` rounds as in Pointcept: a round is one pass over the training scenes repeated
+`epochs // eval_epochs` times (`RoundPlan` has the reference's step count). After each round every worker runs the
+validation pass (`evaluate.py`: the validation transform, one forward per scene) over its share of the validation
+scenes; the confusion matrices are summed over the workers, so all of them report the same val metrics with a
+checkpoint (`round-NNNN/`, the layout of `concerto_ray.train.state`). Ray Train keeps the
+`run.checkpoints_to_keep` best by val mIoU, plus the latest, from which a failure restart or `resume=True`
+continues at the next round. After the last round the best round's model (Pointcept's `model_best`) goes through
+the full test protocol (fragments and test-time augmentations), again spread over the workers; its metrics are
+reported as test_*.
 
 MLflow (one run per fine-tuning run, a child run when it is a sweep trial): per-step loss, lr and gradient norm;
 per round val_miou / val_macc / val_all_acc and, as artifacts, the per-class IoU table and the confusion matrix
-(`eval/round-NNNN/`); at the end the best round's metrics and checkpoint (tag `best_checkpoint`).
+(`eval/round-NNNN/`); at the end test_miou / test_macc / test_all_acc with their table and matrix (`eval/test/`),
+and the best round's metrics and checkpoint (tag `best_checkpoint`).
 
 Data-efficient settings act on the training data only: limited reconstructions filter the training split by scene
-name, limited annotations rewrite each decoded scene's labels before the transforms.
+name, limited annotations rewrite each decoded scene's labels before the transforms (which keep the labelled
+points).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
+import json
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +40,31 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
 from concerto_ray.config import from_dict, to_dict
+from concerto_ray.console import StageBar, post_progress
 from concerto_ray.data import storage
-from concerto_ray.data.pipeline import EpochReadAhead, batch_to_device, build_dataset
+from concerto_ray.data.pipeline import (
+    EpochReadAhead,
+    StreamConfig,
+    batch_to_device,
+    build_dataset,
+)
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_shards
 from concerto_ray.finetune.configs import FinetuneConfig
 from concerto_ray.finetune.data_efficiency import annotation_limiter
-from concerto_ray.finetune.evaluate import evaluate
-from concerto_ray.finetune.metrics import SegMetrics, per_class_table, save_confusion_png
-from concerto_ray.finetune.run_config import FinetuneRun, plan_finetune
+from concerto_ray.finetune.evaluate import protocol_confusion, validation_confusion
+from concerto_ray.finetune.metrics import (
+    SegMetrics,
+    per_class_table,
+    save_confusion_png,
+    segmentation_metrics,
+)
+from concerto_ray.finetune.run_config import (
+    FinetunePlan,
+    FinetuneRun,
+    RoundPlan,
+    plan_finetune,
+)
 from concerto_ray.finetune.segmentor import build_segmentor, param_groups
 from concerto_ray.train.loop import (
     NonFiniteGuard,
@@ -49,49 +74,119 @@ from concerto_ray.train.loop import (
     world_size,
 )
 from concerto_ray.train.optim import adamw_one_cycle
-from concerto_ray.train.state import MODEL_FILE, Progress, load_checkpoint, save_checkpoint
-from concerto_ray.train.trainer import TrackedRun, fit, ray_run_config, scaling_config, start_tracked_run
+from concerto_ray.train.state import (
+    MODEL_FILE,
+    Progress,
+    load_checkpoint,
+    save_checkpoint,
+)
 from concerto_ray.train.tracking import StepMetrics, close_run
+from concerto_ray.train.trainer import (
+    TrackedRun,
+    fit,
+    ray_run_config,
+    scaling_config,
+    start_tracked_run,
+)
 
 CHECKPOINT_DIR_FORMAT = "round-{:04d}"
 SCORE = "val_miou"  # what the best checkpoint, and a sweep, is chosen by (higher is better)
 BEST_CHECKPOINT_TAG = "best_checkpoint"
+VAL_DATASET = "val_{}"  # the validation samples of worker rank i
+TEST_DATASET = "test_{}"  # the decoded validation scenes of worker rank i, for the test protocol
+BEST_FILE = "best.json"  # in each checkpoint: the best round so far, for the test after a restart
+SCALER_FILE = "scaler.pt"  # in each checkpoint when float16 AMP scales the loss
+# Workers meet in collectives after uneven work: the evaluation shares and, longest, the final test protocol
+# (thirteen passes over each scene). Two hours leave room for the slowest share of a full validation split.
+COLLECTIVE_TIMEOUT_S = 2 * 3600
+METRIC_KEYS = ("miou", "macc", "all_acc")
 
 
 def run_finetune(run: FinetuneRun, resume: bool = False, *, parent_run_id: str | None = None,
-                 callbacks: Sequence[ray.train.UserCallback] = ()) -> ray.train.Result:
-    """Fine-tune until `finetune.epochs` are done; with `resume`, continue the stopped run of the same `run.name`.
+                 callbacks: Sequence[ray.train.UserCallback] = (), show_progress: bool = False) -> ray.train.Result:
+    """Fine-tune for `finetune.eval_epochs` rounds; with `resume`, continue the stopped run of the same `run.name`.
 
     `parent_run_id` makes the MLflow run a child of that run (sweeps); `callbacks` go to Ray Train's RunConfig
-    (a sweep trial passes Ray Tune's report callback)."""
+    (a sweep trial passes Ray Tune's report callback); `show_progress`: a progress bar of the optimizer steps on
+    stderr and a summary line (the CLI's, the demo's)."""
     plan = plan_finetune(run)
     tracked = start_tracked_run(run, run.run, run.mlflow, resume, parent_run_id)
-    limiter = annotation_limiter(run.finetune.data_efficiency, run.finetune.ignore_index)
-    train = build_dataset(run.stream(), scenes=plan.train_scenes if plan.limited_scenes else None,
-                          scene_hook=limiter)
+    datasets = {"train": training_dataset(run, plan)}
+    for rank, share in enumerate(scene_shares(plan.val_scenes, run.run.num_workers)):
+        verify = run.data.verify_checksums and rank == 0  # the validation shards once
+        datasets[VAL_DATASET.format(rank)] = validation_samples(run, share, verify)
+        datasets[TEST_DATASET.format(rank)] = validation_scenes(run, share, verify=False)
     checkpoints = ray.train.CheckpointConfig(num_to_keep=run.run.checkpoints_to_keep,
                                              checkpoint_score_attribute=SCORE, checkpoint_score_order="max")
-    trainer = ray.train.torch.TorchTrainer(
-        finetune_loop_per_worker,
-        train_loop_config={"run": to_dict(run), "steps_per_epoch": plan.steps_per_epoch,
-                           "tracking_uri": tracked.tracking_uri, "mlflow_run_id": tracked.mlflow_run_id},
-        scaling_config=scaling_config(run.run),
-        run_config=ray_run_config(run.run, checkpoints, callbacks),
-        datasets={"train": train, "val": validation_scenes(run)},
-        # The validation scenes are not split: rank 0 evaluates all of them.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    result = fit(trainer, tracked)
+    with StageBar(run.run.name, plan.total_steps, enabled=show_progress) as bar:
+        trainer = ray.train.torch.TorchTrainer(
+            finetune_loop_per_worker,
+            train_loop_config={"run": to_dict(run), "round": dataclasses.asdict(plan.round), "rounds": plan.rounds,
+                               "tracking_uri": tracked.tracking_uri, "mlflow_run_id": tracked.mlflow_run_id,
+                               "progress": bar.board},
+            torch_config=ray.train.torch.TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
+            scaling_config=scaling_config(run.run),
+            run_config=ray_run_config(run.run, checkpoints, callbacks),
+            datasets=datasets,
+            # Only the training stream is split; each worker reads its own evaluation datasets whole.
+            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        )
+        result = fit(trainer, tracked)
+    if show_progress:
+        print(bar.summary())
     log_best_checkpoint(tracked, result)
     close_run(tracked.tracking_uri, tracked.mlflow_run_id, succeeded=True)
     return result
 
 
-def validation_scenes(run: FinetuneRun) -> ray.data.Dataset:
-    """Decoded full-resolution validation scenes (name, coord, color, normal, segment), one per row."""
+def training_dataset(run: FinetuneRun, plan: FinetunePlan) -> ray.data.Dataset:
+    """One round of training samples: the (selected) training scenes `loop` times, plus the padding that gives
+    every worker the same number of samples (`RoundPlan`)."""
+    limiter = annotation_limiter(run.finetune.data_efficiency, run.finetune.ignore_index)
+    scenes = plan.train_scenes if plan.limited_scenes else None
+    stream = run.stream(plan.round)
+    samples = build_dataset(stream, scenes=scenes, scene_hook=limiter)
+    if not plan.round.padding:
+        return samples
+    # The padding: the first samples of a further single pass (its shards are checked already).
+    one_pass = dataclasses.replace(stream, sources=[dataclasses.replace(stream.sources[0], loop=1)],
+                                   verify_checksums=False)
+    return samples.union(build_dataset(one_pass, scenes=scenes, scene_hook=limiter).limit(plan.round.padding))
+
+
+def scene_shares(scenes: Sequence[str], workers: int) -> list[list[str]]:
+    """The scenes each worker evaluates: every `workers`-th of the sorted names, so shares differ by one at most."""
+    names = sorted(scenes)
+    return [names[rank::workers] for rank in range(workers)]
+
+
+def validation_samples(run: FinetuneRun, scenes: Sequence[str], verify: bool) -> ray.data.Dataset:
+    """The validation transform's samples (voxelised, with `inverse` and `origin_segment`) of `scenes`."""
+    stream = StreamConfig(shards=run.data.shards, mode="semseg_val", splits=list(run.finetune.val_split),
+                          endpoint_url=run.data.endpoint_url, batch_size=1, verify_checksums=verify,
+                          segment_asset=run.data.segment_asset, semseg=run.finetune.transform)
+    return build_dataset(stream, scenes=scenes)
+
+
+def validation_scenes(run: FinetuneRun, scenes: Sequence[str] | None = None,
+                      verify: bool | None = None) -> ray.data.Dataset:
+    """Decoded full-resolution validation scenes (name, coord, color, normal, segment), one per row; only those
+    named in `scenes` when given."""
     ds = read_shards(run.data.shards, splits=list(run.finetune.val_split), endpoint_url=run.data.endpoint_url,
-                     verify=run.data.verify_checksums)
+                     verify=run.data.verify_checksums if verify is None else verify)
+    if scenes is not None:
+        ds = ds.filter(NamedScenes(scenes))
     return ds.map(DecodeScene(run.data.segment_asset))
+
+
+class NamedScenes:
+    """Row filter on the sample name; picklable for Ray Data tasks."""
+
+    def __init__(self, names: Collection[str]):
+        self.names = frozenset(names)
+
+    def __call__(self, row: dict) -> bool:
+        return str(row["name"]) in self.names
 
 
 class DecodeScene:
@@ -132,18 +227,26 @@ def load_finetuned(config: FinetuneConfig, checkpoint: str | Path) -> torch.nn.M
 
 
 def finetune_loop_per_worker(loop_config: dict) -> None:
-    """`loop_config`: {"run": the FinetuneRun as a dict, "steps_per_epoch", "tracking_uri", "mlflow_run_id"}."""
+    """`loop_config`: {"run": the FinetuneRun as a dict, "round": the RoundPlan as a dict, "rounds",
+    "tracking_uri", "mlflow_run_id", "progress": the driver's ProgressBoard or None}."""
     run = from_dict(FinetuneRun, loop_config["run"])
-    FinetuneWorker(run, loop_config["steps_per_epoch"], loop_config["tracking_uri"],
-                   loop_config["mlflow_run_id"]).run()
+    FinetuneWorker(run, RoundPlan(**loop_config["round"]), loop_config["rounds"], loop_config["tracking_uri"],
+                   loop_config["mlflow_run_id"], loop_config.get("progress")).run()
+
+
+@dataclasses.dataclass
+class BestRound:
+    round: int = 0  # 0: none evaluated yet
+    val_miou: float = -math.inf
 
 
 class FinetuneWorker:
-    def __init__(self, run: FinetuneRun, steps_per_epoch: int, tracking_uri: str, mlflow_run_id: str):
+    def __init__(self, run: FinetuneRun, round_plan: RoundPlan, rounds: int, tracking_uri: str, mlflow_run_id: str,
+                 board: ray.actor.ActorHandle | None = None):
         self.run_config = run
         self.cfg = cfg = run.finetune
-        self.steps_per_epoch = steps_per_epoch
-        self.epochs_per_round = cfg.epochs // cfg.eval_epochs
+        self.round = round_plan
+        self.rounds = rounds
         self.rank = ray.train.get_context().get_world_rank()
         self.device = ray.train.torch.get_device()
 
@@ -152,95 +255,147 @@ class FinetuneWorker:
         self.model = ray.train.torch.prepare_model(self.segmentor)
         schedule = cfg.schedule
         self.optimizer, self.scheduler = adamw_one_cycle(
-            param_groups(self.segmentor, cfg), cfg.weight_decay, steps_per_epoch * cfg.epochs,
+            param_groups(self.segmentor, cfg), cfg.weight_decay, round_plan.steps * rounds,
             pct_start=schedule.pct_start, anneal_strategy=schedule.anneal_strategy,
             div_factor=schedule.div_factor, final_div_factor=schedule.final_div_factor)
+        self.amp = cfg.enable_amp and self.device.type == "cuda"
+        self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        # float16 needs loss scaling (its range underflows small gradients); bfloat16 does not.
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp and cfg.amp_dtype == "float16" else None
+        self.progress = Progress()  # its epoch counts rounds
+        self.best = BestRound()
         checkpoint = ray.train.get_checkpoint()
-        self.progress = Progress()
         if checkpoint is not None:
             self.progress = load_checkpoint(checkpoint, self.segmentor, self.optimizer, self.scheduler)
+            with checkpoint.as_directory() as folder:
+                self.best = BestRound(**json.loads((Path(folder) / BEST_FILE).read_text()))
+                if self.scaler is not None and (Path(folder) / SCALER_FILE).is_file():
+                    self.scaler.load_state_dict(torch.load(Path(folder) / SCALER_FILE, weights_only=True))
         # Augmentation draws in the model (drop path) and Mix3D differ per worker and per resumption.
         seed = np.random.SeedSequence([run.run.seed, self.rank, self.progress.global_step])
         torch.manual_seed(int(seed.generate_state(1)[0]))
         self.mix_rng = np.random.default_rng(seed)
 
-        self.amp = cfg.enable_amp and self.device.type == "cuda"  # bf16 autocast: no gradient scaler needed
         self.guard = NonFiniteGuard(run.run.max_nonfinite_steps)
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
+        self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(run.run.run_uri, run.run.endpoint_url)
 
     def run(self) -> None:
         shard = ray.train.get_dataset_shard("train")
-        stream = self.run_config.stream()
-        while self.progress.epoch < self.cfg.epochs:
-            # Read ahead within an evaluation round only: the evaluation's Ray Data pipeline must not compete for
-            # CPUs with tasks of the next epoch's that would sit paused, waiting for training to take their batches.
-            round_end = (self.progress.epoch // self.epochs_per_round + 1) * self.epochs_per_round
-            with EpochReadAhead(shard, stream, round_end - self.progress.epoch) as reader:
-                while self.progress.epoch < round_end:
-                    epoch = self.progress.epoch
-                    steps = epoch_steps(reader.next_epoch(), 1, self.progress.step_in_epoch, self.steps_per_epoch)
-                    for (batch,), _ in steps:
-                        values = self.optimizer_step(batch)
-                        self.progress.advance(self.steps_per_epoch)
-                        if self.metrics is not None:
-                            self.metrics.add(self.progress.global_step, values)
-                    if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
-                        self.progress.epoch += 1
-                        self.progress.step_in_epoch = 0
-            self.evaluate_and_report()
+        stream = self.run_config.stream(self.round)
+        while self.progress.epoch < self.rounds:
+            round_index = self.progress.epoch
+            # A round is one Ray Data epoch. No reading ahead into the next one: the evaluation's Ray Data pipelines
+            # must not compete for CPUs with tasks that would sit paused, waiting for training to take their batches.
+            with EpochReadAhead(shard, stream, 1) as reader:
+                steps = epoch_steps(reader.next_epoch(), 1, self.progress.step_in_epoch, self.round.steps)
+                for (batch,), _ in steps:
+                    values = self.optimizer_step(batch)
+                    self.progress.advance(self.round.steps)
+                    if self.metrics is not None:
+                        self.metrics.add(self.progress.global_step, values)
+                    post_progress(self.board, self.progress.global_step, loss=values["loss"])
+            if self.progress.epoch == round_index:  # the stream ended early: samples were skipped as bad
+                self.progress.epoch += 1
+                self.progress.step_in_epoch = 0
+            self.end_round()
 
     def optimizer_step(self, batch: dict) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
         if self.mix_rng.random() < self.cfg.mix_prob:
             batch = mix3d(batch)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             loss = self.model(batch_to_device(batch, self.device))["loss"]
-        loss.backward()
+        scaler = self.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         clip = self.cfg.clip_grad
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
-        nonfinite = not (bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)))
+        # Under loss scaling an overflowing gradient is routine: the scaler skips that step and lowers the scale.
+        # Only a non-finite loss (or, unscaled, gradient) counts as a bad step.
+        nonfinite = not bool(torch.isfinite(loss)) or (scaler is None and not bool(torch.isfinite(grad_norm)))
         nonfinite, (total_loss,) = agree_across_workers(nonfinite, [float(loss)], self.device)
+        schedule_step = True  # the lr schedule stays tied to the data position, except as below
         if nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.skipped_steps += 1
+            if scaler is not None:
+                scaler.update()  # closes this step's unscale_ (and lowers the scale)
+        elif scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.update()
+            # As Pointcept: a step the scaler skipped (its scale went down) does not advance the lr schedule.
+            schedule_step = scale <= scaler.get_scale()
         else:
             self.optimizer.step()
         self.guard.record(nonfinite, self.progress.global_step + 1)
         lrs = {f"lr_{group['name']}": group["lr"] for group in self.optimizer.param_groups}
-        self.scheduler.step()
-        return dict(lrs, loss=total_loss / world_size(), grad_norm=float(grad_norm),
-                    skipped_steps=self.progress.skipped_steps, epoch=self.progress.epoch)
+        if schedule_step:
+            self.scheduler.step()
+        values = dict(lrs, loss=total_loss / world_size(), grad_norm=float(grad_norm),
+                      skipped_steps=self.progress.skipped_steps, epoch=self.progress.epoch)
+        if scaler is not None:
+            values["loss_scale"] = scaler.get_scale()
+        return values
 
-    def evaluate_and_report(self) -> None:
-        round_index = self.progress.epoch // self.epochs_per_round
-        scores = torch.zeros(3, dtype=torch.float64, device=self.device)
-        if self.rank == 0:
-            scenes = ray.train.get_dataset_shard("val").iter_rows()
-            metrics = evaluate(self.segmentor, scenes, self.cfg)
-            scores[:] = torch.tensor([metrics.miou, metrics.macc, metrics.all_acc], dtype=torch.float64)
-            self.log_evaluation(round_index, metrics)
-        if world_size() > 1:  # every worker reports the same scores
-            dist.all_reduce(scores)
-        values = dict(zip(("val_miou", "val_macc", "val_all_acc"), scores.tolist()),
-                      epoch=self.progress.epoch, round=round_index, step=self.progress.global_step)
+    def end_round(self) -> None:
+        """Validate, then (after the last round) test the best model, and report with a checkpoint."""
+        round_index = self.progress.epoch
+        rows = ray.train.get_dataset_shard(VAL_DATASET.format(self.rank)).iter_rows()
+        val = segmentation_metrics(self.sum_over_workers(validation_confusion(self.segmentor, rows, self.cfg)))
+        if val.miou > self.best.val_miou:
+            self.best = BestRound(round_index, val.miou)
+        values = self.log_evaluation(f"eval/round-{round_index:04d}", val, "val")
+        values.update(epoch=round_index, round=round_index, step=self.progress.global_step,
+                      best_round=self.best.round)
+        if round_index == self.rounds:
+            values.update(self.log_evaluation("eval/test", self.test_best_model(), "test"))
         name = CHECKPOINT_DIR_FORMAT.format(round_index)
-        report_checkpoint(name, values, lambda folder: save_checkpoint(folder, self.segmentor, self.optimizer,
-                                                                       self.scheduler, self.progress))
+        report_checkpoint(name, values, self.save)
         if self.metrics is not None:
             self.metrics.commit(self.run_dir.uri_of(name))
 
-    def log_evaluation(self, round_index: int, metrics: SegMetrics) -> None:
-        """Round metrics (sent with the checkpoint) and the per-class table and confusion matrix (now)."""
-        self.metrics.add(self.progress.global_step, {"val_miou": metrics.miou, "val_macc": metrics.macc,
-                                                     "val_all_acc": metrics.all_acc})
-        folder = f"eval/round-{round_index:04d}"
+    def test_best_model(self) -> SegMetrics:
+        """The full test protocol on this worker's share of the scenes, with the best round's weights."""
+        model = self.segmentor
+        if self.best.round != self.progress.epoch:  # an earlier round's checkpoint, from the run's storage
+            raw = self.run_dir.read_bytes(f"{CHECKPOINT_DIR_FORMAT.format(self.best.round)}/{MODEL_FILE}")
+            model = copy.deepcopy(self.segmentor)
+            state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)["state_dict"]
+            model.load_state_dict(state)
+        scenes = ray.train.get_dataset_shard(TEST_DATASET.format(self.rank)).iter_rows()
+        return segmentation_metrics(self.sum_over_workers(protocol_confusion(model, scenes, self.cfg)))
+
+    def sum_over_workers(self, confusion: np.ndarray) -> np.ndarray:
+        if world_size() == 1:
+            return confusion
+        total = torch.from_numpy(confusion).to(self.device)
+        dist.all_reduce(total)
+        return total.cpu().numpy()
+
+    def save(self, folder: Path) -> None:
+        save_checkpoint(folder, self.segmentor, self.optimizer, self.scheduler, self.progress)
+        (folder / BEST_FILE).write_text(json.dumps(dataclasses.asdict(self.best)))
+        if self.scaler is not None:
+            torch.save(self.scaler.state_dict(), folder / SCALER_FILE)
+
+    def log_evaluation(self, folder: str, metrics: SegMetrics, prefix: str) -> dict[str, float]:
+        """The metrics as {prefix_miou, ...}; rank 0 logs them (sent with the checkpoint) and the per-class table
+        and confusion matrix (now) under `folder`."""
+        values = {f"{prefix}_{key}": getattr(metrics, key) for key in METRIC_KEYS}
+        if self.metrics is None:
+            return values
+        self.metrics.add(self.progress.global_step, values)
         client, run_id = self.metrics.client, self.metrics.run_id
         client.log_text(run_id, per_class_table(metrics, self.cfg.class_names) + "\n", f"{folder}/per_class_iou.txt")
         with tempfile.TemporaryDirectory() as tmp:
             png = save_confusion_png(metrics.confusion, self.cfg.class_names, Path(tmp) / "confusion.png")
             client.log_artifact(run_id, str(png), folder)
+        return values
 
 
 def mix3d(batch: dict) -> dict:

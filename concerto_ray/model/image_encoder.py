@@ -14,6 +14,7 @@ import torch
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from concerto_ray.errors import ConfigError
+from concerto_ray.node_cache import local_copy
 
 
 @dataclass(kw_only=True)
@@ -54,8 +55,9 @@ def load_image_encoder(config: ImageEncoderConfig) -> Dinov2WithRegistersModel:
         raise ConfigError("image_encoder.weights is empty: give a local directory written by "
                           "save_pretrained or a hub name such as 'facebook/dinov2-with-registers-giant'")
     try:
-        model = Dinov2WithRegistersModel.from_pretrained(config.weights,
-                                                         local_files_only=config.local_files_only)
+        # An s3:// folder is fetched once per node, by the worker that loads it.
+        weights = str(local_copy(config.weights, field="image_encoder.weights"))
+        model = Dinov2WithRegistersModel.from_pretrained(weights, local_files_only=config.local_files_only)
     except OSError as exc:
         raise ConfigError(f"image_encoder.weights: cannot load DINOv2-with-registers from "
                           f"{config.weights!r} (local_files_only={config.local_files_only}): {exc}") from None

@@ -14,6 +14,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.model.serialization import ORDERS
@@ -265,12 +266,26 @@ class Block(nn.Module):
         self.ls2 = _maybe_layer_scale(channels, layer_scale)
         self.mlp = nn.Sequential(MLP(channels, int(channels * mlp_ratio), drop=proj_drop))
         self.drop_path = DropPath(drop_path)
+        self.activation_checkpointing = False  # set through PointTransformerV3.set_activation_checkpointing
 
     def forward(self, point: Point) -> Point:
-        conv, linear, norm = self.cpe
         # Keep the conv's output tensor: it carries the neighbour map that later blocks of the stage reuse.
-        point.sparse_conv_feat = conv(point.sparse_conv_feat)
-        feat = point.feat + norm(linear(point.sparse_conv_feat.features))
+        point.sparse_conv_feat = self.cpe[0](point.sparse_conv_feat)
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # Only the block's inputs are kept; the rest is recomputed in backward (RNG state preserved, so
+            # drop path draws the same rows). The conv stays outside: spconv keeps its own state.
+            feat = checkpoint(self._residuals, point.feat, point.sparse_conv_feat.features, point,
+                              use_reentrant=False)
+        else:
+            feat = self._residuals(point.feat, point.sparse_conv_feat.features, point)
+        point.feat = feat
+        point.sparse_conv_feat = point.sparse_conv_feat.replace_feature(feat)
+        return point
+
+    def _residuals(self, feat: torch.Tensor, conv_feat: torch.Tensor, point: Point) -> torch.Tensor:
+        """The block after its sparse conv: positional-encoding residual, attention and MLP."""
+        _, linear, norm = self.cpe
+        feat = feat + norm(linear(conv_feat))
 
         shortcut = feat
         if self.pre_norm:
@@ -285,9 +300,7 @@ class Block(nn.Module):
         feat = shortcut + self.drop_path(self.ls2(self.mlp(feat)))
         if not self.pre_norm:
             feat = self.norm2(feat)
-        point.feat = feat
-        point.sparse_conv_feat = point.sparse_conv_feat.replace_feature(feat)
-        return point
+        return feat
 
 
 def _segment_reduce(data: torch.Tensor, lengths: torch.Tensor, reduce: str) -> torch.Tensor:
@@ -454,6 +467,13 @@ class PointTransformerV3(nn.Module):
         for module in self.modules():
             if isinstance(module, GridPooling):
                 module.shuffle_orders = enabled
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's attention and MLP in backward instead of keeping their activations: less
+        memory for a longer step (the outputs and gradients are unchanged)."""
+        for module in self.modules():
+            if isinstance(module, Block):
+                module.activation_checkpointing = enabled
 
     def _check_input(self, data: dict) -> None:
         """Shape checks, free of device syncs; the value checks of offset/batch run only on CPU tensors (on an

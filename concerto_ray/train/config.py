@@ -1,14 +1,14 @@
 """The typed pre-training config, loaded from YAML with `--set` overrides and checked before Ray starts.
 
-A YAML file has the sections of `PretrainConfig`: `model`, `data` (a `StreamConfig`), `optim`, `run`, `mlflow` and
-`faults` (test hooks, off unless set). `load_pretrain_config` rejects unknown keys (suggesting the closest one),
-wrong types and bad values, and checks that the shards' manifest exists, so that a typo costs seconds, not a
-cluster allocation.
+A YAML file has the sections of `PretrainConfig`: `model`, `data` (a `StreamConfig`), `optim`, `run` and `mlflow`.
+`load_pretrain_config` rejects unknown keys (suggesting the closest one), wrong types and bad values, and checks
+that the shards' manifest exists, so that a typo costs seconds, not a cluster allocation.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import posixpath
 from dataclasses import dataclass, field
@@ -19,9 +19,9 @@ import yaml
 
 from concerto_ray.config import from_dict
 from concerto_ray.data.pipeline import StreamConfig
-from concerto_ray.data.shards import read_manifest
+from concerto_ray.data.sources import EpochPlan, field_name, load_sources
 from concerto_ray.data.storage import S3_SCHEME
-from concerto_ray.errors import ConfigError, DataError
+from concerto_ray.errors import ConfigError
 from concerto_ray.model.configs import ConcertoConfig, SonataConfig, get_model_config
 
 # The shipped paper configs carry this in data.shards until the user points it at their own shards.
@@ -75,6 +75,9 @@ class RunSettings:
     endpoint_url: str | None = None  # S3-compatible endpoint of storage_path
     num_workers: int = 1
     use_gpu: bool = False
+    # The GPU kind every worker needs, as Ray names it and cluster.yaml's node types declare it ("H100", "A100");
+    # None: any GPU. Ray Train then places workers (and the autoscaler launches nodes) of that kind only.
+    accelerator_type: str | None = None
     cpus_per_worker: float = 1.0  # leave CPUs free on the cluster for Ray Data's transform tasks
     seed: int = 0
     checkpoints_to_keep: int = 3
@@ -87,6 +90,8 @@ class RunSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        if self.accelerator_type is not None and not self.use_gpu:
+            raise ValueError(f"accelerator_type {self.accelerator_type!r} needs use_gpu: true")
         if self.max_failures < -1:
             raise ValueError(f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if not self.name or "/" in self.name:
@@ -120,26 +125,12 @@ class MlflowSection:
 
 
 @dataclass
-class FaultInjection:
-    """Test hooks that make failures happen on purpose; all off by default. Never set them for real runs.
-
-    exit_at_step: rank 0 ends its process (os._exit) just before optimizer step N, in an attempt that did not
-        start from a checkpoint; a restart from a checkpoint therefore runs on.
-    nonfinite_loss_steps: optimizer steps (1-based) whose loss rank 0 multiplies by NaN, to exercise the guard.
-    """
-
-    exit_at_step: int | None = None
-    nonfinite_loss_steps: list[int] = field(default_factory=list)
-
-
-@dataclass
 class PretrainConfig:
     model: ModelSection
     data: StreamConfig
     run: RunSection
     optim: OptimConfig = field(default_factory=OptimConfig)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
-    faults: FaultInjection = field(default_factory=FaultInjection)
 
     def model_config(self) -> SonataConfig | ConcertoConfig:
         """The named model config with this run's overrides applied."""
@@ -165,12 +156,12 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     data = apply_overrides(data, overrides)
     try:
         config = from_dict(PretrainConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}") from exc
     validate(config)
     return config
 
@@ -194,7 +185,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         try:
             parsed[key] = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
     return parsed
 
 
@@ -214,13 +205,22 @@ def validate(config: PretrainConfig) -> None:
     data = config.data
     if data.mode != "pretrain":
         raise ConfigError(f"data.mode must be 'pretrain' for pre-training, got {data.mode!r}")
-    if data.shards.startswith(SHARDS_PLACEHOLDER):
-        raise ConfigError(f"data.shards is still the placeholder {data.shards!r}: set it to the shards written by "
-                          f"`concerto-ray prepare`, e.g. --set data.shards=s3://my-bucket/scannet-shards")
-    if data.splits is None:
-        data.splits = ["train"]
+    placeholders = [("data.sources_root", data.sources_root)] + [
+        (field_name(data.where(), i, "shards"), s.shards) for i, s in enumerate(data.source_configs())]
+    for field, value in placeholders:
+        if value is not None and value.startswith(SHARDS_PLACEHOLDER):
+            raise ConfigError(f"{field} is still the placeholder {value!r}: set it to the shards written by "
+                              f"`concerto-ray prepare`, e.g. --set {field}=s3://my-bucket/concerto-shards")
     # Workers do not share the driver's working directory: local paths become absolute here.
-    data.shards = absolute_uri(data.shards)
+    if data.shards is not None:
+        data.shards = absolute_uri(data.shards)
+        if data.splits is None:
+            data.splits = ["train"]
+    else:  # each source's shards resolved against sources_root
+        data.sources = [dataclasses.replace(s, shards=absolute_uri(s.shards)) for s in data.source_configs()]
+        data.sources_root = None
+    if data.seed is None:  # the run's seed fixes the data order and augmentations too
+        data.seed = config.run.seed
     config.run.storage_path = absolute_uri(config.run.storage_path)
     weights = config.model.image_encoder_weights
     if weights is not None and Path(weights).is_dir():
@@ -228,19 +228,16 @@ def validate(config: PretrainConfig) -> None:
     try:
         model_config = config.model_config()
     except ValueError as exc:  # ConfigError, or a model config check on the derived patch grid
-        raise ConfigError(f"model: {exc}") from None
+        raise ConfigError(f"model: {exc}") from exc
     _check_views(config, model_config)
     if isinstance(model_config, ConcertoConfig) and model_config.enc2d_loss_weight > 0:
         _check_image_encoder_weights(model_config)
     check_storage(config.run, config.mlflow)
     steps = steps_per_epoch(config)
     if steps < 1:
-        raise ConfigError(f"one epoch gives no optimizer step: {_train_samples(config)} samples in splits "
-                          f"{data.splits} for {config.run.num_workers} workers x data.batch_size "
+        raise ConfigError(f"one epoch gives no optimizer step: {_train_samples(config)} samples of "
+                          f"{data.where()} for {config.run.num_workers} workers x data.batch_size "
                           f"{data.batch_size} x optim.grad_accumulation {config.optim.grad_accumulation}")
-    for step in config.faults.nonfinite_loss_steps:
-        if step < 1:
-            raise ConfigError(f"faults.nonfinite_loss_steps: steps are 1-based, got {step}")
 
 
 def steps_per_epoch(config: PretrainConfig) -> int:
@@ -279,7 +276,8 @@ def _check_image_encoder_weights(model_config: ConcertoConfig) -> None:
     if not encoder.weights:
         raise ConfigError("model.image_encoder_weights: the Concerto image encoder needs DINOv2 weights "
                           "(a directory written by save_pretrained)")
-    if Path(encoder.weights).is_dir() or not encoder.local_files_only:
+    # An s3:// folder is fetched and checked where it is read: on each worker's node (concerto_ray.node_cache).
+    if Path(encoder.weights).is_dir() or "://" in encoder.weights or not encoder.local_files_only:
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -301,13 +299,7 @@ def check_storage(run: RunSettings, mlflow: MlflowSection) -> None:
 
 
 def _train_samples(config: PretrainConfig) -> int:
+    """Samples per epoch over all sources (each source's samples times its loop factor)."""
     data = config.data
-    try:
-        manifest = read_manifest(data.shards, endpoint_url=data.endpoint_url)
-    except DataError as exc:
-        raise ConfigError(f"data.shards: {exc}") from None
-    unknown = [s for s in data.splits if s not in manifest.splits]
-    if unknown:
-        raise ConfigError(f"data.splits: {unknown[0]!r} is not in the manifest of {data.shards} "
-                          f"(it has: {', '.join(manifest.splits)})")
-    return sum(manifest.splits[s].samples for s in data.splits)
+    sources = load_sources(data.source_configs(), data.endpoint_url, where=data.where())
+    return EpochPlan(sources, seed=0).epoch_size()  # the size does not depend on the seed

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from concerto_ray.config import from_dict
+from concerto_ray.console import post_progress
 from concerto_ray.data import storage
 from concerto_ray.data.pipeline import EpochReadAhead, batch_points, batch_to_device
 from concerto_ray.model.build import build_ssl_model
@@ -48,13 +48,16 @@ class NonFiniteLossError(TrainingError):
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
-    """`config_dict`: {"config": the PretrainConfig as a dict, "steps_per_epoch", "tracking_uri", "mlflow_run_id"}."""
+    """`config_dict`: {"config": the PretrainConfig as a dict, "steps_per_epoch", "tracking_uri", "mlflow_run_id",
+    "progress": the driver's ProgressBoard or None}."""
     config = from_dict(PretrainConfig, config_dict["config"])
-    Worker(config, config_dict["steps_per_epoch"], config_dict["tracking_uri"], config_dict["mlflow_run_id"]).run()
+    Worker(config, config_dict["steps_per_epoch"], config_dict["tracking_uri"], config_dict["mlflow_run_id"],
+           config_dict.get("progress")).run()
 
 
 class Worker:
-    def __init__(self, config: PretrainConfig, steps_per_epoch: int, tracking_uri: str, mlflow_run_id: str):
+    def __init__(self, config: PretrainConfig, steps_per_epoch: int, tracking_uri: str, mlflow_run_id: str,
+                 board: ray.actor.ActorHandle | None = None):
         self.config = config
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * config.run.epochs
@@ -73,20 +76,16 @@ class Worker:
         self.schedules = SslSchedules.from_config(model_config, self.total_steps)
 
         checkpoint = ray.train.get_checkpoint()
-        self.resumed = checkpoint is not None
         self.progress = Progress()
-        if self.resumed:
+        if checkpoint is not None:
             self.progress = load_checkpoint(checkpoint, ssl_model, self.optimizer, self.scheduler)
             if self.scheduler.total_steps != self.total_steps:  # loading replaced it with the checkpoint's
                 raise CheckpointError(
                     f"checkpoint {checkpoint_uri(checkpoint)} belongs to a run of {self.scheduler.total_steps} "
                     f"optimizer steps but this config plans {self.total_steps}: keep run.epochs, run.num_workers, "
                     f"data.batch_size and optim.grad_accumulation as they were when resuming")
-        # Masks and drop-path differ per worker, and a resumed run does not replay the interrupted one's draws.
-        seed = np.random.SeedSequence([config.run.seed, self.rank, self.progress.global_step])
-        torch.manual_seed(int(seed.generate_state(1)[0]))
-
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
+        self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(config.run.run_uri, config.run.endpoint_url)
         self.nonfinite_guard = NonFiniteGuard(config.run.max_nonfinite_steps)
         self.last_saved_step = self.progress.global_step
@@ -111,6 +110,8 @@ class Worker:
                     last_metrics = values
                     if self.metrics is not None:
                         self.metrics.add(self.progress.global_step, values)
+                    post_progress(self.board, self.progress.global_step, loss=values["loss"],
+                                  points_per_s=values["points_per_s"])
                     if self.progress.global_step % self.config.run.checkpoint_every == 0:
                         self.save_and_report(values)
                 if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
@@ -122,8 +123,9 @@ class Worker:
     def optimizer_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over `micro_batches`; returns its metrics (loss terms averaged over workers)."""
         step = self.progress.global_step  # 0-based index of this step
-        if self.config.faults.exit_at_step == step + 1 and self.rank == 0 and not self.resumed:
-            os._exit(1)  # test hook (faults.exit_at_step): a worker process dies abruptly
+        # Masks and drop-path differ per worker and step, and derive from (seed, step, rank) alone: a run of a seed,
+        # resumed or not, draws the same ones.
+        torch.manual_seed(int(np.random.SeedSequence([self.config.run.seed, step, self.rank]).generate_state(1)[0]))
         weight_decay = self.weight_decay(step)
         set_weight_decay(self.optimizer, weight_decay)
         schedule = self.schedules.at(step)
@@ -138,8 +140,6 @@ class Worker:
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.run.amp == "bf16"):
                     losses = self.model(batch_to_device(batch, self.device))
                 loss = losses["loss"]
-                if self.rank == 0 and step + 1 in self.config.faults.nonfinite_loss_steps:
-                    loss = loss * math.nan  # test hook (faults.nonfinite_loss_steps)
                 (loss / len(micro_batches)).backward()
             # one device-to-host copy for the finiteness check and every logged term
             values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())]).tolist()

@@ -66,13 +66,13 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module, optimize
         try:
             progress = from_dict(Progress, json.loads(_require(folder, PROGRESS_FILE, where).read_text()))
         except (ValueError, ConfigError) as exc:
-            raise CheckpointError(f"checkpoint {where}: {PROGRESS_FILE} is not valid ({exc})") from None
+            raise CheckpointError(f"checkpoint {where}: {PROGRESS_FILE} is not valid ({exc})") from exc
     try:
         result = model.load_state_dict(model_state["state_dict"], strict=False)
         optimizer.load_state_dict(optimizer_state["optimizer"])
         scheduler.load_state_dict(optimizer_state["scheduler"])
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {where} does not fit this model and optimizer: {exc}") from None
+        raise CheckpointError(f"checkpoint {where} does not fit this model and optimizer: {exc}") from exc
     missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIX)]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"checkpoint {where} does not fit this model: missing {missing[:5]}, "
@@ -97,4 +97,4 @@ def _load_torch(folder: Path, name: str, where: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files (pickle, zip, EOF, runtime)
-        raise CheckpointError(f"checkpoint {where}: {name} cannot be loaded ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {where}: {name} cannot be loaded ({type(exc).__name__}: {exc})") from exc

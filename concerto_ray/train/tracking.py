@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from concerto_ray.config import to_dict
 from concerto_ray.data.storage import Location
 from concerto_ray.errors import ConfigError
+from concerto_ray.redact import redact
 
 RUN_ID_FILE = "mlflow_run.json"
 CHECKPOINT_TAG = "checkpoint"
@@ -42,6 +43,7 @@ def open_run(config: Any, run_name: str, experiment: str, tracking_uri: str, run
     """The id of the MLflow run of the training run in `run_dir`: a new one (a child of `parent_run_id` if given),
     or with `resume` the one it started with. `config` (a config dataclass) becomes its params and config.yaml."""
     client = MlflowClient(tracking_uri)
+    logged = redact(to_dict(config))  # whoever reads the tracking server must not read credentials from it
     if resume:
         if not run_dir.exists(RUN_ID_FILE):
             raise ConfigError(f"cannot resume: {run_dir.uri_of(RUN_ID_FILE)} is missing, so the MLflow run of "
@@ -52,10 +54,10 @@ def open_run(config: Any, run_name: str, experiment: str, tracking_uri: str, run
         experiment_id = experiment_id_of(client, experiment, artifact_location)
         tags = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else None
         run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-        params = [Param(key, value) for key, value in flatten(to_dict(config)).items()]
+        params = [Param(key, value) for key, value in flatten(logged).items()]
         client.log_batch(run_id, params=params)
         run_dir.write_bytes(RUN_ID_FILE, json.dumps({"run_id": run_id}).encode())
-    client.log_text(run_id, yaml.safe_dump(to_dict(config), sort_keys=False), "config.yaml")
+    client.log_text(run_id, yaml.safe_dump(logged, sort_keys=False), "config.yaml")
     return run_id
 
 
@@ -75,6 +77,12 @@ def log_skipped_samples(tracking_uri: str, run_id: str, messages: list[str]) -> 
     """The samples the stream skipped as bad (data.skip_bad), one per line, so that none vanishes silently."""
     text = "\n".join(messages) + "\n" if messages else "no sample was skipped\n"
     MlflowClient(tracking_uri).log_text(run_id, text, "skipped_samples.txt")
+
+
+def log_samples_per_epoch(tracking_uri: str, run_id: str, counts: dict[str, int]) -> None:
+    """Each data source's samples per epoch, as metrics `samples_per_epoch/<source>` (the same every epoch)."""
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=[
+        Metric(f"samples_per_epoch/{name}", float(n), int(time.time() * 1000), 0) for name, n in counts.items()])
 
 
 class StepMetrics:

@@ -17,9 +17,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from concerto_ray.config import to_dict
+from concerto_ray.console import StageBar
 from concerto_ray.data import storage
-from concerto_ray.data.pipeline import BadSampleLog, build_dataset
+from concerto_ray.data.pipeline import BadSampleLog, build_dataset, samples_per_epoch
 from concerto_ray.errors import ConfigError
+from concerto_ray.node_cache import check_config_reachable
 from concerto_ray.train.config import (
     MlflowSection,
     PretrainConfig,
@@ -29,26 +31,33 @@ from concerto_ray.train.config import (
 )
 from concerto_ray.train.loop import NonFiniteLossError, train_loop_per_worker
 from concerto_ray.train.state import CheckpointError
-from concerto_ray.train.tracking import RUN_ID_FILE, close_run, log_skipped_samples, open_run
+from concerto_ray.train.tracking import RUN_ID_FILE, close_run, log_samples_per_epoch, log_skipped_samples, open_run
 
 # Worker errors that explain themselves; `run_pretrain` raises them as they are instead of Ray's wrapper.
 _CLEAR_WORKER_ERRORS = (CheckpointError, NonFiniteLossError)
 
 
-def run_pretrain(config: PretrainConfig, resume: bool = False) -> ray.train.Result:
-    """Train until `run.epochs` are done; with `resume`, continue the stopped run of the same `run.name`."""
+def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bool = False) -> ray.train.Result:
+    """Train until `run.epochs` are done; with `resume`, continue the stopped run of the same `run.name`.
+    `show_progress`: a progress bar of the optimizer steps on stderr and a summary line (the CLI's, the demo's)."""
     run = config.run
     tracked = start_tracked_run(config, run, config.mlflow, resume)
+    log_samples_per_epoch(tracked.tracking_uri, tracked.mlflow_run_id, samples_per_epoch(config.data))
     bad_log = BadSampleLog.remote() if config.data.skip_bad else None
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(config), "steps_per_epoch": steps_per_epoch(config),
-                           "tracking_uri": tracked.tracking_uri, "mlflow_run_id": tracked.mlflow_run_id},
-        scaling_config=scaling_config(run),
-        run_config=ray_run_config(run, ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep)),
-        datasets={"train": build_dataset(config.data, bad_log)},
-    )
-    result = fit(trainer, tracked, _CLEAR_WORKER_ERRORS)
+    total_steps = steps_per_epoch(config) * run.epochs
+    with StageBar("pre-training", total_steps, enabled=show_progress) as bar:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": to_dict(config), "steps_per_epoch": steps_per_epoch(config),
+                               "tracking_uri": tracked.tracking_uri, "mlflow_run_id": tracked.mlflow_run_id,
+                               "progress": bar.board},
+            scaling_config=scaling_config(run),
+            run_config=ray_run_config(run, ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep)),
+            datasets={"train": build_dataset(config.data, bad_log)},
+        )
+        result = fit(trainer, tracked, _CLEAR_WORKER_ERRORS)
+    if show_progress:
+        print(bar.summary())
     if bad_log is not None:
         log_skipped_samples(tracked.tracking_uri, tracked.mlflow_run_id, ray.get(bad_log.get.remote()))
     close_run(tracked.tracking_uri, tracked.mlflow_run_id, succeeded=True)
@@ -65,6 +74,7 @@ class TrackedRun:
 def start_tracked_run(config: Any, run: RunSettings, mlflow: MlflowSection, resume: bool,
                       parent_run_id: str | None = None) -> TrackedRun:
     """Check that the run folder is new (or, with `resume`, started) and open the run's MLflow run in it."""
+    check_config_reachable(to_dict(config))  # on a multi-node cluster, workers cannot read the driver's local paths
     run_dir = storage.resolve(run.run_uri, run.endpoint_url)
     started = run_dir.exists(RUN_ID_FILE)
     if resume and not started:
@@ -85,6 +95,7 @@ def start_tracked_run(config: Any, run: RunSettings, mlflow: MlflowSection, resu
 
 def scaling_config(run: RunSettings) -> ray.train.ScalingConfig:
     return ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
+                                   accelerator_type=run.accelerator_type,
                                    resources_per_worker={"CPU": run.cpus_per_worker})
 
 
