@@ -42,6 +42,9 @@ def start_ray(log_file: Path, address: str | None = None) -> None:
         # log_to_driver=False: the workers' stdout and stderr stay in Ray's session logs
         ray.init(address=address, log_to_driver=False)
         send_logs_to(log_file)  # ray.init installs its own terminal handler again
+    # The raylet's warnings (e.g. "N worker processes have been started") reach the driver on another channel,
+    # printed to stdout whatever log_to_driver says; Ray offers no switch for them.
+    ray._private.worker.print_to_stdstream = _log_ray_message  # noqa: SLF001
     # Ray Data's bars and execution plans; a dataset carries the driver's context to the workers that run it.
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
@@ -54,6 +57,10 @@ def ray_log_dir() -> str:
     """The session log folder of the Ray this driver started or joined (on the head node for a remote cluster)."""
     node = ray._private.worker.global_worker.node  # noqa: SLF001 - Ray has no public accessor for it
     return str(Path(node.get_session_dir_path()) / "logs") if node is not None else "the Ray head's session logs"
+
+
+def _log_ray_message(data: dict, ignore_prefix: bool) -> None:
+    logging.getLogger("ray").warning("(%s) %s", data.get("pid"), "\n".join(data["lines"]))
 
 
 def send_logs_to(log_file: Path) -> None:

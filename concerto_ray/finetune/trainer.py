@@ -88,6 +88,7 @@ from concerto_ray.train.trainer import (
     scaling_config,
     start_tracked_run,
 )
+from concerto_ray.viz import FeatureImages
 
 CHECKPOINT_DIR_FORMAT = "round-{:04d}"
 SCORE = "val_miou"  # what the best checkpoint, and a sweep, is chosen by (higher is better)
@@ -278,6 +279,9 @@ class FinetuneWorker:
 
         self.guard = NonFiniteGuard(run.run.max_nonfinite_steps)
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
+        # One fixed validation scene's feature picture at every evaluation, so a run can be judged by eye in MLflow.
+        self.feature_images = FeatureImages(run.data.shards, cfg.val_split[0], run.data.endpoint_url,
+                                            up_cast_levels=self.segmentor.up_cast_levels)
         self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(run.run.run_uri, run.run.endpoint_url)
 
@@ -350,6 +354,9 @@ class FinetuneWorker:
         if val.miou > self.best.val_miou:
             self.best = BestRound(round_index, val.miou)
         values = self.log_evaluation(f"eval/round-{round_index:04d}", val, "val")
+        if self.metrics is not None:
+            self.feature_images.log(self.metrics.client, self.metrics.run_id, self.segmentor.backbone,
+                                    f"eval/round-{round_index:04d}")
         values.update(epoch=round_index, round=round_index, step=self.progress.global_step,
                       best_round=self.best.round)
         if round_index == self.rounds:
