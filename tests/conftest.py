@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +72,7 @@ def mlflow_server(tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
+        start_new_session=True,  # its own process group: the server's uvicorn/huey children are stopped with it
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -79,11 +82,11 @@ def mlflow_server(tmp_path_factory):
             break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 raise RuntimeError(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
     yield uri
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
 
 

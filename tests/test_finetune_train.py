@@ -111,7 +111,8 @@ def test_linear_probe_beats_chance_and_logs_to_mlflow(ray_local, semseg_shards, 
     assert info.data.tags[BEST_CHECKPOINT_TAG] == best_checkpoint.path
     assert info.data.metrics["best_val_miou"] == pytest.approx(best["val_miou"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval/round-0002")}
-    assert artifacts == {"eval/round-0002/per_class_iou.txt", "eval/round-0002/confusion.png"}
+    assert artifacts == {"eval/round-0002/per_class_iou.txt", "eval/round-0002/confusion.png",
+                         "eval/round-0002/pca.png"}  # the backbone's feature picture of one validation scene
     table = Path(client.download_artifacts(run_id, "eval/round-0002/per_class_iou.txt", str(tmp_path)))
     assert table.read_text().splitlines()[1].split()[1] == "wall"
     assert sorted(p.name for p in Path(run.run.run_uri).glob("round-*")) == ["round-0001", "round-0002"]

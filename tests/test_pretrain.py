@@ -229,6 +229,10 @@ def test_run_checkpoints_to_s3_and_logs_to_mlflow(s3_run, s3_server, mlflow_serv
     assert run.data.params["data.pretrain.crop_h"] == "28" and run.data.params["model.name"] == "tiny-concerto"
     assert run.data.tags["checkpoint"] == f"s3://{s3_server.bucket}/runs/s3-run/step-{STEPS:08d}"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+    # the teacher's feature picture of one fixed scene at each checkpoint
+    for step in (2, 4):
+        folder = f"features/step-{step:08d}"
+        assert [a.path for a in client.list_artifacts(run_id, folder)] == [f"{folder}/pca.png"]
 
 
 @pytest.mark.slow

@@ -104,7 +104,7 @@ def _samples_from_split_file(root: Path, split: str, split_file: Path) -> list[S
     try:
         entries = json.loads(split_file.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"not a readable JSON split file ({exc})", file=file) from None
+        raise DataError(f"not a readable JSON split file ({exc})", file=file) from exc
     if not isinstance(entries, dict):
         raise DataError("expected a JSON object mapping sample names to their files", file=file)
     samples = []
@@ -178,7 +178,7 @@ def _read(path: Path, sample: str, rel: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read ({exc.strerror or exc})", sample=sample, file=rel) from None
+        raise DataError(f"cannot read ({exc.strerror or exc})", sample=sample, file=rel) from exc
 
 
 def read_sample(files: SampleFiles, dataset: str, validate: bool = True) -> SceneRecord:

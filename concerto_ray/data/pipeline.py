@@ -154,7 +154,6 @@ class SampleTransform:
                         int(row[DRAW_COLUMN]))
 
     def __call__(self, row: dict) -> list[dict]:
-        name = str(row.get("name", "?"))
         try:
             record = row_to_record(row)
             pretrain = self.mode == "pretrain"

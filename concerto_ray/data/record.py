@@ -105,7 +105,7 @@ def row_to_record(row: dict) -> SceneRecord:
         ]
         names, blobs = list(row["point_asset_names"]), list(row["point_asset_npy"])
     except KeyError as exc:
-        raise DataError(f"shard row lacks column {exc.args[0]!r}", sample=row.get("name")) from None
+        raise DataError(f"shard row lacks column {exc.args[0]!r}", sample=row.get("name")) from exc
     if len(names) != len(blobs):
         raise DataError("point asset names and payloads differ in number", sample=row.get("name"))
     return SceneRecord(
@@ -128,7 +128,7 @@ def load_npy(blob: bytes, *, sample: str, file: str, field: str | None = None) -
         with _NPY_HEADER_LOCK:
             return np.load(io.BytesIO(blob), allow_pickle=False)
     except Exception as exc:  # numpy raises ValueError/EOFError/OSError depending on the damage
-        raise DataError(f"not a readable .npy array ({exc})", sample=sample, file=file, field=field) from None
+        raise DataError(f"not a readable .npy array ({exc})", sample=sample, file=file, field=field) from exc
 
 
 def load_image(blob: bytes, *, sample: str, file: str) -> np.ndarray:
@@ -137,7 +137,7 @@ def load_image(blob: bytes, *, sample: str, file: str) -> np.ndarray:
         with Image.open(io.BytesIO(blob)) as img:
             return np.asarray(img.convert("RGB"))
     except Exception as exc:  # PIL raises several types for truncated or foreign data
-        raise DataError(f"not a readable image ({exc})", sample=sample, file=file) from None
+        raise DataError(f"not a readable image ({exc})", sample=sample, file=file) from exc
 
 
 def image_size(blob: bytes, *, sample: str, file: str) -> tuple[int, int]:
@@ -146,7 +146,7 @@ def image_size(blob: bytes, *, sample: str, file: str) -> tuple[int, int]:
         with Image.open(io.BytesIO(blob)) as img:
             return img.size
     except Exception as exc:
-        raise DataError(f"not a readable image ({exc})", sample=sample, file=file) from None
+        raise DataError(f"not a readable image ({exc})", sample=sample, file=file) from exc
 
 
 def check_points(arrays: dict[str, np.ndarray], *, sample: str, source: str) -> int:

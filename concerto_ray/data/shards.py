@@ -460,7 +460,7 @@ def webdataset_sample_to_row(sample: dict, location: storage.Location) -> dict:
         meta = json.loads(sample["meta.json"])
         row = {k: meta[k] for k in _META_COLUMNS}
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"member {key}.meta.json is missing or incomplete ({exc!r})", file=shard) from None
+        raise DataError(f"member {key}.meta.json is missing or incomplete ({exc!r})", file=shard) from exc
 
     def member(suffix: str) -> bytes:
         value = sample.get(suffix)

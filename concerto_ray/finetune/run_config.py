@@ -150,13 +150,13 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
         try:
             locate_checkpoint(cfg.pretrained.path, run.run.endpoint_url)
         except ConfigError as exc:
-            raise ConfigError(f"finetune.pretrained.path: {exc}") from None
+            raise ConfigError(f"finetune.pretrained.path: {exc}") from exc
     check_storage(run.run, run.mlflow)
     scenes = _split_samples(run, cfg.train_split, "finetune.train_split")
     try:
         selected = training_scenes(scenes, cfg.data_efficiency)
     except DataError as exc:
-        raise ConfigError(f"finetune.data_efficiency: {exc}") from None
+        raise ConfigError(f"finetune.data_efficiency: {exc}") from exc
     val_scenes = _split_samples(run, cfg.val_split, "finetune.val_split")
     if not val_scenes:
         raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
@@ -172,7 +172,7 @@ def _split_samples(run: FinetuneRun, splits: tuple[str, ...], where: str) -> lis
     try:
         manifest = read_manifest(run.data.shards, endpoint_url=run.data.endpoint_url)
     except DataError as exc:
-        raise ConfigError(f"data.shards: {exc}") from None
+        raise ConfigError(f"data.shards: {exc}") from exc
     unknown = [s for s in splits if s not in manifest.splits]
     if unknown:
         raise ConfigError(f"{where}: {unknown[0]!r} is not in the manifest of {run.data.shards} "

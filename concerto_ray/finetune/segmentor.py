@@ -107,7 +107,7 @@ def load_pretrained_backbone(model: Segmentor, path: str, keyword: str = "module
     try:
         result = model.backbone.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
-        raise ConfigError(f"{path}: backbone weights do not fit the configured backbone: {exc}") from None
+        raise ConfigError(f"{path}: backbone weights do not fit the configured backbone: {exc}") from exc
     missing = [key for key in result.missing_keys if not key.startswith(DECODER_PREFIX)]
     if missing:
         raise ConfigError(f"{path}: {len(missing)} encoder weights are missing from the checkpoint, e.g. "

@@ -161,7 +161,7 @@ def load_sweep_config(path: str | Path, overrides: list[str] = ()) -> SweepConfi
     try:
         sweep = from_dict(SweepConfig, apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides))
     except (ConfigError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}") from exc
     sweep.run.storage_path = absolute_uri(sweep.run.storage_path)
     check_storage(sweep.run, sweep.mlflow)
     for config in sweep.configs:
@@ -171,7 +171,7 @@ def load_sweep_config(path: str | Path, overrides: list[str] = ()) -> SweepConfi
                 try:
                     trial_run(sweep, config, {key: value}, "check")
                 except ConfigError as exc:
-                    raise ConfigError(f"space.{key}: the value {value!r} gives an invalid config: {exc}") from None
+                    raise ConfigError(f"space.{key}: the value {value!r} gives an invalid config: {exc}") from exc
     return sweep
 
 

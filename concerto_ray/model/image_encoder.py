@@ -60,7 +60,7 @@ def load_image_encoder(config: ImageEncoderConfig) -> Dinov2WithRegistersModel:
         model = Dinov2WithRegistersModel.from_pretrained(weights, local_files_only=config.local_files_only)
     except OSError as exc:
         raise ConfigError(f"image_encoder.weights: cannot load DINOv2-with-registers from "
-                          f"{config.weights!r} (local_files_only={config.local_files_only}): {exc}") from None
+                          f"{config.weights!r} (local_files_only={config.local_files_only}): {exc}") from exc
     expected = config.architecture()
     for name in _CHECKED_FIELDS:
         if getattr(model.config, name) != getattr(expected, name):

@@ -222,7 +222,7 @@ def validate_point_batch(batch: dict, num_global_view: int, num_local_view: int)
             try:
                 validate_offset(offset, coord.shape[0])
             except DataError as exc:
-                raise DataError(exc.problem, field=f"{prefix}_offset") from None
+                raise DataError(exc.problem, field=f"{prefix}_offset") from exc
     num_global = len(batch["global_offset"])
     if num_global % num_global_view:
         raise DataError(f"has {num_global} views, not a multiple of num_global_view={num_global_view}",

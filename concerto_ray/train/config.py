@@ -207,10 +207,10 @@ def validate(config: PretrainConfig) -> None:
         raise ConfigError(f"data.mode must be 'pretrain' for pre-training, got {data.mode!r}")
     placeholders = [("data.sources_root", data.sources_root)] + [
         (field_name(data.where(), i, "shards"), s.shards) for i, s in enumerate(data.source_configs())]
-    for field, value in placeholders:
+    for name, value in placeholders:
         if value is not None and value.startswith(SHARDS_PLACEHOLDER):
-            raise ConfigError(f"{field} is still the placeholder {value!r}: set it to the shards written by "
-                              f"`concerto-ray prepare`, e.g. --set {field}=s3://my-bucket/concerto-shards")
+            raise ConfigError(f"{name} is still the placeholder {value!r}: set it to the shards written by "
+                              f"`concerto-ray prepare`, e.g. --set {name}=s3://my-bucket/concerto-shards")
     # Workers do not share the driver's working directory: local paths become absolute here.
     if data.shards is not None:
         data.shards = absolute_uri(data.shards)

@@ -39,6 +39,7 @@ from concerto_ray.train.config import PretrainConfig
 from concerto_ray.train.optim import build_optimizer, set_weight_decay, weight_decay_schedule
 from concerto_ray.train.state import CheckpointError, Progress, checkpoint_uri, load_checkpoint, save_checkpoint
 from concerto_ray.train.tracking import StepMetrics
+from concerto_ray.viz import FeatureImages
 
 CHECKPOINT_DIR_FORMAT = "step-{:08d}"
 
@@ -85,6 +86,10 @@ class Worker:
                     f"optimizer steps but this config plans {self.total_steps}: keep run.epochs, run.num_workers, "
                     f"data.batch_size and optim.grad_accumulation as they were when resuming")
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
+        # The teacher's features of one fixed scene at every checkpoint, so a run can be judged by eye in MLflow.
+        source = config.data.source_configs()[0]
+        self.feature_images = FeatureImages(source.shards, source.splits[0] if source.splits else None,
+                                            config.data.endpoint_url, up_cast_levels=model_config.up_cast_level)
         self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(config.run.run_uri, config.run.endpoint_url)
         self.nonfinite_guard = NonFiniteGuard(config.run.max_nonfinite_steps)
@@ -184,6 +189,8 @@ class Worker:
         self.last_saved_step = self.progress.global_step
         if self.metrics is not None:
             self.metrics.commit(self.run_dir.uri_of(name))
+            self.feature_images.log(self.metrics.client, self.metrics.run_id, self.ssl_model.teacher["backbone"],
+                                    f"features/{name}")
 
 
 class NonFiniteGuard:
