@@ -21,4 +21,6 @@ demo: install
 	$(VENV)/bin/concerto-ray demo
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q

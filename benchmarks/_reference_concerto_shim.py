@@ -63,8 +63,9 @@ def segment_csr(src: torch.Tensor, indptr: torch.Tensor, reduce: str = "sum") ->
 
 
 @torch.no_grad()
-def knn_query(nsample: int, xyz: torch.Tensor, offset: torch.Tensor, new_xyz: torch.Tensor,
-              new_offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_query(
+    nsample: int, xyz: torch.Tensor, offset: torch.Tensor, new_xyz: torch.Tensor, new_offset: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """pointops.knn_query for nsample = 1: nearest point of `xyz` for each `new_xyz` in the same segment."""
     assert nsample == 1, "the stand-in covers the k = 1 matching Concerto does"
     with record_function("stand-in:pointops.knn_query"):
@@ -99,24 +100,36 @@ def load_reference_concerto(root: Path, device: torch.device) -> tuple[types.Mod
     _package("pointcept.utils", root / "pointcept/utils")
     _package("pointcept.models.concerto", root / "pointcept/models/concerto")
     sys.modules["pointcept.models.builder"].build_model = lambda cfg: ptv3.PointTransformerV3(
-        **{key: value for key, value in cfg.items() if key != "type"})
+        **{key: value for key, value in cfg.items() if key != "type"}
+    )
     concerto = importlib.import_module("pointcept.models.concerto.concerto_v1m1_base")
     return ptv3, concerto
 
 
-def build_reference_concerto(concerto: types.ModuleType, ptv3: types.ModuleType, config: ConcertoConfig,
-                             image_encoder: torch.nn.Module) -> torch.nn.Module:
+def build_reference_concerto(
+    concerto: types.ModuleType, ptv3: types.ModuleType, config: ConcertoConfig, image_encoder: torch.nn.Module
+) -> torch.nn.Module:
     """Pointcept's Concerto with our config's values; `image_encoder` becomes its (shared) `enc2d_model`."""
+
     class ReferenceConcerto(concerto.Concerto):
         def load_enc2d(self, model_name, model_weight):
             return image_encoder.eval()
 
     accepted = inspect.signature(concerto.Concerto).parameters
-    kwargs = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
-              if field.name in accepted and field.name not in ("backbone", "teacher_custom")}
+    kwargs = {
+        field.name: getattr(config, field.name)
+        for field in dataclasses.fields(config)
+        if field.name in accepted and field.name not in ("backbone", "teacher_custom")
+    }
     backbone = dict(type="PT-v3m2", **reference_kwargs(ptv3, config.backbone))
-    return ReferenceConcerto(image_weight_name="dinov2_vitg14_reg", image_weight_path="", backbone=backbone,
-                             teacher_custom=dict(config.teacher_custom), embedding_channels=64, **kwargs)
+    return ReferenceConcerto(
+        image_weight_name="dinov2_vitg14_reg",
+        image_weight_path="",
+        backbone=backbone,
+        teacher_custom=dict(config.teacher_custom),
+        embedding_channels=64,
+        **kwargs,
+    )
 
 
 def set_reference_schedule(model: torch.nn.Module, values) -> None:

@@ -21,16 +21,21 @@ import inspect
 import types
 from pathlib import Path
 
+import compare_reference_ptv3
 import torch
 import torch.nn.functional as F
 
-import compare_reference_ptv3
 from concerto_ray.model.ptv3 import DropPath, PTv3Config
 from concerto_ray.model.sparse import spconv
 
 
-def flash_attn_varlen_qkvpacked_func(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                                     dropout_p: float = 0.0, softmax_scale: float | None = None) -> torch.Tensor:
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
     """Attention within each segment [cu_seqlens[i], cu_seqlens[i+1]) of `qkv`; returns (total, heads, head_dim).
 
     When every segment is `max_seqlen` long (the usual case: Pointcept pads samples to whole patches) the segments

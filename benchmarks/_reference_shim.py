@@ -92,9 +92,11 @@ class Normalize:
 
 def crop(images: torch.Tensor, top: int, left: int, height: int, width: int) -> torch.Tensor:
     if top < 0 or left < 0 or top + height > images.shape[-2] or left + width > images.shape[-1]:
-        raise ValueError(f"crop ({top}, {left}, {height}, {width}) leaves the {tuple(images.shape[-2:])} image; "
-                         "the stand-in does not pad")
-    return images[..., top:top + height, left:left + width]
+        raise ValueError(
+            f"crop ({top}, {left}, {height}, {width}) leaves the {tuple(images.shape[-2:])} image; "
+            "the stand-in does not pad"
+        )
+    return images[..., top : top + height, left : left + width]
 
 
 def _module(name: str, path: Path | None = None, **attributes) -> types.ModuleType:
@@ -108,9 +110,16 @@ def _module(name: str, path: Path | None = None, **attributes) -> types.ModuleTy
 
 def _install_stand_ins(checkout: Path) -> None:
     functional = _module("torchvision.transforms.functional", crop=crop)
-    transforms = _module("torchvision.transforms", InterpolationMode=InterpolationMode, Compose=Compose,
-                         Resize=Resize, ToTensor=ToTensor, GaussianBlur=GaussianBlur, Normalize=Normalize,
-                         functional=functional)
+    transforms = _module(
+        "torchvision.transforms",
+        InterpolationMode=InterpolationMode,
+        Compose=Compose,
+        Resize=Resize,
+        ToTensor=ToTensor,
+        GaussianBlur=GaussianBlur,
+        Normalize=Normalize,
+        functional=functional,
+    )
     transforms.transforms = transforms
     sys.modules["torchvision.transforms.transforms"] = transforms
     _module("torchvision", transforms=transforms)
@@ -136,10 +145,14 @@ def write_absolute_splits(synth_root: Path, dest: Path) -> list[str]:
     names = []
     for split_file in sorted((synth_root / "splits").glob("*.json")):
         entries = json.loads(split_file.read_text())
-        absolute = {name: {"pointclouds": str(synth_root / entry["pointclouds"]),
-                           "images": [str(synth_root / p) for p in entry["images"]],
-                           "correspondences": [str(synth_root / p) for p in entry["correspondences"]]}
-                    for name, entry in entries.items()}
+        absolute = {
+            name: {
+                "pointclouds": str(synth_root / entry["pointclouds"]),
+                "images": [str(synth_root / p) for p in entry["images"]],
+                "correspondences": [str(synth_root / p) for p in entry["correspondences"]],
+            }
+            for name, entry in entries.items()
+        }
         (dest / "splits" / split_file.name).write_text(json.dumps(absolute, indent=1))
         names.append(split_file.stem)
     return names
@@ -151,6 +164,11 @@ def reference_dataset(checkout: Path, synth_root: Path, scratch: Path):
     defaults = importlib.import_module("pointcept.datasets.defaults")
     splits = write_absolute_splits(synth_root, scratch)
     config = _base_config(checkout)
-    return defaults.DefaultImagePointDataset(split=splits, data_root=str(scratch), transform=config["transform"],
-                                             crop_h=config["crop_h"], crop_w=config["crop_w"],
-                                             patch_size=config["patch_size"])
+    return defaults.DefaultImagePointDataset(
+        split=splits,
+        data_root=str(scratch),
+        transform=config["transform"],
+        crop_h=config["crop_h"],
+        crop_w=config["crop_w"],
+        patch_size=config["patch_size"],
+    )

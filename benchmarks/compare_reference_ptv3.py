@@ -30,8 +30,11 @@ from concerto_ray.model.ptv3 import PointTransformerV3, PTv3Config, patch_layout
 from concerto_ray.model.serialization import encode
 from concerto_ray.model.sparse import ConvAlgo, spconv
 
-CONFIGS = {"base": "pretrain-concerto-v1m1-0-base.py", "large": "pretrain-concerto-v1m1-1-large-base.py",
-           "large-video": "pretrain-concerto-v1m1-2-large-video.py"}
+CONFIGS = {
+    "base": "pretrain-concerto-v1m1-0-base.py",
+    "large": "pretrain-concerto-v1m1-1-large-base.py",
+    "large-video": "pretrain-concerto-v1m1-2-large-video.py",
+}
 
 
 # ---------------------------------------------------------------- stand-ins for Pointcept's imports
@@ -86,12 +89,14 @@ class NativeSubMConv3d(spconv.SubMConv3d):
         super().__init__(*args, algo=ConvAlgo.Native, **kwargs)
 
     def forward(self, x):
-        return self._conv_forward(True, x, self.weight, self.bias, name=self.name,
-                                  sparse_unique_name=self._sparse_unique_name)
+        return self._conv_forward(
+            True, x, self.weight, self.bias, name=self.name, sparse_unique_name=self._sparse_unique_name
+        )
 
 
 def load_reference(root: Path):
     """Import Pointcept's PT-v3m2 module without its package __init__ files (they import everything)."""
+
     def package(name, path=None):
         module = types.ModuleType(name)
         if path is not None:
@@ -103,7 +108,7 @@ def load_reference(root: Path):
     package("pointcept.models", root / "pointcept/models")
     package("pointcept.models.point_transformer_v3", root / "pointcept/models/point_transformer_v3")
     builder = package("pointcept.models.builder")
-    builder.MODELS = types.SimpleNamespace(register_module=lambda name=None: (lambda cls: cls))
+    builder.MODELS = types.SimpleNamespace(register_module=lambda name=None: lambda cls: cls)
     package("pointcept.engines")
     package("pointcept.engines.hooks").HookBase = object
     package("addict").Dict = AttrDict
@@ -146,17 +151,24 @@ def check_patch_layout(ref) -> list[str]:
     failures = []
     for counts, k in [([100, 37, 64], 16), ([5, 48, 200], 48), ([1024, 3000, 17], 1024), ([7], 8)]:
         offset = torch.tensor(counts).cumsum(0)
-        attn = ref.SerializedAttention(channels=8, num_heads=2, patch_size=k, enable_flash=True,
-                                       upcast_attention=False, upcast_softmax=False)
+        attn = ref.SerializedAttention(
+            channels=8, num_heads=2, patch_size=k, enable_flash=True, upcast_attention=False, upcast_softmax=False
+        )
         ref_pad, ref_unpad, cu_seqlens = attn.get_padding_and_inverse(AttrDict(offset=offset))
         pad, unpad, key_valid = patch_layout(offset, k)
         # Pointcept leaves a sample shorter than a patch unpadded; ours pads it to a full, masked patch.
         valid_slots = pad[key_valid.flatten()] if key_valid is not None else pad
-        ours_segments = torch.cat([torch.zeros(1, dtype=torch.long),
-                                   (key_valid.sum(1) if key_valid is not None
-                                    else torch.full((len(pad) // k,), k)).cumsum(0)])
-        same = (torch.equal(valid_slots, ref_pad) and torch.equal(ours_segments, cu_seqlens.long())
-                and torch.equal(unpad, _compact(ref_unpad, key_valid, k)))
+        ours_segments = torch.cat(
+            [
+                torch.zeros(1, dtype=torch.long),
+                (key_valid.sum(1) if key_valid is not None else torch.full((len(pad) // k,), k)).cumsum(0),
+            ]
+        )
+        same = (
+            torch.equal(valid_slots, ref_pad)
+            and torch.equal(ours_segments, cu_seqlens.long())
+            and torch.equal(unpad, _compact(ref_unpad, key_valid, k))
+        )
         print(f"patch layout counts={counts} patch={k}: equal: {same}")
         if not same:
             failures.append(f"patch layout {counts} {k}")
@@ -183,8 +195,10 @@ def check_layouts(ref, root: Path, write_keys: Path | None) -> list[str]:
         ref_count = sum(p.numel() for p in ref_model.parameters())
         our_count = sum(p.numel() for p in ours.parameters())
         same = ref_layout == our_layout and ref_count == our_count
-        print(f"{name}: {len(ref_layout)} state-dict entries, parameters reference={ref_count} ours={our_count}, "
-              f"layout equal: {same}")
+        print(
+            f"{name}: {len(ref_layout)} state-dict entries, parameters reference={ref_count} ours={our_count}, "
+            f"layout equal: {same}"
+        )
         if not same:
             failures.append(f"layout {name}")
         if name == "base" and write_keys is not None:
@@ -198,15 +212,19 @@ def sample_batch(counts, in_channels, span, seed):
     generator = torch.Generator().manual_seed(seed)
     grid, batch = [], []
     for b, n in enumerate(counts):
-        cells = torch.randperm(span ** 3, generator=generator)[:n]  # distinct voxels per sample
-        grid.append(torch.stack([cells // span ** 2, cells // span % span, cells % span], dim=1))
+        cells = torch.randperm(span**3, generator=generator)[:n]  # distinct voxels per sample
+        grid.append(torch.stack([cells // span**2, cells // span % span, cells % span], dim=1))
         batch.append(torch.full((n,), b))
     grid_coord = torch.cat(grid)
     n = len(grid_coord)
-    return dict(feat=torch.randn(n, in_channels, generator=generator), grid_coord=grid_coord,
-                coord=grid_coord * 0.02 + torch.rand(n, 3, generator=generator) * 0.02,
-                grid_size=0.02, offset=torch.tensor(counts).cumsum(0),
-                mask=torch.rand(n, generator=generator) < 0.3)
+    return dict(
+        feat=torch.randn(n, in_channels, generator=generator),
+        grid_coord=grid_coord,
+        coord=grid_coord * 0.02 + torch.rand(n, 3, generator=generator) * 0.02,
+        grid_size=0.02,
+        offset=torch.tensor(counts).cumsum(0),
+        mask=torch.rand(n, generator=generator) < 0.3,
+    )
 
 
 def compare_forward(ref, name: str, config: dict, counts, tolerance: float) -> list[str]:
@@ -242,11 +260,23 @@ def compare_forward(ref, name: str, config: dict, counts, tolerance: float) -> l
 
 
 def small_config(**overrides) -> dict:
-    config = dict(in_channels=6, order=("z", "z-trans", "hilbert", "hilbert-trans"), stride=(2, 2, 2),
-                  enc_depths=(2, 2, 2, 2), enc_channels=(16, 32, 48, 64), enc_num_head=(2, 4, 4, 8),
-                  enc_patch_size=(32, 32, 32, 32), dec_depths=(1, 1, 1), dec_channels=(16, 32, 48),
-                  dec_num_head=(2, 4, 4), dec_patch_size=(32, 32, 32), shuffle_orders=False, mask_token=True,
-                  drop_path=0.0, layer_scale=1e-5)
+    config = dict(
+        in_channels=6,
+        order=("z", "z-trans", "hilbert", "hilbert-trans"),
+        stride=(2, 2, 2),
+        enc_depths=(2, 2, 2, 2),
+        enc_channels=(16, 32, 48, 64),
+        enc_num_head=(2, 4, 4, 8),
+        enc_patch_size=(32, 32, 32, 32),
+        dec_depths=(1, 1, 1),
+        dec_channels=(16, 32, 48),
+        dec_num_head=(2, 4, 4),
+        dec_patch_size=(32, 32, 32),
+        shuffle_orders=False,
+        mask_token=True,
+        drop_path=0.0,
+        layer_scale=1e-5,
+    )
     config.update(overrides)
     return config
 
@@ -261,14 +291,28 @@ def main() -> int:
     failures = check_serialization(ref_serialization)
     failures += check_layouts(ref, args.pointcept, args.write_keys)
     counts = [700, 450, 90]  # the last sample becomes shorter than a patch after pooling
-    failures += compare_forward(ref, "plain path, decoder, rpe, upcast",
-                                small_config(enable_flash=False, enable_rpe=True, upcast_attention=True,
-                                             upcast_softmax=True, traceable=True), counts, 1e-5)
-    failures += compare_forward(ref, "plain path, encoder only, post-norm",
-                                small_config(enable_flash=False, enc_mode=True, pre_norm=False), counts, 1e-5)
+    failures += compare_forward(
+        ref,
+        "plain path, decoder, rpe, upcast",
+        small_config(enable_flash=False, enable_rpe=True, upcast_attention=True, upcast_softmax=True, traceable=True),
+        counts,
+        1e-5,
+    )
+    failures += compare_forward(
+        ref,
+        "plain path, encoder only, post-norm",
+        small_config(enable_flash=False, enc_mode=True, pre_norm=False),
+        counts,
+        1e-5,
+    )
     failures += check_patch_layout(ref)
-    failures += compare_forward(ref, "flash path (bf16 qkv in Pointcept), encoder only",
-                                small_config(enable_flash=True, enc_mode=True), counts, 2e-3)
+    failures += compare_forward(
+        ref,
+        "flash path (bf16 qkv in Pointcept), encoder only",
+        small_config(enable_flash=True, enc_mode=True),
+        counts,
+        2e-3,
+    )
     print("FAILED: " + ", ".join(failures) if failures else "all checks passed")
     return 1 if failures else 0
 

@@ -99,6 +99,7 @@ def training_step(model, batch: dict, device: torch.device, reference: bool):
             model.after_step()  # Pointcept's EMA hook
         else:
             model.update_teacher()
+
     step.optimizer = optimizer
     return step
 
@@ -128,8 +129,9 @@ def check_same_losses(ours, reference, ptv3, config, batch: dict, device: torch.
     set_shuffling(ours, reference, ptv3, False)
     torch.manual_seed(1)
     schedule = ours.schedule
-    mask = sonata_module.grid_patch_mask(batch["global_coord"], batch["global_offset"], schedule.mask_size,
-                                         schedule.mask_ratio)
+    mask = sonata_module.grid_patch_mask(
+        batch["global_coord"], batch["global_offset"], schedule.mask_size, schedule.mask_ratio
+    )
     original_mask = sonata_module.grid_patch_mask
     sonata_module.grid_patch_mask = lambda *args, **kwargs: mask
     reference.generate_mask = lambda coord, offset: (mask, None)
@@ -144,23 +146,34 @@ def check_same_losses(ours, reference, ptv3, config, batch: dict, device: torch.
                     out = model(dict(batch))
                 out["loss"].backward()
                 outputs[name] = {term: float(out[term].detach()) for term in LOSS_TERMS}
-                grads[name] = {n: p.grad.detach().float().flatten() for n, p in model.named_parameters()
-                               if p.grad is not None}
+                grads[name] = {
+                    n: p.grad.detach().float().flatten() for n, p in model.named_parameters() if p.grad is not None
+                }
                 model.zero_grad(set_to_none=True)
             names = sorted(set(grads["ours"]) & set(grads["reference"]))
-            per_tensor = sorted(((relative(grads["ours"][n], grads["reference"][n]),
-                                  grads["reference"][n].norm().item(), n) for n in names), reverse=True)
+            per_tensor = sorted(
+                (
+                    (relative(grads["ours"][n], grads["reference"][n]), grads["reference"][n].norm().item(), n)
+                    for n in names
+                ),
+                reverse=True,
+            )
             grad_ours = torch.cat([grads["ours"][n] for n in names])
             grad_ref = torch.cat([grads["reference"][n] for n in names])
             result[precision] = {
-                "ours": outputs["ours"], "reference": outputs["reference"],
-                "loss_relative_diff": {t: abs(outputs["ours"][t] - outputs["reference"][t])
-                                       / max(abs(outputs["reference"][t]), 1e-30) for t in LOSS_TERMS},
-                "grad_relative_error": relative(grad_ours, grad_ref), "grad_tensors": len(names),
+                "ours": outputs["ours"],
+                "reference": outputs["reference"],
+                "loss_relative_diff": {
+                    t: abs(outputs["ours"][t] - outputs["reference"][t]) / max(abs(outputs["reference"][t]), 1e-30)
+                    for t in LOSS_TERMS
+                },
+                "grad_relative_error": relative(grad_ours, grad_ref),
+                "grad_tensors": len(names),
                 "grad_only_in_ours": sorted(set(grads["ours"]) - set(grads["reference"])),
                 "grad_only_in_reference": sorted(set(grads["reference"]) - set(grads["ours"])),
-                "grad_worst_tensors": [{"name": n, "relative_error": e, "reference_norm": norm}
-                                       for e, norm, n in per_tensor[:12]],
+                "grad_worst_tensors": [
+                    {"name": n, "relative_error": e, "reference_norm": norm} for e, norm, n in per_tensor[:12]
+                ],
                 "grad_median_tensor_relative_error": statistics.median(e for e, _, _ in per_tensor),
             }
     finally:
@@ -192,14 +205,16 @@ def timed(step, device: torch.device) -> dict:
 
 def summarize(records: list[dict], static: int) -> dict:
     ms = sorted(1000 * r["seconds"] for r in records)
-    result = {"step_ms_min": ms[0], "step_ms_median": statistics.median(ms), "step_ms_max": ms[-1],
-              "step_ms_all": ms}
+    result = {"step_ms_min": ms[0], "step_ms_median": statistics.median(ms), "step_ms_max": ms[-1], "step_ms_all": ms}
     if "peak" in records[0]:
         above = max(r["peak"] - r["resident"] for r in records)
-        result.update(peak_memory_gib=max(r["peak"] for r in records) / 2**30,
-                      peak_reserved_gib=max(r["reserved"] for r in records) / 2**30,
-                      step_above_resident_gib=above / 2**30, static_gib=static / 2**30,
-                      alone_peak_estimate_gib=(static + above) / 2**30)
+        result.update(
+            peak_memory_gib=max(r["peak"] for r in records) / 2**30,
+            peak_reserved_gib=max(r["reserved"] for r in records) / 2**30,
+            step_above_resident_gib=above / 2**30,
+            static_gib=static / 2**30,
+            alone_peak_estimate_gib=(static + above) / 2**30,
+        )
     return result
 
 
@@ -207,23 +222,39 @@ def run_shape(shape: str, ours, reference, ptv3, config, args, device: torch.dev
     samples, points = (int(v) for v in shape.split("x"))
     start = time.perf_counter()
     batch = gpu_smoke.make_batch(samples, points, 4 if args.tiny else 12, seed=samples)
-    result = {"shape": shape, "samples": samples, "raw_points_per_room": points,
-              "batch_build_s": time.perf_counter() - start,
-              "global_points": int(batch["global_coord"].shape[0]), "local_points": int(batch["local_coord"].shape[0]),
-              "images": int(batch["images"].shape[0])}
+    result = {
+        "shape": shape,
+        "samples": samples,
+        "raw_points_per_room": points,
+        "batch_build_s": time.perf_counter() - start,
+        "global_points": int(batch["global_coord"].shape[0]),
+        "local_points": int(batch["local_coord"].shape[0]),
+        "images": int(batch["images"].shape[0]),
+    }
     batch = gpu_smoke.batch_to_device(batch, device)
     if first and args.check:
         result["check"] = check_same_losses(ours, reference, ptv3, config, batch, device)
         for precision in ("fp32", "bf16"):
             c = result["check"][precision]
             worst = [(w["name"], f"{w['relative_error']:.2e}") for w in c["grad_worst_tensors"][:5]]
-            print(precision, "loss rel diff", {t: f"{v:.1e}" for t, v in c["loss_relative_diff"].items()},
-                  f"grad rel {c['grad_relative_error']:.3e}",
-                  f"median tensor {c['grad_median_tensor_relative_error']:.1e}",
-                  "only ours", len(c["grad_only_in_ours"]), "only ref", len(c["grad_only_in_reference"]),
-                  "worst", worst, flush=True)
-    steps = {"ours": training_step(ours, batch, device, reference=False),
-             "reference": training_step(reference, batch, device, reference=True)}
+            print(
+                precision,
+                "loss rel diff",
+                {t: f"{v:.1e}" for t, v in c["loss_relative_diff"].items()},
+                f"grad rel {c['grad_relative_error']:.3e}",
+                f"median tensor {c['grad_median_tensor_relative_error']:.1e}",
+                "only ours",
+                len(c["grad_only_in_ours"]),
+                "only ref",
+                len(c["grad_only_in_reference"]),
+                "worst",
+                worst,
+                flush=True,
+            )
+    steps = {
+        "ours": training_step(ours, batch, device, reference=False),
+        "reference": training_step(reference, batch, device, reference=True),
+    }
     records = {name: [] for name in steps}
     failed = {}
 
@@ -252,8 +283,7 @@ def run_shape(shape: str, ours, reference, ptv3, config, args, device: torch.dev
         if name in failed:
             result[name] = {"failed": failed[name]}
         else:
-            result[name] = summarize(records[name], static_bytes(ours if name == "ours" else reference,
-                                                                 step.optimizer))
+            result[name] = summarize(records[name], static_bytes(ours if name == "ours" else reference, step.optimizer))
     if not failed:
         result["reference_over_ours_median"] = result["reference"]["step_ms_median"] / result["ours"]["step_ms_median"]
         result["reference_over_ours_min"] = result["reference"]["step_ms_min"] / result["ours"]["step_ms_min"]
@@ -276,13 +306,17 @@ def print_row(r: dict) -> None:
         if "failed" in s:
             print(f"{r['shape']:>12s} {name:9s} FAILED {s['failed'][:80]}")
             continue
-        print(f"{r['shape']:>12s} {name:9s} {r['global_points']:8d}+{r['local_points']:<8d} "
-              f"{s['step_ms_min']:8.1f} {s['step_ms_median']:8.1f} {s['step_ms_max']:8.1f} "
-              f"{s.get('peak_memory_gib', float('nan')):7.2f} {s.get('alone_peak_estimate_gib', float('nan')):7.2f} "
-              f"{s.get('kernels_per_step', float('nan')):8.0f} {s.get('kernel_ms_per_step', float('nan')):8.1f}")
+        print(
+            f"{r['shape']:>12s} {name:9s} {r['global_points']:8d}+{r['local_points']:<8d} "
+            f"{s['step_ms_min']:8.1f} {s['step_ms_median']:8.1f} {s['step_ms_max']:8.1f} "
+            f"{s.get('peak_memory_gib', float('nan')):7.2f} {s.get('alone_peak_estimate_gib', float('nan')):7.2f} "
+            f"{s.get('kernels_per_step', float('nan')):8.0f} {s.get('kernel_ms_per_step', float('nan')):8.1f}"
+        )
     if "reference_over_ours_median" in r:
-        print(f"{'':12s} reference / ours: median {r['reference_over_ours_median']:.3f}, min "
-              f"{r['reference_over_ours_min']:.3f}, per round {r['round_ratio_min_median_max']}")
+        print(
+            f"{'':12s} reference / ours: median {r['reference_over_ours_median']:.3f}, min "
+            f"{r['reference_over_ours_min']:.3f}, per round {r['round_ratio_min_median_max']}"
+        )
 
 
 def main() -> int:
@@ -291,27 +325,42 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny models and scenes, for CPU checks")
     parser.add_argument("--large", action="store_true", help="the large-base config instead of base")
-    parser.add_argument("--shapes", default="2x150000,4x150000,12x150000",
-                        help="comma-separated SAMPLESxRAW_POINTS batch shapes; the check runs on the first")
+    parser.add_argument(
+        "--shapes",
+        default="2x150000,4x150000,12x150000",
+        help="comma-separated SAMPLESxRAW_POINTS batch shapes; the check runs on the first",
+    )
     parser.add_argument("--steps", type=int, default=6, help="timed rounds (one step of each model a round)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile-steps", type=int, default=0)
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="our student backbone recomputes its blocks' attention and MLP in backward")
+    parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="our student backbone recomputes its blocks' attention and MLP in backward",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     device = torch.device(args.device)
     start = time.perf_counter()
     config, ours, reference, ptv3 = build_models(args, device)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "config": "large-base" if args.large else "base", "tiny": args.tiny,
-              "steps": args.steps, "warmup": args.warmup,
-              "activation_checkpointing": args.activation_checkpointing, "build_s": time.perf_counter() - start,
-              "shapes": []}
-    print(f"{'shape':>12s} {'model':9s} {'global+local points':>17s} {'min':>8s} {'median':>8s} {'max':>8s} "
-          f"{'peakGiB':>7s} {'aloneGiB':>7s} {'kernels':>8s} {'kern ms':>8s}", flush=True)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "config": "large-base" if args.large else "base",
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "activation_checkpointing": args.activation_checkpointing,
+        "build_s": time.perf_counter() - start,
+        "shapes": [],
+    }
+    print(
+        f"{'shape':>12s} {'model':9s} {'global+local points':>17s} {'min':>8s} {'median':>8s} {'max':>8s} "
+        f"{'peakGiB':>7s} {'aloneGiB':>7s} {'kernels':>8s} {'kern ms':>8s}",
+        flush=True,
+    )
     for index, shape in enumerate(args.shapes.split(",")):
         shape_result = run_shape(shape, ours, reference, ptv3, config, args, device, first=index == 0)
         result["shapes"].append(shape_result)
@@ -323,8 +372,9 @@ def main() -> int:
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     check = result["shapes"][0].get("check", {})
-    worst = max((v for p in ("fp32", "bf16") for v in check.get(p, {}).get("loss_relative_diff", {}).values()),
-                default=0.0)
+    worst = max(
+        (v for p in ("fp32", "bf16") for v in check.get(p, {}).get("loss_relative_diff", {}).values()), default=0.0
+    )
     print(f"worst loss relative difference (check): {worst:.3e}")
     return 0
 

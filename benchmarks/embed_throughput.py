@@ -28,8 +28,11 @@ from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.ptv3 import PointTransformerV3
 from concerto_ray.model.sonata import up_cast
 
-CONFIGS = {"base": "pretrain-concerto-v1m1-0-base", "large": "pretrain-concerto-v1m1-1-large-base",
-           "tiny": "tiny-concerto"}
+CONFIGS = {
+    "base": "pretrain-concerto-v1m1-0-base",
+    "large": "pretrain-concerto-v1m1-1-large-base",
+    "tiny": "tiny-concerto",
+}
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -53,9 +56,14 @@ def measure(model, batch, device, dtype, steps: int, warmup: int) -> dict:
         times.append(time.perf_counter() - start)
     points = int(batch["offset"][-1])
     median = statistics.median(times)
-    result = {"ms_median": 1000 * median, "ms_min": 1000 * min(times), "ms_max": 1000 * max(times),
-              "points_per_s": points / median, "feature_channels": int(feat.shape[1]),
-              "finite": bool(torch.isfinite(feat).all())}
+    result = {
+        "ms_median": 1000 * median,
+        "ms_min": 1000 * min(times),
+        "ms_max": 1000 * max(times),
+        "points_per_s": points / median,
+        "feature_channels": int(feat.shape[1]),
+        "finite": bool(torch.isfinite(feat).all()),
+    }
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
@@ -73,15 +81,19 @@ def main() -> int:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "rows": []}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "rows": [],
+    }
     batches = {}
     for shape in args.shapes.split(","):
         rooms, points = (int(v) for v in shape.split("x"))
         gpu_step.SCENES = rooms  # scene_batch builds gpu_step.SCENES rooms
         batches[shape] = gpu_smoke.batch_to_device(gpu_step.scene_batch(points, seed=rooms), device)
-    print(f"{'config':6s} {'shape':>10s} {'points':>8s} {'prec':5s} {'median ms':>9s} {'Mpoints/s':>9s} "
-          f"{'peak GiB':>8s}")
+    print(
+        f"{'config':6s} {'shape':>10s} {'points':>8s} {'prec':5s} {'median ms':>9s} {'Mpoints/s':>9s} {'peak GiB':>8s}"
+    )
     for name in args.configs.split(","):
         torch.manual_seed(0)
         model = PointTransformerV3(get_model_config(CONFIGS[name]).teacher_backbone()).to(device).eval()
@@ -91,8 +103,11 @@ def main() -> int:
                 row = {"config": name, "shape": shape, "points": int(batch["offset"][-1]), "precision": precision}
                 row.update(measure(model, batch, device, PRECISIONS[precision], args.steps, args.warmup))
                 result["rows"].append(row)
-                print(f"{name:6s} {shape:>10s} {row['points']:8d} {precision:5s} {row['ms_median']:9.1f} "
-                      f"{row['points_per_s'] / 1e6:9.3f} {row.get('peak_memory_gib', float('nan')):8.2f}", flush=True)
+                print(
+                    f"{name:6s} {shape:>10s} {row['points']:8d} {precision:5s} {row['ms_median']:9.1f} "
+                    f"{row['points_per_s'] / 1e6:9.3f} {row.get('peak_memory_gib', float('nan')):8.2f}",
+                    flush=True,
+                )
                 if args.out:
                     args.out.write_text(json.dumps(result, indent=1))
         del model

@@ -39,9 +39,19 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
 
 def make_batch(samples: int, points: int, views: int, seed: int) -> dict:
     root = Path(tempfile.mkdtemp()) / "scenes"
-    write_synthetic_dataset(root, SynthConfig(scenes=samples, seed=seed, points_per_scene=points,
-                                              views_per_scene=views, image_width=640, image_height=480,
-                                              splits={"train": 1.0}), progress=False)
+    write_synthetic_dataset(
+        root,
+        SynthConfig(
+            scenes=samples,
+            seed=seed,
+            points_per_scene=points,
+            views_per_scene=views,
+            image_width=640,
+            image_height=480,
+            splits={"train": 1.0},
+        ),
+        progress=False,
+    )
     transform = concerto_pretrain_transform(ConcertoPretrainTransformConfig())
     per_scene = {}
     for files in list_samples(root, ["train"]):  # one sample (4 frames) from each scene

@@ -34,12 +34,12 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import gpu_smoke
 import numpy as np
 import torch
+from _reference_gpu_shim import load_reference_for_training, reference_kwargs, set_reference_shuffling
 from torch.profiler import ProfilerActivity, profile, record_function
 
-import gpu_smoke
-from _reference_gpu_shim import load_reference_for_training, reference_kwargs, set_reference_shuffling
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.data.transforms import GridSample
 from concerto_ray.model.concerto import Concerto
@@ -57,8 +57,18 @@ POINT_REGIONS = [
     ("optimizer", ("Optimizer.",)),
     ("sparse conv", ("spconv", "SubMConv", "ImplicitGemm")),
     ("serialization/sorting", ("serialization", "aten::sort", "aten::argsort", "aten::unique")),
-    ("attention", ("scaled_dot_product", "ScaledDotProduct", "flash_attn", "_flash_attention",
-                   "_efficient_attention", "patch_layout", "get_padding_and_inverse")),
+    (
+        "attention",
+        (
+            "scaled_dot_product",
+            "ScaledDotProduct",
+            "flash_attn",
+            "_flash_attention",
+            "_efficient_attention",
+            "patch_layout",
+            "get_padding_and_inverse",
+        ),
+    ),
     ("pooling", ("segment_reduce", "SegmentReduce")),
     ("layer norm", ("layer_norm", "LayerNorm")),
     ("linear/mlp", ("aten::linear", "aten::addmm", "aten::mm", "AddmmBackward", "MmBackward", "gelu", "Gelu")),
@@ -80,23 +90,34 @@ AGREEMENT = {"fp32": 1e-2, "bf16": 5e-2}
 def scene_batch(points: int, seed: int) -> dict:
     """Two synthetic rooms of `points` points, grid-sampled, as one backbone input batch (CPU tensors)."""
     root = Path(tempfile.mkdtemp()) / "scenes"
-    write_synthetic_dataset(root, SynthConfig(scenes=SCENES, seed=seed, points_per_scene=points, views_per_scene=1,
-                                              image_width=16, image_height=16, splits={"train": 1.0}),
-                            progress=False)
+    write_synthetic_dataset(
+        root,
+        SynthConfig(
+            scenes=SCENES,
+            seed=seed,
+            points_per_scene=points,
+            views_per_scene=1,
+            image_width=16,
+            image_height=16,
+            splits={"train": 1.0},
+        ),
+        progress=False,
+    )
     rng = np.random.default_rng(seed)
     grid_sample = GridSample(grid_size=GRID_SIZE, return_grid_coord=True)
     rooms = []
     for scene in sorted((root / "train").iterdir()):
-        rooms.append(grid_sample({name: np.load(scene / f"{name}.npy") for name in ("coord", "color", "normal")},
-                                 rng))
+        rooms.append(grid_sample({name: np.load(scene / f"{name}.npy") for name in ("coord", "color", "normal")}, rng))
     coord = np.concatenate([room["coord"] for room in rooms])
     color = np.concatenate([room["color"] for room in rooms]).astype(np.float32) / 127.5 - 1
     normal = np.concatenate([room["normal"] for room in rooms])
-    return {"coord": torch.from_numpy(coord).float(),
-            "grid_coord": torch.from_numpy(np.concatenate([room["grid_coord"] for room in rooms])).long(),
-            "feat": torch.from_numpy(np.concatenate([coord, color, normal], axis=1)).float(),
-            "offset": torch.tensor([len(room["coord"]) for room in rooms]).cumsum(0),
-            "grid_size": GRID_SIZE}
+    return {
+        "coord": torch.from_numpy(coord).float(),
+        "grid_coord": torch.from_numpy(np.concatenate([room["grid_coord"] for room in rooms])).long(),
+        "feat": torch.from_numpy(np.concatenate([coord, color, normal], axis=1)).float(),
+        "offset": torch.tensor([len(room["coord"]) for room in rooms]).cumsum(0),
+        "grid_size": GRID_SIZE,
+    }
 
 
 def concerto_config(large: bool, tiny: bool) -> ConcertoConfig:
@@ -130,6 +151,7 @@ def encoder_step(model: torch.nn.Module, batch: dict, device: torch.device) -> C
         point.feat.float().square().mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -145,6 +167,7 @@ def concerto_step(model: Concerto, batch: dict, device: torch.device) -> Callabl
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.update_teacher()
+
     return step
 
 
@@ -197,10 +220,13 @@ def profile_steps(step: Callable[[], None], steps: int, device: torch.device, re
     return {
         "kernels_per_step": sum(n for n, _ in by_kernel.values()) / steps,
         "kernel_ms_per_step": sum(us for _, us in by_kernel.values()) / 1000 / steps,
-        "top_kernels": [{"name": name[:120], "launches_per_step": n / steps, "ms_per_step": us / 1000 / steps}
-                        for name, (n, us) in top],
-        "region_ms_per_step": {name: by_region[name] / 1000 / steps
-                               for name in [r for r, _ in regions] + ["other"] if name in by_region},
+        "top_kernels": [
+            {"name": name[:120], "launches_per_step": n / steps, "ms_per_step": us / 1000 / steps}
+            for name, (n, us) in top
+        ],
+        "region_ms_per_step": {
+            name: by_region[name] / 1000 / steps for name in [r for r, _ in regions] + ["other"] if name in by_region
+        },
     }
 
 
@@ -232,8 +258,7 @@ def build_encoder(config: PTv3Config, device: torch.device) -> PointTransformerV
     return PointTransformerV3(config).to(device).train()
 
 
-def compare_outputs(ours: torch.nn.Module, reference: torch.nn.Module, ref, batch: dict,
-                    device: torch.device) -> dict:
+def compare_outputs(ours: torch.nn.Module, reference: torch.nn.Module, ref, batch: dict, device: torch.device) -> dict:
     """Both models' eval outputs with shuffling off, in fp32 and under bf16 autocast: coarsest-level features."""
     ours.eval().set_order_shuffling(False)
     reference.eval()
@@ -247,8 +272,12 @@ def compare_outputs(ours: torch.nn.Module, reference: torch.nn.Module, ref, batc
         ours_feat, ref_feat = our_point.feat.float(), ref_point.feat.float()
         diff = (ours_feat - ref_feat).abs().max().item() if same_points else float("nan")
         relative = ((ours_feat - ref_feat).norm() / ref_feat.norm()).item() if same_points else float("nan")
-        result[precision] = {"same_points": same_points, "max_abs_diff": diff, "relative_error": relative,
-                             "agree": same_points and relative <= AGREEMENT[precision]}
+        result[precision] = {
+            "same_points": same_points,
+            "max_abs_diff": diff,
+            "relative_error": relative,
+            "agree": same_points and relative <= AGREEMENT[precision],
+        }
     ours.train().set_order_shuffling(True)
     reference.train()
     set_reference_shuffling(reference, ref, True)
@@ -260,8 +289,11 @@ def run_encoder(args, device: torch.device) -> dict:
     points = TINY_POINTS if args.tiny else args.points
     batch = gpu_smoke.batch_to_device(scene_batch(points, seed=0), device)
     ours = build_encoder(config, device)
-    result = {"points_per_scene_raw": points, "points_per_batch": int(batch["offset"][-1]),
-              "parameters": sum(p.numel() for p in ours.parameters())}
+    result = {
+        "points_per_scene_raw": points,
+        "points_per_batch": int(batch["offset"][-1]),
+        "parameters": sum(p.numel() for p in ours.parameters()),
+    }
     if args.pointcept is None:
         result["ours"] = measure(encoder_step(ours, batch, device), args, device, POINT_REGIONS)
         return result
@@ -282,9 +314,12 @@ def run_concerto(args, device: torch.device) -> dict:
     model = Concerto(config, build_untrained_image_encoder(config.image_encoder)).to(device).train()
     model.set_schedule(SslSchedules.from_config(config, total_steps=1000).at(100))
     batch = gpu_smoke.batch_to_device(batch, device)
-    result = {"global_points": int(batch["global_coord"].shape[0]), "local_points": int(batch["local_coord"].shape[0]),
-              "images": int(batch["images"].shape[0]),
-              "step": measure(concerto_step(model, batch, device), args, device, CONCERTO_REGIONS)}
+    result = {
+        "global_points": int(batch["global_coord"].shape[0]),
+        "local_points": int(batch["local_coord"].shape[0]),
+        "images": int(batch["images"].shape[0]),
+        "step": measure(concerto_step(model, batch, device), args, device, CONCERTO_REGIONS),
+    }
     return result
 
 
@@ -298,13 +333,17 @@ def print_table(result: dict) -> None:
     unit = "ms" if result["device"] != "cpu" else "ms (CPU)"
     print(f"\n{'':22s} {'step ' + unit:>14s} {'peak GiB':>9s} {'kernels':>8s} {'kernel ms':>10s}")
     for label, r in rows:
-        print(f"{label:22s} {r['step_ms_median']:14.1f} {r.get('peak_memory_gib', float('nan')):9.2f} "
-              f"{r.get('kernels_per_step', float('nan')):8.0f} {r.get('kernel_ms_per_step', float('nan')):10.1f}")
+        print(
+            f"{label:22s} {r['step_ms_median']:14.1f} {r.get('peak_memory_gib', float('nan')):9.2f} "
+            f"{r.get('kernels_per_step', float('nan')):8.0f} {r.get('kernel_ms_per_step', float('nan')):10.1f}"
+        )
     if "ours_over_reference_step_time" in result["encoder"]:
         print(f"ours / Pointcept step time: {result['encoder']['ours_over_reference_step_time']:.3f}")
         for precision, a in result["encoder"]["agreement"].items():
-            print(f"outputs {precision}: max abs diff {a['max_abs_diff']:.3e}, relative error "
-                  f"{a['relative_error']:.3e} -> {'agree' if a['agree'] else 'DISAGREE'}")
+            print(
+                f"outputs {precision}: max abs diff {a['max_abs_diff']:.3e}, relative error "
+                f"{a['relative_error']:.3e} -> {'agree' if a['agree'] else 'DISAGREE'}"
+            )
     for label, r in rows:
         if "region_ms_per_step" in r:
             regions = ", ".join(f"{name} {ms:.1f}" for name, ms in r["region_ms_per_step"].items())
@@ -320,21 +359,31 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile-steps", type=int, default=2)
-    parser.add_argument("--points", type=int, default=150_000,
-                        help="points per synthetic room before grid sampling, for the encoder step (the Concerto "
-                             "step keeps gpu_smoke's 150k)")
+    parser.add_argument(
+        "--points",
+        type=int,
+        default=150_000,
+        help="points per synthetic room before grid sampling, for the encoder step (the Concerto "
+        "step keeps gpu_smoke's 150k)",
+    )
     parser.add_argument("--large", action="store_true", help="the large-base config instead of base")
     parser.add_argument("--pointcept", type=Path, help="extracted Pointcept tree: also time its PT-v3m2")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--concerto", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time the full Concerto step")
+    parser.add_argument(
+        "--concerto", action=argparse.BooleanOptionalAction, default=True, help="also time the full Concerto step"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "config": "large-base" if args.large else "base", "tiny": args.tiny,
-              "steps": args.steps, "warmup": args.warmup}
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "config": "large-base" if args.large else "base",
+        "tiny": args.tiny,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
     start = time.perf_counter()
     result["encoder"] = run_encoder(args, device)
     if args.concerto:

@@ -39,7 +39,8 @@ def unique_voxels(batch: dict, prefix: str) -> dict:
     keys = torch.cat([view[:, None], grid], 1)
     _, inverse = torch.unique(keys, dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), len(keys), dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(len(keys)), reduce="amin")
+        0, inverse, torch.arange(len(keys)), reduce="amin"
+    )
     keep = torch.sort(first).values
     out = dict(batch)
     for key in (f"{prefix}_coord", f"{prefix}_feat"):
@@ -54,8 +55,12 @@ def first_views(batch: dict, prefix: str, views: int) -> dict:
     """The batch's first `views` views of `prefix` as backbone input."""
     offset = batch[f"{prefix}_offset"][:views]
     end = int(offset[-1])
-    data = {"feat": batch[f"{prefix}_feat"][:end], "coord": batch[f"{prefix}_coord"][:end], "offset": offset,
-            "grid_size": batch["grid_size"][0]}
+    data = {
+        "feat": batch[f"{prefix}_feat"][:end],
+        "coord": batch[f"{prefix}_coord"][:end],
+        "offset": offset,
+        "grid_size": batch["grid_size"][0],
+    }
     if f"{prefix}_grid_coord" in batch:
         data["grid_coord"] = batch[f"{prefix}_grid_coord"][:end]
     return data
@@ -81,8 +86,11 @@ def per_view_errors(a: torch.Tensor, b: torch.Tensor, offset: torch.Tensor) -> l
 
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     a, b = a.double(), b.double()
-    return {"relative_error": ((a - b).norm() / b.norm()).item(), "max_abs_diff": (a - b).abs().max().item(),
-            "finite": bool(torch.isfinite(a).all())}
+    return {
+        "relative_error": ((a - b).norm() / b.norm()).item(),
+        "max_abs_diff": (a - b).abs().max().item(),
+        "finite": bool(torch.isfinite(a).all()),
+    }
 
 
 def main() -> int:
@@ -106,23 +114,36 @@ def main() -> int:
     cpu_model = PointTransformerV3(config.teacher_backbone()).eval()
     cpu_model.set_order_shuffling(False)
     gpu_model = copy.deepcopy(cpu_model).cuda()
-    result = {"device": torch.cuda.get_device_name(), "samples": args.samples, "unique_voxels": args.unique,
-              "threads": torch.get_num_threads(),
-              "batch_build_s": time.perf_counter() - start, "views": {}}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "samples": args.samples,
+        "unique_voxels": args.unique,
+        "threads": torch.get_num_threads(),
+        "batch_build_s": time.perf_counter() - start,
+        "views": {},
+    }
     for prefix in args.views.split(","):
         if args.unique:
             batch = unique_voxels(batch, prefix)
         counts = torch.diff(batch[f"{prefix}_offset"], prepend=torch.zeros(1, dtype=torch.long))
         coord = batch[f"{prefix}_coord"]
-        row = {"points": int(coord.shape[0]), "views": len(counts), "points_per_view_min_max": [
-            int(counts.min()), int(counts.max())], "extent_m": (coord.max(0).values - coord.min(0).values).tolist()}
-        cpu_coarse, cpu_up, row["cpu_s"] = run(cpu_model, batch, prefix, torch.device("cpu"), False,
-                                               config.up_cast_level)
+        row = {
+            "points": int(coord.shape[0]),
+            "views": len(counts),
+            "points_per_view_min_max": [int(counts.min()), int(counts.max())],
+            "extent_m": (coord.max(0).values - coord.min(0).values).tolist(),
+        }
+        cpu_coarse, cpu_up, row["cpu_s"] = run(
+            cpu_model, batch, prefix, torch.device("cpu"), False, config.up_cast_level
+        )
         for precision, bf16 in (("fp32", False), ("bf16", True)):
             coarse, up, seconds = run(gpu_model, batch, prefix, torch.device("cuda"), bf16, config.up_cast_level)
-            row[f"gpu_{precision}"] = {"seconds": seconds, "coarsest": compare(coarse, cpu_coarse),
-                                       "upcast": compare(up[0], cpu_up[0]),
-                                       "upcast_per_view": per_view_errors(up[0], cpu_up[0], cpu_up[1])}
+            row[f"gpu_{precision}"] = {
+                "seconds": seconds,
+                "coarsest": compare(coarse, cpu_coarse),
+                "upcast": compare(up[0], cpu_up[0]),
+                "upcast_per_view": per_view_errors(up[0], cpu_up[0], cpu_up[1]),
+            }
         if args.diagnose:  # GPU fp32 against CPU on the first k views only: does the error depend on the size?
             row["first_views_upcast_relative_error"] = {}
             for views in (1, 2, 4, 8, 16):

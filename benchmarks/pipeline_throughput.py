@@ -48,9 +48,9 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -79,9 +79,16 @@ def prepare_data(workdir: Path, scenes: int, points: int, views: int, shard_mb: 
     base = workdir / f"scenes{scenes}-points{points}-views{views}"
     synth_root, shard_root = base / "synth", base / "shards"
     if not (synth_root / "splits").is_dir():  # the split files are written last, so their folder marks a full set
-        write_synthetic_dataset(synth_root, SynthConfig(scenes=scenes, points_per_scene=points,
-                                                        views_per_scene=views, image_width=IMAGE_WIDTH,
-                                                        image_height=IMAGE_HEIGHT))
+        write_synthetic_dataset(
+            synth_root,
+            SynthConfig(
+                scenes=scenes,
+                points_per_scene=points,
+                views_per_scene=views,
+                image_width=IMAGE_WIDTH,
+                image_height=IMAGE_HEIGHT,
+            ),
+        )
     # Small shards: a shard is the unit of parallelism of Ray Data's read (one task per file).
     prepare(synth_root, shard_root, target_shard_mb=shard_mb, progress=False)  # a no-op when complete
     return synth_root, shard_root
@@ -90,8 +97,12 @@ def prepare_data(workdir: Path, scenes: int, points: int, views: int, shard_mb: 
 def load_rows(shard_root: Path) -> list[dict]:
     """Every shard row as Python objects, the form in which Ray Data hands rows to the transform."""
     manifest = read_manifest(shard_root)
-    return [row for split in manifest.splits.values() for shard in split.shards
-            for row in pq.read_table(shard_root / shard.path).to_pylist()]
+    return [
+        row
+        for split in manifest.splits.values()
+        for shard in split.shards
+        for row in pq.read_table(shard_root / shard.path).to_pylist()
+    ]
 
 
 def timed(call: Callable[[], object], input_bytes: int) -> Timing:
@@ -102,11 +113,13 @@ def timed(call: Callable[[], object], input_bytes: int) -> Timing:
 
 def summarize(timings: list[Timing]) -> dict:
     cpu = statistics.median(t.cpu_s for t in timings)
-    return {"timed_calls": len(timings),
-            "median_wall_s_per_sample": statistics.median(t.wall_s for t in timings),
-            "median_cpu_s_per_sample": cpu,
-            "samples_per_s_per_core": 1.0 / cpu,
-            "mb_per_s_per_core": statistics.median(t.input_bytes / MB / t.cpu_s for t in timings)}
+    return {
+        "timed_calls": len(timings),
+        "median_wall_s_per_sample": statistics.median(t.wall_s for t in timings),
+        "median_cpu_s_per_sample": cpu,
+        "samples_per_s_per_core": 1.0 / cpu,
+        "mb_per_s_per_core": statistics.median(t.input_bytes / MB / t.cpu_s for t in timings),
+    }
 
 
 def measure_single_process(rows: list[dict], sizes: list[int], passes: int, reference=None) -> dict:
@@ -134,14 +147,15 @@ def measure_single_process(rows: list[dict], sizes: list[int], passes: int, refe
     our_timings, reference_timings = [], []
     for epoch in range(passes):
         for i, (row, name, size) in enumerate(zip(rows, names, sizes)):
-            our_timings.append(timed(lambda: ours(row, [epoch + 1, i]), size))
+            our_timings.append(timed(lambda row=row, draw=[epoch + 1, i]: ours(row, draw), size))
             if reference is not None:
-                reference_timings.append(timed(lambda: reference[reference_index[name]], size))
+                reference_timings.append(timed(lambda name=name: reference[reference_index[name]], size))
     result = {"ours": summarize(our_timings), "reference": None, "ours_over_reference_per_core": None}
     if reference is not None:
         result["reference"] = summarize(reference_timings)
-        result["ours_over_reference_per_core"] = (result["ours"]["samples_per_s_per_core"]
-                                                  / result["reference"]["samples_per_s_per_core"])
+        result["ours_over_reference_per_core"] = (
+            result["ours"]["samples_per_s_per_core"] / result["reference"]["samples_per_s_per_core"]
+        )
     return result
 
 
@@ -160,33 +174,47 @@ def measure_ray(shard_root: Path, cores: int, epochs: int, mean_sample_bytes: fl
     finally:
         ray.shutdown()
     rate, steady_rate = statistics.median(rates), statistics.median(steady)
-    return {"cores": cores, "samples_per_s": rate, "mb_per_s": rate * mean_sample_bytes / MB,
-            "samples_per_s_per_core": rate / cores, "epoch_samples_per_s": rates,
-            "steady_samples_per_s": steady_rate, "steady_samples_per_s_per_core": steady_rate / cores,
-            "steady_mb_per_s_per_core": steady_rate * mean_sample_bytes / MB / cores,
-            "first_batch_s": statistics.median(latency)}
+    return {
+        "cores": cores,
+        "samples_per_s": rate,
+        "mb_per_s": rate * mean_sample_bytes / MB,
+        "samples_per_s_per_core": rate / cores,
+        "epoch_samples_per_s": rates,
+        "steady_samples_per_s": steady_rate,
+        "steady_samples_per_s_per_core": steady_rate / cores,
+        "steady_mb_per_s_per_core": steady_rate * mean_sample_bytes / MB / cores,
+        "first_batch_s": statistics.median(latency),
+    }
 
 
 def print_table(result: dict) -> None:
     data = result["dataset"]
-    print(f"\n{data['samples']} samples ({data['scenes']} scenes x {data['points_per_scene']} points, "
-          f"{data['frames_per_sample']} frames of {IMAGE_WIDTH}x{IMAGE_HEIGHT} per sample), "
-          f"{data['mean_sample_mb']:.1f} MB per sample")
+    print(
+        f"\n{data['samples']} samples ({data['scenes']} scenes x {data['points_per_scene']} points, "
+        f"{data['frames_per_sample']} frames of {IMAGE_WIDTH}x{IMAGE_HEIGHT} per sample), "
+        f"{data['mean_sample_mb']:.1f} MB per sample"
+    )
     print("\none process, one thread    wall s/sample  cpu s/sample  samples/s/core  MB/s/core")
     single = result["single_process"]
     for name in ("ours", "reference"):
         row = single[name]
         if row is not None:
-            print(f"  {name:24s} {row['median_wall_s_per_sample']:13.3f} {row['median_cpu_s_per_sample']:13.3f} "
-                  f"{row['samples_per_s_per_core']:15.3f} {row['mb_per_s_per_core']:10.1f}")
+            print(
+                f"  {name:24s} {row['median_wall_s_per_sample']:13.3f} {row['median_cpu_s_per_sample']:13.3f} "
+                f"{row['samples_per_s_per_core']:15.3f} {row['mb_per_s_per_core']:10.1f}"
+            )
     if single["ours_over_reference_per_core"] is not None:
         print(f"  ours / reference (samples/s per core): {single['ours_over_reference_per_core']:.2f}")
-    print("\nRay Data pipeline (drain)  cores  samples/s   MB/s  samples/s/core  first batch s  "
-          "steady samples/s/core  steady MB/s/core")
+    print(
+        "\nRay Data pipeline (drain)  cores  samples/s   MB/s  samples/s/core  first batch s  "
+        "steady samples/s/core  steady MB/s/core"
+    )
     for row in result["ray"]:
-        print(f"  {'':24s} {row['cores']:5d} {row['samples_per_s']:10.3f} {row['mb_per_s']:6.1f} "
-              f"{row['samples_per_s_per_core']:15.3f} {row['first_batch_s']:14.1f} "
-              f"{row['steady_samples_per_s_per_core']:22.3f} {row['steady_mb_per_s_per_core']:17.1f}")
+        print(
+            f"  {'':24s} {row['cores']:5d} {row['samples_per_s']:10.3f} {row['mb_per_s']:6.1f} "
+            f"{row['samples_per_s_per_core']:15.3f} {row['first_batch_s']:14.1f} "
+            f"{row['steady_samples_per_s_per_core']:22.3f} {row['steady_mb_per_s_per_core']:17.1f}"
+        )
 
 
 def main() -> int:
@@ -221,15 +249,27 @@ def main() -> int:
         random.seed(0)
         np.random.seed(0)
         torch.manual_seed(0)
-        reference = reference_dataset(args.pointcept.resolve(), synth_root.resolve(),
-                                      synth_root.parent / "pointcept_root")
+        reference = reference_dataset(
+            args.pointcept.resolve(), synth_root.resolve(), synth_root.parent / "pointcept_root"
+        )
 
     result = {
-        "dataset": {"scenes": args.scenes, "points_per_scene": args.points, "frames_per_scene": args.views,
-                    "frames_per_sample": max(len(row["frame_names"]) for row in rows), "samples": len(rows),
-                    "mean_sample_mb": mean_sample_bytes / MB, "shards": str(shard_root)},
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__},
+        "dataset": {
+            "scenes": args.scenes,
+            "points_per_scene": args.points,
+            "frames_per_scene": args.views,
+            "frames_per_sample": max(len(row["frame_names"]) for row in rows),
+            "samples": len(rows),
+            "mean_sample_mb": mean_sample_bytes / MB,
+            "shards": str(shard_root),
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+        },
         "single_process": measure_single_process(rows, sizes, args.epochs, reference),
         "ray": [measure_ray(shard_root, cores, args.epochs, mean_sample_bytes) for cores in args.cores],
     }

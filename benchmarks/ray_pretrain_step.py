@@ -57,39 +57,75 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="concerto-ray-step-"))
     started = time.perf_counter()
-    write_synthetic_dataset(work / "scenes", SynthConfig(
-        scenes=args.scenes, points_per_scene=args.points, views_per_scene=args.views, image_width=width,
-        image_height=height, splits={"train": 1.0}), progress=False)
+    write_synthetic_dataset(
+        work / "scenes",
+        SynthConfig(
+            scenes=args.scenes,
+            points_per_scene=args.points,
+            views_per_scene=args.views,
+            image_width=width,
+            image_height=height,
+            splits={"train": 1.0},
+        ),
+        progress=False,
+    )
     prepare(work / "scenes", str(work / "shards"), target_shard_mb=16, progress=False)
     print(f"scenes and shards written in {time.perf_counter() - started:.0f} s")
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     model_name = yaml.safe_load(args.config.read_text())["model"]["name"]
     torch.manual_seed(0)  # a frozen DINOv2 of the config's architecture with random weights (no downloads)
-    Dinov2WithRegistersModel(get_model_config(model_name).image_encoder.architecture()).save_pretrained(
-        work / "dinov2")
+    Dinov2WithRegistersModel(get_model_config(model_name).image_encoder.architecture()).save_pretrained(work / "dinov2")
 
     ray.init(address="local", include_dashboard=False)
     counts = [int(n) for n in args.workers.split(",")] if args.workers else [None]
     results = []
     for workers in counts:
-        config = load_pretrain_config(args.config, [
-            *args.set, f"data.shards={work / 'shards'}", f"model.image_encoder_weights={work / 'dinov2'}",
-            f"run.storage_path={work / 'runs'}", f"run.name=step-{workers}w",
-            *([f"run.num_workers={workers}"] if workers else []), f"run.use_gpu={args.gpu}",
-            f"run.epochs={args.epochs}", "run.checkpoint_every=1000000", f"mlflow.tracking_uri={tracking_uri}"])
+        config = load_pretrain_config(
+            args.config,
+            [
+                *args.set,
+                f"data.shards={work / 'shards'}",
+                f"model.image_encoder_weights={work / 'dinov2'}",
+                f"run.storage_path={work / 'runs'}",
+                f"run.name=step-{workers}w",
+                *([f"run.num_workers={workers}"] if workers else []),
+                f"run.use_gpu={args.gpu}",
+                f"run.epochs={args.epochs}",
+                "run.checkpoint_every=1000000",
+                f"mlflow.tracking_uri={tracking_uri}",
+            ],
+        )
         run_pretrain(config)
         run_id = json.loads((work / "runs" / config.run.name / RUN_ID_FILE).read_text())["run_id"]
-        results.append(summarise(MlflowClient(tracking_uri), run_id, args.skip_steps,
-                                 dict(workers=config.run.num_workers, gpu=args.gpu,
-                                      cpus_per_worker=config.run.cpus_per_worker,
-                                      batch_per_worker=config.data.batch_size,
-                                      accumulation=config.optim.grad_accumulation, amp=config.run.amp)))
+        results.append(
+            summarise(
+                MlflowClient(tracking_uri),
+                run_id,
+                args.skip_steps,
+                dict(
+                    workers=config.run.num_workers,
+                    gpu=args.gpu,
+                    cpus_per_worker=config.run.cpus_per_worker,
+                    batch_per_worker=config.data.batch_size,
+                    accumulation=config.optim.grad_accumulation,
+                    amp=config.run.amp,
+                ),
+            )
+        )
         print(json.dumps(results[-1], indent=2))
     for result in results[1:]:
         result["throughput_vs_first"] = result["points_per_s_median"] / results[0]["points_per_s_median"]
-    report = {"config": str(args.config), "overrides": args.set, "scenes": args.scenes, "points": args.points,
-              "views": args.views, "image_size": args.image_size, "epochs": args.epochs,
-              "gpu_name": torch.cuda.get_device_name(0) if args.gpu else None, "runs": results}
+    report = {
+        "config": str(args.config),
+        "overrides": args.set,
+        "scenes": args.scenes,
+        "points": args.points,
+        "views": args.views,
+        "image_size": args.image_size,
+        "epochs": args.epochs,
+        "gpu_name": torch.cuda.get_device_name(0) if args.gpu else None,
+        "runs": results,
+    }
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
@@ -101,13 +137,16 @@ def summarise(client: MlflowClient, run_id: str, skip: int, result: dict) -> dic
 
     step_times, waits = history("step_time_s"), history("data_wait_s")
     samples_per_step = result["workers"] * result["batch_per_worker"] * result["accumulation"]
-    result.update(steps_measured=len(step_times), step_time_s_median=statistics.median(step_times),
-                  data_wait_fraction_median=statistics.median(history("data_wait_fraction")),
-                  data_wait_fraction_total=sum(waits) / sum(step_times),
-                  points_per_s_median=statistics.median(history("points_per_s")),
-                  samples_per_s=samples_per_step / statistics.median(step_times),
-                  # over every measured step, epoch starts included
-                  samples_per_s_overall=samples_per_step * len(step_times) / sum(step_times))
+    result.update(
+        steps_measured=len(step_times),
+        step_time_s_median=statistics.median(step_times),
+        data_wait_fraction_median=statistics.median(history("data_wait_fraction")),
+        data_wait_fraction_total=sum(waits) / sum(step_times),
+        points_per_s_median=statistics.median(history("points_per_s")),
+        samples_per_s=samples_per_step / statistics.median(step_times),
+        # over every measured step, epoch starts included
+        samples_per_s_overall=samples_per_step * len(step_times) / sum(step_times),
+    )
     return result
 
 

@@ -50,8 +50,11 @@ def main() -> None:
     for markers in work.glob("markers-*"):  # a rerun reuses the scenes and shards, not the checksum markers
         shutil.rmtree(markers)
     if not (work / "scenes").exists():
-        write_synthetic_dataset(work / "scenes", SynthConfig(scenes=args.scenes, points_per_scene=20000,
-                                                             views_per_scene=8, splits={"train": 1.0}), progress=False)
+        write_synthetic_dataset(
+            work / "scenes",
+            SynthConfig(scenes=args.scenes, points_per_scene=20000, views_per_scene=8, splits={"train": 1.0}),
+            progress=False,
+        )
     manifest = prepare(work / "scenes", str(work / "shards"), target_shard_mb=4, progress=False)
     ray.init(num_cpus=2, include_dashboard=False)
 
@@ -61,16 +64,22 @@ def main() -> None:
     (one_percent,) = load_sources([config], scenes=frozenset(select_scenes(names, 1, seed=0)))
     total = manifest.total_bytes
     print(f"{len(names)} scenes in {manifest.total_shards} shards, {total / 2**20:.1f} MiB")
-    print("before: every run hashes every shard, every epoch reads every shard whole: "
-          f"{total / 2**20:.1f} MiB checksum + {total / 2**20:.1f} MiB per epoch, whatever share of scenes is used")
-    print(f"{'run':<28} {'samples':>8} {'shards':>7} {'checksum, 1st run':>18} {'2nd run':>8} "
-          f"{'epoch, pretrain':>16} {'epoch, segmentation':>20}")
+    print(
+        "before: every run hashes every shard, every epoch reads every shard whole: "
+        f"{total / 2**20:.1f} MiB checksum + {total / 2**20:.1f} MiB per epoch, whatever share of scenes is used"
+    )
+    print(
+        f"{'run':<28} {'samples':>8} {'shards':>7} {'checksum, 1st run':>18} {'2nd run':>8} "
+        f"{'epoch, pretrain':>16} {'epoch, segmentation':>20}"
+    )
     for label, source in (("100 % of the scenes", everything), ("1 % of the scenes", one_percent)):
         markers = VerifiedShards(work / f"markers-{len(source.samples)}")
         first, second = checksum_bytes(source, markers), checksum_bytes(source, markers)
-        print(f"{label:<28} {len(source.samples):>8} {len(source.shards):>7} {first / 2**20:>14.2f} MiB "
-              f"{second / 2**20:>4.2f} MiB {epoch_bytes(source, True) / 2**20:>12.2f} MiB "
-              f"{epoch_bytes(source, False) / 2**20:>16.2f} MiB")
+        print(
+            f"{label:<28} {len(source.samples):>8} {len(source.shards):>7} {first / 2**20:>14.2f} MiB "
+            f"{second / 2**20:>4.2f} MiB {epoch_bytes(source, True) / 2**20:>12.2f} MiB "
+            f"{epoch_bytes(source, False) / 2**20:>16.2f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,16 @@ from concerto_ray.errors import ConfigError, DataError, TrainingError
 def _synth(args: argparse.Namespace) -> None:
     from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 
-    config = SynthConfig(scenes=args.scenes, seed=args.seed, points_per_scene=args.points,
-                         views_per_scene=args.views, image_width=args.image_size[0],
-                         image_height=args.image_size[1], flavor=args.flavor, depth=not args.no_depth)
+    config = SynthConfig(
+        scenes=args.scenes,
+        seed=args.seed,
+        points_per_scene=args.points,
+        views_per_scene=args.views,
+        image_width=args.image_size[0],
+        image_height=args.image_size[1],
+        flavor=args.flavor,
+        depth=not args.no_depth,
+    )
     root = write_synthetic_dataset(args.out, config)
     print(f"wrote {args.scenes} synthetic scenes in {args.flavor}'s processed files to {root}")
 
@@ -27,9 +34,17 @@ def _synth(args: argparse.Namespace) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     from concerto_ray.data.shards import prepare
 
-    manifest = prepare(args.src, args.dest, format=args.format, splits=args.splits, dataset_name=args.dataset_name,
-                       target_shard_mb=args.shard_mb, workers=args.workers, skip_bad=args.skip_bad,
-                       endpoint_url=args.endpoint_url)
+    manifest = prepare(
+        args.src,
+        args.dest,
+        format=args.format,
+        splits=args.splits,
+        dataset_name=args.dataset_name,
+        target_shard_mb=args.shard_mb,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+        endpoint_url=args.endpoint_url,
+    )
     print(manifest.summary())
 
 
@@ -68,15 +83,22 @@ def _pretrain(args: argparse.Namespace) -> None:
     start_ray(default_log_file("pretrain"))
     result = run_pretrain(config, resume=args.resume, show_progress=True)
     storage_root = storage.resolve(config.run.storage_path, config.run.endpoint_url)
-    print(f"finished; latest checkpoint: "
-          f"{storage_root.uri_of_path(result.checkpoint.path) if result.checkpoint else None}")
+    print(
+        f"finished; latest checkpoint: "
+        f"{storage_root.uri_of_path(result.checkpoint.path) if result.checkpoint else None}"
+    )
 
 
 def _demo(args: argparse.Namespace) -> None:
     from concerto_ray.demo import run_demo
 
-    run_demo(Path(args.workdir), scenes=args.scenes, seed=args.seed, pretrain_epochs=args.pretrain_epochs,
-             dinov2=Path(args.dinov2) if args.dinov2 else None)
+    run_demo(
+        Path(args.workdir),
+        scenes=args.scenes,
+        seed=args.seed,
+        pretrain_epochs=args.pretrain_epochs,
+        dinov2=Path(args.dinov2) if args.dinov2 else None,
+    )
 
 
 def _model_info(args: argparse.Namespace) -> None:
@@ -103,12 +125,25 @@ def _embed(args: argparse.Namespace) -> None:
 
     from concerto_ray.embed import EmbedConfig, run_embed
 
-    config = EmbedConfig(checkpoint=args.checkpoint, shards=args.shards, out=args.out, model=args.model,
-                         source=args.source, splits=args.splits, endpoint_url=args.endpoint_url,
-                         grid_size=args.grid_size, up_cast_levels=args.up_cast_levels, seed=args.seed,
-                         scenes_per_batch=args.scenes_per_batch, concurrency=args.concurrency,
-                         use_gpu=False if args.cpu else None, cpus_per_actor=args.cpus_per_actor,
-                         amp=not args.no_amp, skip_bad=args.skip_bad, verify_checksums=not args.no_verify)
+    config = EmbedConfig(
+        checkpoint=args.checkpoint,
+        shards=args.shards,
+        out=args.out,
+        model=args.model,
+        source=args.source,
+        splits=args.splits,
+        endpoint_url=args.endpoint_url,
+        grid_size=args.grid_size,
+        up_cast_levels=args.up_cast_levels,
+        seed=args.seed,
+        scenes_per_batch=args.scenes_per_batch,
+        concurrency=args.concurrency,
+        use_gpu=False if args.cpu else None,
+        cpus_per_actor=args.cpus_per_actor,
+        amp=not args.no_amp,
+        skip_bad=args.skip_bad,
+        verify_checksums=not args.no_verify,
+    )
     ray.init(ignore_reinit_error=True)
     print(run_embed(config).text())
 
@@ -122,17 +157,27 @@ def _viz(args: argparse.Namespace) -> None:
     else:
         if not args.shards:
             raise ConfigError("--checkpoint needs --shards (the scenes to embed)")
-        images = viz.images_from_checkpoint(args.checkpoint, args.shards, args.out, model=args.model,
-                                            source=args.source, grid_size=args.grid_size,
-                                            up_cast_levels=args.up_cast_levels, **where)
+        images = viz.images_from_checkpoint(
+            args.checkpoint,
+            args.shards,
+            args.out,
+            model=args.model,
+            source=args.source,
+            grid_size=args.grid_size,
+            up_cast_levels=args.up_cast_levels,
+            **where,
+        )
     for path in images.values():
         print(f"wrote {path}")
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `embed` (and of jobs/embed.py)."""
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint file (.pth / model.pt) or concerto-ray checkpoint folder, local or s3://")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint file (.pth / model.pt) or concerto-ray checkpoint folder, local or s3://",
+    )
     p.add_argument("--shards", required=True, help="shards written by `prepare` (local folder or s3://)")
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix: <split>/<scene>.parquet")
     _add_backbone_arguments(p)
@@ -149,13 +194,21 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backbone_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="named model config the checkpoint was trained as, e.g. "
-                                   "pretrain-concerto-v1m1-0-base (default: the checkpoint's own 'config' entry)")
-    p.add_argument("--source", choices=("student", "teacher"), default="student",
-                   help="which backbone of a pre-training checkpoint")
+    p.add_argument(
+        "--model",
+        help="named model config the checkpoint was trained as, e.g. "
+        "pretrain-concerto-v1m1-0-base (default: the checkpoint's own 'config' entry)",
+    )
+    p.add_argument(
+        "--source",
+        choices=("student", "teacher"),
+        default="student",
+        help="which backbone of a pre-training checkpoint",
+    )
     p.add_argument("--grid-size", type=float, default=0.02, help="grid sampling voxel size (m)")
-    p.add_argument("--up-cast-levels", type=int,
-                   help="coarse levels concatenated onto the finer ones (default: the model's, 2)")
+    p.add_argument(
+        "--up-cast-levels", type=int, help="coarse levels concatenated onto the finer ones (default: the model's, 2)"
+    )
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -169,15 +222,21 @@ def _image_size(text: str) -> tuple[int, int]:
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `prepare` (shared with jobs/prepare.py)."""
     p.add_argument("src", help="dataset root (holding splits/*.json, or <split>/<scene>/ folders)")
-    p.add_argument("dest", help="local folder or s3://bucket/prefix, one per dataset (e.g. s3://bucket/shards/"
-                                "scannet); a later prepare of other splits of that dataset adds them to its manifest")
+    p.add_argument(
+        "dest",
+        help="local folder or s3://bucket/prefix, one per dataset (e.g. s3://bucket/shards/"
+        "scannet); a later prepare of other splits of that dataset adds them to its manifest",
+    )
     p.add_argument("--format", choices=("parquet", "webdataset"), default="parquet")
     p.add_argument("--splits", nargs="+", help="splits to convert (default: all split files)")
     p.add_argument("--dataset-name", help="name stored in the manifest (default: the folder name of SRC)")
     p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MB")
     p.add_argument("--workers", type=int, help="parallel readers (default: CPU count)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip samples that fail validation (each is logged and listed in the manifest)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip samples that fail validation (each is logged and listed in the manifest)",
+    )
     p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
 
 
@@ -185,8 +244,14 @@ def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
     """The options of a training run (shared with jobs/*.py)."""
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--resume", action="store_true", help="continue the stopped run of the config's run.name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, read as YAML, e.g. --set run.epochs=10 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, read as YAML, e.g. --set run.epochs=10 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,16 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Concerto / Sonata point-cloud pre-training and fine-tuning on Ray.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true",
-                        help="on an error, print the full traceback with its causes, not only the message")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, print the full traceback with its causes, not only the message",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    p = sub.add_parser("synth", formatter_class=fmt,
-                       help="write procedural indoor scenes in Pointcept's processed layout",
-                       description="Write synthetic rooms (points, labels, RGB-D frames, poses, point-pixel "
-                                   "correspondences, split files) in the processed files of one of the datasets "
-                                   "Pointcept's Concerto preprocessing writes.")
+    p = sub.add_parser(
+        "synth",
+        formatter_class=fmt,
+        help="write procedural indoor scenes in Pointcept's processed layout",
+        description="Write synthetic rooms (points, labels, RGB-D frames, poses, point-pixel "
+        "correspondences, split files) in the processed files of one of the datasets "
+        "Pointcept's Concerto preprocessing writes.",
+    )
     p.add_argument("out", help="output dataset root (created; must be empty or a previous synth output)")
     p.add_argument("--scenes", type=int, default=8, help="number of scenes")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
@@ -219,85 +290,132 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_image_size, default=(320, 240), metavar="WxH", help="frame size")
     from concerto_ray.data.flavors import FLAVORS  # light: names only
 
-    p.add_argument("--flavor", choices=tuple(FLAVORS), default="scannet",
-                   help="whose processed files to write (names, dtypes, label shapes and ids, splits, intrinsics)")
+    p.add_argument(
+        "--flavor",
+        choices=tuple(FLAVORS),
+        default="scannet",
+        help="whose processed files to write (names, dtypes, label shapes and ids, splits, intrinsics)",
+    )
     p.add_argument("--no-depth", action="store_true", help="write no depth images (optional in the preprocessing)")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("prepare", formatter_class=fmt, help="convert a dataset root into shards + manifest",
-                       description="Convert a dataset in Pointcept's processed layout into parquet or webdataset "
-                                   "shards with a manifest. Resumable: finished shards are skipped. A destination "
-                                   "holds one dataset; mix several in pre-training with data.sources.")
+    p = sub.add_parser(
+        "prepare",
+        formatter_class=fmt,
+        help="convert a dataset root into shards + manifest",
+        description="Convert a dataset in Pointcept's processed layout into parquet or webdataset "
+        "shards with a manifest. Resumable: finished shards are skipped. A destination "
+        "holds one dataset; mix several in pre-training with data.sources.",
+    )
     add_prepare_arguments(p)
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("stream", formatter_class=fmt, help="stream shards through the Ray Data pipeline",
-                       description="Read shards with Ray Data, run the pre-training or segmentation transforms and "
-                                   "collate batches; prints throughput. Uses RAY_ADDRESS if set, else a local Ray.")
-    p.add_argument("shards", nargs="?",
-                   help="local folder or s3://bucket/prefix written by `prepare` (or `sources` in --config)")
+    p = sub.add_parser(
+        "stream",
+        formatter_class=fmt,
+        help="stream shards through the Ray Data pipeline",
+        description="Read shards with Ray Data, run the pre-training or segmentation transforms and "
+        "collate batches; prints throughput. Uses RAY_ADDRESS if set, else a local Ray.",
+    )
+    p.add_argument(
+        "shards", nargs="?", help="local folder or s3://bucket/prefix written by `prepare` (or `sources` in --config)"
+    )
     p.add_argument("--config", help="YAML file with StreamConfig fields (sources, transform parameters etc.)")
     p.add_argument("--mode", choices=("pretrain", "semseg_train", "semseg_val"))
     p.add_argument("--batch-size", type=int, help="samples per batch")
     p.add_argument("--batches", type=int, default=None, help="stop after this many batches (default: one epoch)")
-    p.add_argument("--seed", type=int,
-                   help="seed of the epoch order and the augmentations (default 0): the same seed, the same stream")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the epoch order and the augmentations (default 0): the same seed, the same stream",
+    )
     p.add_argument("--splits", nargs="+", help="splits to read (default: all)")
     p.add_argument("--skip-bad", action="store_true", help="skip, count and log undecodable samples")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint")
     p.set_defaults(func=_stream)
 
-    p = sub.add_parser("pretrain", formatter_class=fmt, help="pre-train Sonata / Concerto with Ray Train",
-                       description="Pre-train on the connected Ray cluster (RAY_ADDRESS, or a local Ray). The config "
-                                   "is validated before Ray starts. Same as `python jobs/pretrain.py`.")
-    add_run_arguments(p, "pre-training YAML config, e.g. configs/pretrain-tiny.yaml")
+    p = sub.add_parser(
+        "pretrain",
+        formatter_class=fmt,
+        help="pre-train Sonata / Concerto with Ray Train",
+        description="Pre-train on the connected Ray cluster (RAY_ADDRESS, or a local Ray). The config "
+        "is validated before Ray starts. Same as `python jobs/pretrain.py`.",
+    )
+    add_run_arguments(p, "pre-training config: a shipped name (e.g. pretrain-tiny) or a YAML path")
     p.set_defaults(func=_pretrain)
 
-    p = sub.add_parser("finetune", formatter_class=fmt, help="semantic-segmentation fine-tuning / probing",
-                       description="Linear / decoder probing, full or LoRA fine-tuning on Ray Train, from a "
-                                   "pre-trained checkpoint (ours or Pointcept's) or random init. Same as "
-                                   "`python jobs/finetune.py`.")
-    add_run_arguments(p, "fine-tuning config: a name from configs/ (e.g. semseg-tiny-lin) or a YAML path")
+    p = sub.add_parser(
+        "finetune",
+        formatter_class=fmt,
+        help="semantic-segmentation fine-tuning / probing",
+        description="Linear / decoder probing, full or LoRA fine-tuning on Ray Train, from a "
+        "pre-trained checkpoint (ours or Pointcept's) or random init. Same as "
+        "`python jobs/finetune.py`.",
+    )
+    add_run_arguments(p, "fine-tuning config: a shipped name (e.g. semseg-tiny-lin) or a YAML path")
     p.set_defaults(func=finetune_command)
 
-    p = sub.add_parser("sweep", formatter_class=fmt, help="a Ray Tune sweep of fine-tuning runs",
-                       description="Fine-tuning runs over a search space with Ray Tune (ASHA early stopping), one "
-                                   "MLflow parent run with a child per trial. Same as `python jobs/sweep.py`.")
+    p = sub.add_parser(
+        "sweep",
+        formatter_class=fmt,
+        help="a Ray Tune sweep of fine-tuning runs",
+        description="Fine-tuning runs over a search space with Ray Tune (ASHA early stopping), one "
+        "MLflow parent run with a child per trial. Same as `python jobs/sweep.py`.",
+    )
     add_sweep_arguments(p)
     p.set_defaults(func=sweep_command)
 
-    p = sub.add_parser("demo", formatter_class=fmt, help="the end-to-end demo on embedded defaults",
-                       description="Local Ray -> synthetic scenes -> shards -> tiny Concerto pre-training on CPU "
-                                   "workers -> linear probes of the pre-trained vs a random backbone -> mIoU table. "
-                                   "Resumable: a rerun reuses what the work folder holds.")
+    p = sub.add_parser(
+        "demo",
+        formatter_class=fmt,
+        help="the end-to-end demo on embedded defaults",
+        description="Local Ray -> synthetic scenes -> shards -> tiny Concerto pre-training on CPU "
+        "workers -> linear probes of the pre-trained vs a random backbone -> mIoU table. "
+        "Resumable: a rerun reuses what the work folder holds.",
+    )
     p.add_argument("--workdir", default="demo", help="where the demo writes its data, runs and MLflow store")
     p.add_argument("--scenes", type=int, default=16, help="synthetic scenes (3/4 train, 1/4 held out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-epochs", type=int, default=30, help="pre-training epochs")
-    p.add_argument("--dinov2", help="directory of DINOv2-with-registers weights of the tiny architecture "
-                                    "(default: random weights, written to WORKDIR/dinov2-tiny)")
+    p.add_argument(
+        "--dinov2",
+        help="directory of DINOv2-with-registers weights of the tiny architecture "
+        "(default: random weights, written to WORKDIR/dinov2-tiny)",
+    )
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("compare", formatter_class=fmt, help="MLflow runs side by side: params, metrics, loss curves",
-                       description="Show the params that differ, final metrics and loss curves of MLflow runs.")
+    p = sub.add_parser(
+        "compare",
+        formatter_class=fmt,
+        help="MLflow runs side by side: params, metrics, loss curves",
+        description="Show the params that differ, final metrics and loss curves of MLflow runs.",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids or run names")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", help="look run names up in this experiment only (default: all)")
     p.add_argument("--out", default="compare.png", help="PNG file for the loss curves")
     p.set_defaults(func=_compare)
 
-    p = sub.add_parser("embed", formatter_class=fmt, help="per-point features of every scene with Ray Data",
-                       description="Run a pre-trained backbone over every scene of a shard set (an actor pool, one "
-                                   "GPU each where the cluster has GPUs) and write per-point features (fp16) with "
-                                   "coordinates as parquet, one file per scene. Resumable: scenes whose file exists "
-                                   "are skipped. Same as `python jobs/embed.py`.")
+    p = sub.add_parser(
+        "embed",
+        formatter_class=fmt,
+        help="per-point features of every scene with Ray Data",
+        description="Run a pre-trained backbone over every scene of a shard set (an actor pool, one "
+        "GPU each where the cluster has GPUs) and write per-point features (fp16) with "
+        "coordinates as parquet, one file per scene. Resumable: scenes whose file exists "
+        "are skipped. Same as `python jobs/embed.py`.",
+    )
     add_embed_arguments(p)
     p.set_defaults(func=_embed)
 
-    p = sub.add_parser("viz", formatter_class=fmt, help="PCA and similarity pictures of a scene's features",
-                       description="Write pca.png (features -> 3 principal components -> RGB) and similarity.png "
-                                   "(cosine similarity to a query point) of one scene, from the output of `embed` "
-                                   "or from a checkpoint and shards.")
+    p = sub.add_parser(
+        "viz",
+        formatter_class=fmt,
+        help="PCA and similarity pictures of a scene's features",
+        description="Write pca.png (features -> 3 principal components -> RGB) and similarity.png "
+        "(cosine similarity to a query point) of one scene, from the output of `embed` "
+        "or from a checkpoint and shards.",
+    )
     p.add_argument("--out", required=True, help="folder for the PNG files")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--features", help="output folder of `embed` (local or s3://)")
@@ -313,13 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model", help="model utilities: parameter counts, checkpoint conversion")
     msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    q = msub.add_parser("info", formatter_class=fmt, help="print backbone and total parameter counts of a config",
-                        description="Print the backbone and total parameter counts of a model config, e.g. "
-                                    "pretrain-concerto-v1m1-0-base.")
+    q = msub.add_parser(
+        "info",
+        formatter_class=fmt,
+        help="print backbone and total parameter counts of a config",
+        description="Print the backbone and total parameter counts of a model config, e.g. "
+        "pretrain-concerto-v1m1-0-base.",
+    )
     q.add_argument("name", help="config name")
     q.set_defaults(func=_model_info)
-    q = msub.add_parser("convert", formatter_class=fmt, help="convert checkpoints between Pointcept and ours",
-                        description="Convert a checkpoint between Pointcept's key layout and concerto-ray's.")
+    q = msub.add_parser(
+        "convert",
+        formatter_class=fmt,
+        help="convert checkpoints between Pointcept and ours",
+        description="Convert a checkpoint between Pointcept's key layout and concerto-ray's.",
+    )
     q.add_argument("src", help="input checkpoint (.pth)")
     q.add_argument("dst", help="output checkpoint (.pth)")
     q.add_argument("--to", choices=("pointcept", "concerto-ray"), required=True, help="target layout")

@@ -25,8 +25,12 @@ class _Row:
     values: list[str]
 
 
-def compare_runs(run_ids_or_names: list[str], tracking_uri: str | None = None, out: str | Path = "compare.png",
-                 experiment: str | None = None) -> str:
+def compare_runs(
+    run_ids_or_names: list[str],
+    tracking_uri: str | None = None,
+    out: str | Path = "compare.png",
+    experiment: str | None = None,
+) -> str:
     """Return an aligned text table of the runs' params and metrics, and plot their loss curves to `out`.
 
     Each run is given by its id or its name (names are looked up in `experiment`, or in every experiment).
@@ -38,8 +42,10 @@ def compare_runs(run_ids_or_names: list[str], tracking_uri: str | None = None, o
     client = MlflowClient(tracking_uri)
     runs = [_find_run(client, ref, experiment) for ref in run_ids_or_names]
     # Full histories only for the losses: they are what gets plotted, and other metrics show their final value.
-    histories = [{key: client.get_metric_history(run.info.run_id, key) for key in run.data.metrics if _is_loss(key)}
-                 for run in runs]
+    histories = [
+        {key: client.get_metric_history(run.info.run_id, key) for key in run.data.metrics if _is_loss(key)}
+        for run in runs
+    ]
     rows = [_Row("run id", [run.info.run_id for run in runs])]
     rows += _param_rows(runs)
     rows += _metric_rows(runs, histories)
@@ -71,8 +77,9 @@ def _find_run(client: MlflowClient, ref: str, experiment: str | None) -> Run:
         return client.get_run(ref)
     except MlflowException:
         where = f"experiment {experiment!r}" if experiment else "any experiment"
-        raise ConfigError(f"compare: no MLflow run with id or name {ref!r} in {where} "
-                          f"at {client.tracking_uri}") from None
+        raise ConfigError(
+            f"compare: no MLflow run with id or name {ref!r} in {where} at {client.tracking_uri}"
+        ) from None
 
 
 def _param_rows(runs: list[Run]) -> list[_Row]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,35 @@ import yaml
 from concerto_ray.errors import ConfigError
 
 T = TypeVar("T")
+
+# The YAML configs ship inside the package, so that they are found by name after a plain `pip install`.
+CONFIG_DIR = Path(str(importlib.resources.files("concerto_ray") / "configs"))
+
+
+def find_config(name_or_path: str | Path, kind: str = "") -> Path:
+    """`name_or_path` as a YAML file path, or a shipped config by name (e.g. "pretrain-tiny", "semseg-tiny-lin").
+
+    `kind` ("pretrain", "semseg", "sweep") narrows the names suggested when a name is unknown."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    path = CONFIG_DIR / f"{text}.yaml"
+    if not path.is_file():
+        names = shipped_config_names(kind)
+        close = difflib.get_close_matches(text, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown {kind + ' ' if kind else ''}config {text!r}{hint}; shipped configs: {', '.join(names)}"
+        )
+    return path
+
+
+def shipped_config_names(kind: str = "") -> list[str]:
+    """The names of the configs shipped in the package, those starting with `kind` if given."""
+    return sorted(path.stem for path in CONFIG_DIR.glob(f"{kind}*.yaml"))
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
@@ -33,13 +63,15 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
         key = unknown[0]
         close = difflib.get_close_matches(key, list(fields), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown config key {_join(where, key)!r}{hint}; "
-                          f"valid keys: {', '.join(sorted(fields))}")
+        raise ConfigError(f"unknown config key {_join(where, key)!r}{hint}; valid keys: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, _join(where, name))
-    missing = [n for n, f in fields.items() if n not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"missing required config key {_join(where, missing[0])!r}")
     try:

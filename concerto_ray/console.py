@@ -22,8 +22,7 @@ import ray.tune
 from tqdm import tqdm
 
 # Loggers that write to the terminal of their own accord, directly or through the root logger.
-CHATTY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "torch", "transformers",
-                  "py.warnings")
+CHATTY_LOGGERS = ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "torch", "transformers", "py.warnings")
 POLL_SECONDS = 0.5
 
 
@@ -101,8 +100,8 @@ def post_progress(board: Any, step: int, **values: float) -> None:
 class StageBar:
     """One progress bar over a stage's optimizer steps, drawn from a `ProgressBoard` while the stage runs.
 
-        with StageBar("pre-training", total_steps) as bar:
-            run(..., progress=bar.board)   # rank 0 calls post_progress(board, step, loss=...)
+    with StageBar("pre-training", total_steps) as bar:
+        run(..., progress=bar.board)   # rank 0 calls post_progress(board, step, loss=...)
     """
 
     def __init__(self, title: str, total_steps: int, enabled: bool = True):
@@ -120,8 +119,15 @@ class StageBar:
         if self.board is not None:
             # Not a terminal (a log, CI): few redraws, each one a line of its own.
             interval = 1.0 if sys.stderr.isatty() else 60.0
-            self._bar = tqdm(total=self.total_steps, desc=self.title, unit="step", file=sys.stderr,
-                             mininterval=interval, maxinterval=interval, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self.total_steps,
+                desc=self.title,
+                unit="step",
+                file=sys.stderr,
+                mininterval=interval,
+                maxinterval=interval,
+                dynamic_ncols=True,
+            )
             self._thread = threading.Thread(target=self._follow, daemon=True)
             self._thread.start()
         self._started = time.monotonic()
@@ -157,8 +163,9 @@ class StageBar:
         step = int(self.latest["step"])
         if step > self._bar.n:
             self._bar.update(step - self._bar.n)
-        self._bar.set_postfix_str(", ".join(f"{key} {value:.4g}" for key, value in self.latest.items()
-                                            if key != "step"), refresh=False)
+        self._bar.set_postfix_str(
+            ", ".join(f"{key} {value:.4g}" for key, value in self.latest.items() if key != "step"), refresh=False
+        )
 
 
 class TrialBar(ray.tune.Callback):
@@ -169,8 +176,9 @@ class TrialBar(ray.tune.Callback):
         self.metric = metric
         self.best: float | None = None
         interval = 1.0 if sys.stderr.isatty() else 60.0
-        self.bar = tqdm(desc="sweep", unit="trial", file=sys.stderr, mininterval=interval, maxinterval=interval,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            desc="sweep", unit="trial", file=sys.stderr, mininterval=interval, maxinterval=interval, dynamic_ncols=True
+        )
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info) -> None:
         if self.metric in result and (self.best is None or result[self.metric] > self.best):

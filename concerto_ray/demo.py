@@ -17,6 +17,7 @@ import ray
 import torch
 from transformers import Dinov2WithRegistersModel
 
+from concerto_ray.config import CONFIG_DIR
 from concerto_ray.console import start_ray
 from concerto_ray.data.shards import prepare
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
@@ -27,20 +28,24 @@ from concerto_ray.train.config import load_pretrain_config
 from concerto_ray.train.tracking import RUN_ID_FILE
 from concerto_ray.train.trainer import run_pretrain
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-PRETRAIN_CONFIG = CONFIGS / "pretrain-tiny.yaml"
+PRETRAIN_CONFIG = CONFIG_DIR / "pretrain-tiny.yaml"
 PROBE_CONFIG = "semseg-tiny-lin"
 # Two evaluation rounds of one test-time pass each: the reference's 13 test-time augmentations per round would
 # make the probes, not the pre-training, most of the demo's time on two cores.
-DEMO_PROBE = {"eval_epochs": 2, "transform.test_rotations": [0.0], "transform.test_scales": [],
-              "transform.test_flip": False}
+DEMO_PROBE = {
+    "eval_epochs": 2,
+    "transform.test_rotations": [0.0],
+    "transform.test_scales": [],
+    "transform.test_flip": False,
+}
 # A checkpoint every few minutes rather than the tiny config's every 2 steps (which the recovery tests need).
 DEMO_CHECKPOINT_EVERY = 60
 RESULTS_FILE = "results.txt"
 
 
-def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: int = 30,
-             dinov2: Path | None = None) -> None:
+def run_demo(
+    workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: int = 30, dinov2: Path | None = None
+) -> None:
     workdir = workdir.resolve()
     scenes_dir, shards_dir = workdir / "scenes", workdir / "shards"
     # A Ray of its own unless RAY_ADDRESS names a cluster (never one that a stale `ray start` left behind), or the
@@ -52,8 +57,9 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
     runs = workdir / "runs"
     if not (scenes_dir / "splits").is_dir():
         print(f"[1/4] writing {scenes} synthetic scenes to {scenes_dir}")
-        write_synthetic_dataset(scenes_dir, SynthConfig(scenes=scenes, seed=seed, points_per_scene=20000,
-                                                        views_per_scene=8))
+        write_synthetic_dataset(
+            scenes_dir, SynthConfig(scenes=scenes, seed=seed, points_per_scene=20000, views_per_scene=8)
+        )
     print(f"[2/4] converting them to parquet shards in {shards_dir}")
     print(prepare(scenes_dir, str(shards_dir), target_shard_mb=8).summary())
     if dinov2 is None:
@@ -63,12 +69,22 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
             architecture = get_model_config("tiny-concerto").image_encoder.architecture()
             Dinov2WithRegistersModel(architecture).save_pretrained(dinov2)
 
-    pretrain = load_pretrain_config(PRETRAIN_CONFIG, [
-        f"data.shards={shards_dir}", f"model.image_encoder_weights={dinov2}", f"run.storage_path={runs}",
-        f"run.epochs={pretrain_epochs}", f"run.seed={seed}", f"run.checkpoint_every={DEMO_CHECKPOINT_EVERY}",
-        f"mlflow.tracking_uri={tracking_uri}"])
-    print(f"[3/4] pre-training tiny Concerto for {pretrain_epochs} epochs on {pretrain.run.num_workers} CPU workers, "
-          f"fed by Ray Data")
+    pretrain = load_pretrain_config(
+        PRETRAIN_CONFIG,
+        [
+            f"data.shards={shards_dir}",
+            f"model.image_encoder_weights={dinov2}",
+            f"run.storage_path={runs}",
+            f"run.epochs={pretrain_epochs}",
+            f"run.seed={seed}",
+            f"run.checkpoint_every={DEMO_CHECKPOINT_EVERY}",
+            f"mlflow.tracking_uri={tracking_uri}",
+        ],
+    )
+    print(
+        f"[3/4] pre-training tiny Concerto for {pretrain_epochs} epochs on {pretrain.run.num_workers} CPU workers, "
+        f"fed by Ray Data"
+    )
     run_dir = runs / pretrain.run.name
     # a finished run resumes to its end at once
     run_pretrain(pretrain, resume=(run_dir / RUN_ID_FILE).exists(), show_progress=True)
@@ -79,19 +95,30 @@ def run_demo(workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: in
     results = {}
     for label, pretrained in (("pre-trained", checkpoint / "model.pt"), ("random init", None)):
         name = "probe-pretrained" if pretrained else "probe-random"
-        probe = load_finetune_run(PROBE_CONFIG, {
-            "data.shards": str(shards_dir), "run.storage_path": str(runs), "run.name": name,
-            "mlflow.tracking_uri": tracking_uri, "pretrained.path": str(pretrained) if pretrained else None,
-            **DEMO_PROBE})
+        probe = load_finetune_run(
+            PROBE_CONFIG,
+            {
+                "data.shards": str(shards_dir),
+                "run.storage_path": str(runs),
+                "run.name": name,
+                "mlflow.tracking_uri": tracking_uri,
+                "pretrained.path": str(pretrained) if pretrained else None,
+                **DEMO_PROBE,
+            },
+        )
         result = run_finetune(probe, resume=(runs / name).exists(), show_progress=True)
         results[label] = max((metrics for _, metrics in result.best_checkpoints), key=lambda m: m[SCORE])
 
     if own_ray:
         ray.shutdown()
-    lines = ["linear probe on held-out synthetic scenes (ScanNet-20 classes)",
-             f"{'backbone':14s} {'mIoU':>7s} {'mAcc':>7s} {'allAcc':>7s}"]
-    lines += [f"{label:14s} {metrics['val_miou']:7.3f} {metrics['val_macc']:7.3f} {metrics['val_all_acc']:7.3f}"
-              for label, metrics in results.items()]
+    lines = [
+        "linear probe on held-out synthetic scenes (ScanNet-20 classes)",
+        f"{'backbone':14s} {'mIoU':>7s} {'mAcc':>7s} {'allAcc':>7s}",
+    ]
+    lines += [
+        f"{label:14s} {metrics['val_miou']:7.3f} {metrics['val_macc']:7.3f} {metrics['val_all_acc']:7.3f}"
+        for label, metrics in results.items()
+    ]
     (workdir / RESULTS_FILE).write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
     print(f"\n(also in {workdir / RESULTS_FILE})")

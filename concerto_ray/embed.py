@@ -113,7 +113,7 @@ class BackboneSpec:
         cfg = self.config
         if not cfg.enc_mode:
             return cfg.dec_channels[0]
-        return sum(cfg.enc_channels[len(cfg.enc_channels) - 1 - self.up_cast_levels:])
+        return sum(cfg.enc_channels[len(cfg.enc_channels) - 1 - self.up_cast_levels :])
 
 
 @dataclass
@@ -131,12 +131,17 @@ class EmbedSummary:
 
     def identity(self) -> dict:
         """The settings that must not change between a run and its resumption."""
-        return {k: v for k, v in to_dict(self).items() if k in ("checkpoint", "model", "channels", "grid_size",
-                                                                  "up_cast_levels", "seed")}
+        return {
+            k: v
+            for k, v in to_dict(self).items()
+            if k in ("checkpoint", "model", "channels", "grid_size", "up_cast_levels", "seed")
+        }
 
     def text(self) -> str:
-        lines = [f"embedded {self.embedded} scenes ({self.points} points, {self.channels} channels); "
-                 f"{self.already_done} were already done"]
+        lines = [
+            f"embedded {self.embedded} scenes ({self.points} points, {self.channels} channels); "
+            f"{self.already_done} were already done"
+        ]
         lines.append(f"skipped {len(self.skipped)} bad scenes:" if self.skipped else "no bad scenes")
         lines.extend(f"  {message}" for message in self.skipped)
         return "\n".join(lines)
@@ -145,8 +150,13 @@ class EmbedSummary:
 # ------------------------------------------------------------------------------------------------- the model
 
 
-def load_backbone_spec(checkpoint: str, model: str | None = None, source: str = "student",
-                       up_cast_levels: int | None = None, endpoint_url: str | None = None) -> BackboneSpec:
+def load_backbone_spec(
+    checkpoint: str,
+    model: str | None = None,
+    source: str = "student",
+    up_cast_levels: int | None = None,
+    endpoint_url: str | None = None,
+) -> BackboneSpec:
     """The backbone of `checkpoint` (ours or Pointcept's: pre-training, fine-tuning, backbone-only or the released
     inference files), checked against its config: every weight must be used and every weight found."""
     folder, name = locate_checkpoint(checkpoint, endpoint_url)
@@ -163,11 +173,15 @@ def load_backbone_spec(checkpoint: str, model: str | None = None, source: str = 
     elif isinstance(loaded.get("config"), dict):
         config, levels = from_dict(PTv3Config, loaded["config"], where=f"{uri}: config"), REFERENCE_UP_CAST_LEVELS
     else:
-        raise ConfigError(f"{uri} holds no backbone config; name the model it was trained as with --model "
-                          f"(one of {', '.join(MODEL_CONFIG_NAMES)})")
+        raise ConfigError(
+            f"{uri} holds no backbone config; name the model it was trained as with --model "
+            f"(one of {', '.join(MODEL_CONFIG_NAMES)})"
+        )
     if config.in_channels != INPUT_CHANNELS:
-        raise ConfigError(f"{uri}: the backbone takes {config.in_channels} input channels; embedding feeds "
-                          f"{INPUT_CHANNELS} (coord, color, normal)")
+        raise ConfigError(
+            f"{uri}: the backbone takes {config.in_channels} input channels; embedding feeds "
+            f"{INPUT_CHANNELS} (coord, color, normal)"
+        )
     levels = up_cast_levels if up_cast_levels is not None else levels
     if not config.enc_mode:
         levels = 0  # a decoder already returns the finest level
@@ -180,9 +194,11 @@ def load_backbone_spec(checkpoint: str, model: str | None = None, source: str = 
         raise ConfigError(f"{uri}: the weights do not fit the backbone config: {exc}") from exc
     missing = [key for key in result.missing_keys if key not in OPTIONAL_KEYS]
     if missing or result.unexpected_keys:
-        raise ConfigError(f"{uri}: the backbone weights do not match the config: {len(missing)} missing "
-                          f"{missing[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}; "
-                          f"check --model (and --source)")
+        raise ConfigError(
+            f"{uri}: the backbone weights do not match the config: {len(missing)} missing "
+            f"{missing[:5]}, {len(result.unexpected_keys)} unexpected {result.unexpected_keys[:5]}; "
+            f"check --model (and --source)"
+        )
     return BackboneSpec(uri, config, weights, levels)
 
 
@@ -220,22 +236,32 @@ def preprocess(data: dict, grid_size: float, rng: np.random.Generator) -> dict:
         if key not in data:
             raise DataError("missing", sample=name, field=key)
     n = len(data["coord"])
-    points = {"coord": data["coord"], "color": data["color"],
-              # no normals: zeros, Pointcept's value for "no normal"
-              "normal": data["normal"] if "normal" in data else np.zeros((n, 3), dtype=np.float32)}
+    points = {
+        "coord": data["coord"],
+        "color": data["color"],
+        # no normals: zeros, Pointcept's value for "no normal"
+        "normal": data["normal"] if "normal" in data else np.zeros((n, 3), dtype=np.float32),
+    }
     for key, value in points.items():
         if value.shape != (n, 3):
             raise DataError(f"expected shape ({n}, 3), got {value.shape}", sample=name, field=key)
-    transforms = (CenterShift(apply_z=True), GridSample(grid_size, return_grid_coord=True, return_inverse=True),
-                  NormalizeColor())
+    transforms = (
+        CenterShift(apply_z=True),
+        GridSample(grid_size, return_grid_coord=True, return_inverse=True),
+        NormalizeColor(),
+    )
     sampled = apply_transforms(transforms, points, rng)
     feat = np.concatenate([sampled["coord"], sampled["color"], sampled["normal"]], axis=1).astype(np.float32)
-    return {"feat": feat, "grid_coord": sampled["grid_coord"].astype(np.int64),
-            "inverse": sampled["inverse"].astype(np.int64)}
+    return {
+        "feat": feat,
+        "grid_coord": sampled["grid_coord"].astype(np.int64),
+        "inverse": sampled["inverse"].astype(np.int64),
+    }
 
 
-def backbone_features(backbone: PointTransformerV3, samples: list[dict], up_cast_levels: int,
-                      amp: bool = False) -> list[torch.Tensor]:
+def backbone_features(
+    backbone: PointTransformerV3, samples: list[dict], up_cast_levels: int, amp: bool = False
+) -> list[torch.Tensor]:
     """Per-input-point features of `samples` (`preprocess` outputs), in one forward pass; call under `inference`."""
     device = next(backbone.parameters()).device
     counts = [len(sample["feat"]) for sample in samples]
@@ -251,12 +277,14 @@ def backbone_features(backbone: PointTransformerV3, samples: list[dict], up_cast
         parent = point.pop("pooling_parent")
         parent.feat = point.feat[point.pop("pooling_inverse")]
         point = parent
-    return [part[torch.from_numpy(sample["inverse"]).to(device)]
-            for part, sample in zip(point.feat.split(counts), samples)]
+    return [
+        part[torch.from_numpy(sample["inverse"]).to(device)] for part, sample in zip(point.feat.split(counts), samples)
+    ]
 
 
-def scene_features(backbone: PointTransformerV3, data: dict, up_cast_levels: int, grid_size: float = 0.02,
-                   seed: int = 0) -> np.ndarray:
+def scene_features(
+    backbone: PointTransformerV3, data: dict, up_cast_levels: int, grid_size: float = 0.02, seed: int = 0
+) -> np.ndarray:
     """(N, C) float32 features of every point of one decoded scene, exactly as `embed` computes them (fp32)."""
     sample = preprocess(data, grid_size, scene_rng(seed, str(data.get("name", "?"))))
     with inference(backbone):
@@ -278,12 +306,23 @@ class PrepareScene:
         name, split = str(row.get("name", "?")), str(row.get("split", "?"))
         try:
             data = decode_record(row_to_record(row), with_frames=False)
-            return {"scene": name, "split": split, "error": "", "coord": data["coord"],
-                    **preprocess(data, self.grid_size, scene_rng(self.seed, name))}
+            return {
+                "scene": name,
+                "split": split,
+                "error": "",
+                "coord": data["coord"],
+                **preprocess(data, self.grid_size, scene_rng(self.seed, name)),
+            }
         except DataError as exc:
-            return {"scene": name, "split": split, "error": str(exc), "coord": np.zeros((0, 3), np.float32),
-                    "feat": np.zeros((0, INPUT_CHANNELS), np.float32), "grid_coord": np.zeros((0, 3), np.int64),
-                    "inverse": np.zeros(0, np.int64)}
+            return {
+                "scene": name,
+                "split": split,
+                "error": str(exc),
+                "coord": np.zeros((0, 3), np.float32),
+                "feat": np.zeros((0, INPUT_CHANNELS), np.float32),
+                "grid_coord": np.zeros((0, 3), np.int64),
+                "inverse": np.zeros(0, np.int64),
+            }
 
 
 class EmbedScenes:
@@ -303,12 +342,16 @@ class EmbedScenes:
             with inference(self.backbone):
                 features = backbone_features(self.backbone, good, self.spec.up_cast_levels, self.amp)
             for row, feat in zip(good, features):
-                table = scene_table(str(row["scene"]), np.asarray(row["coord"], np.float32),
-                                    feat.to(torch.float16).cpu().numpy())
+                table = scene_table(
+                    str(row["scene"]), np.asarray(row["coord"], np.float32), feat.to(torch.float16).cpu().numpy()
+                )
                 write_atomically(self.out, scene_path(str(row["split"]), str(row["scene"])), table)
-        return {"scene": np.array([str(r["scene"]) for r in rows]), "split": np.array([str(r["split"]) for r in rows]),
-                "points": np.array([0 if r["error"] else len(r["coord"]) for r in rows], dtype=np.int64),
-                "error": np.array([str(r["error"]) for r in rows])}
+        return {
+            "scene": np.array([str(r["scene"]) for r in rows]),
+            "split": np.array([str(r["split"]) for r in rows]),
+            "points": np.array([0 if r["error"] else len(r["coord"]) for r in rows], dtype=np.int64),
+            "error": np.array([str(r["error"]) for r in rows]),
+        }
 
 
 # ------------------------------------------------------------------------------------------------- storage
@@ -320,11 +363,13 @@ def scene_path(split: str, scene: str) -> str:
 
 def scene_table(scene: str, coord: np.ndarray, feat: np.ndarray) -> pa.Table:
     n, channels = feat.shape
-    return pa.table({
-        "scene": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([scene])),
-        "coord": pa.FixedSizeListArray.from_arrays(pa.array(coord.reshape(-1)), 3),
-        "feat": pa.FixedSizeListArray.from_arrays(pa.array(feat.reshape(-1)), channels),
-    })
+    return pa.table(
+        {
+            "scene": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([scene])),
+            "coord": pa.FixedSizeListArray.from_arrays(pa.array(coord.reshape(-1)), 3),
+            "feat": pa.FixedSizeListArray.from_arrays(pa.array(feat.reshape(-1)), channels),
+        }
+    )
 
 
 def write_atomically(out: storage.Location, relative: str, table: pa.Table) -> None:
@@ -352,18 +397,23 @@ def finished_scenes(out: storage.Location, splits: list[str]) -> set[tuple[str, 
 
 def feature_scenes(location: storage.Location) -> list[tuple[str, str]]:
     """(split, scene) of every feature file below `location`, sorted."""
-    splits = [info.base_name for info in location.filesystem.get_file_info(
-        pafs.FileSelector(location.root, allow_not_found=True)) if info.type == pafs.FileType.Directory]
+    splits = [
+        info.base_name
+        for info in location.filesystem.get_file_info(pafs.FileSelector(location.root, allow_not_found=True))
+        if info.type == pafs.FileType.Directory
+    ]
     return sorted(finished_scenes(location, splits))
 
 
-def read_scene_features(out: str, scene: str | None = None, split: str | None = None,
-                        endpoint_url: str | None = None) -> tuple[str, np.ndarray, np.ndarray]:
+def read_scene_features(
+    out: str, scene: str | None = None, split: str | None = None, endpoint_url: str | None = None
+) -> tuple[str, np.ndarray, np.ndarray]:
     """(scene, coord (N, 3) float32, feat (N, C) float16) of one scene written by `embed`: `scene` (by default the
     first by split and name), in `split` (needed only where the name occurs in several splits)."""
     location = storage.resolve(out, endpoint_url)
-    found = [(s, n) for s, n in feature_scenes(location)
-             if (scene is None or n == scene) and (split is None or s == split)]
+    found = [
+        (s, n) for s, n in feature_scenes(location) if (scene is None or n == scene) and (split is None or s == split)
+    ]
     if not found or (scene is not None and len(found) > 1):
         problem = "no feature file" if not found else f"feature files in splits {[s for s, _ in found]}; give --split"
         raise DataError(f"{problem} under {location.uri}", sample=scene)
@@ -384,12 +434,20 @@ def run_embed(config: EmbedConfig, progress: bool = True) -> EmbedSummary:
     splits = list(config.splits or manifest.splits)
     unknown = [s for s in splits if s not in manifest.splits]
     if unknown:
-        raise ConfigError(f"split {unknown[0]!r} is not in the manifest of {config.shards} (it has: "
-                          f"{', '.join(manifest.splits)})")
-    spec = load_backbone_spec(config.checkpoint, config.model, config.source, config.up_cast_levels,
-                              config.endpoint_url)
-    summary = EmbedSummary(checkpoint=spec.uri, model=config.model, channels=spec.channels,
-                           grid_size=config.grid_size, up_cast_levels=spec.up_cast_levels, seed=config.seed)
+        raise ConfigError(
+            f"split {unknown[0]!r} is not in the manifest of {config.shards} (it has: {', '.join(manifest.splits)})"
+        )
+    spec = load_backbone_spec(
+        config.checkpoint, config.model, config.source, config.up_cast_levels, config.endpoint_url
+    )
+    summary = EmbedSummary(
+        checkpoint=spec.uri,
+        model=config.model,
+        channels=spec.channels,
+        grid_size=config.grid_size,
+        up_cast_levels=spec.up_cast_levels,
+        seed=config.seed,
+    )
     _check_same_settings(out, summary)
     every = {(split, name) for split in splits for shard in manifest.splits[split].shards for name in shard.samples}
     done = finished_scenes(out, splits) & every
@@ -410,12 +468,20 @@ def _check_same_settings(out: storage.Location, summary: EmbedSummary) -> None:
     except ValueError as exc:
         raise ConfigError(f"{out.uri_of(SUMMARY_FILE)} is not a valid embed summary ({exc})") from exc
     if previous.identity() != summary.identity():
-        raise ConfigError(f"{out.uri} holds features of other settings {previous.identity()}; this run has "
-                          f"{summary.identity()}: use another --out")
+        raise ConfigError(
+            f"{out.uri} holds features of other settings {previous.identity()}; this run has "
+            f"{summary.identity()}: use another --out"
+        )
 
 
-def _embed(config: EmbedConfig, spec: BackboneSpec, out: storage.Location, pending: set[tuple[str, str]],
-           summary: EmbedSummary, progress: bool) -> None:
+def _embed(
+    config: EmbedConfig,
+    spec: BackboneSpec,
+    out: storage.Location,
+    pending: set[tuple[str, str]],
+    summary: EmbedSummary,
+    progress: bool,
+) -> None:
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
     if use_gpu and gpus < 1:
@@ -424,22 +490,30 @@ def _embed(config: EmbedConfig, spec: BackboneSpec, out: storage.Location, pendi
     log.info("embedding %d scenes with %d %s actors", len(pending), concurrency, "GPU" if use_gpu else "CPU")
     out.write_bytes(SUMMARY_FILE, json.dumps(to_dict(summary), indent=1).encode())  # claims the folder first
     # Only the pending scenes' samples are read, without their camera frames.
-    sources = load_sources([SourceConfig(config.shards, config.splits)], config.endpoint_url, where="shards",
-                           scenes=frozenset(name for _, name in pending))
+    sources = load_sources(
+        [SourceConfig(config.shards, config.splits)],
+        config.endpoint_url,
+        where="shards",
+        scenes=frozenset(name for _, name in pending),
+    )
     check_shards(sources, config.verify_checksums)
     ds = ray.data.read_datasource(ShardSampleDatasource(sources, config.seed, with_frames=False))
     ds = ds.map(PrepareScene(config.grid_size, config.seed))
-    ds = ds.map_batches(EmbedScenes, fn_constructor_kwargs={"spec": [ray.put(spec)], "out": out,
-                                                            "use_gpu": use_gpu, "amp": config.amp},
-                        batch_size=config.scenes_per_batch, batch_format="numpy", concurrency=concurrency,
-                        num_gpus=1 if use_gpu else 0, num_cpus=config.cpus_per_actor)
+    ds = ds.map_batches(
+        EmbedScenes,
+        fn_constructor_kwargs={"spec": [ray.put(spec)], "out": out, "use_gpu": use_gpu, "amp": config.amp},
+        batch_size=config.scenes_per_batch,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=config.cpus_per_actor,
+    )
     with tqdm(total=len(pending), desc="scenes", unit="scene", disable=not progress) as bar:
         for row in ds.iter_rows():
             scene = f"{row['split']}/{row['scene']}"
             if row["error"]:
                 if not config.skip_bad:
-                    raise DataError(f"cannot be embedded: {row['error']} (--skip-bad skips such scenes)",
-                                    sample=scene)
+                    raise DataError(f"cannot be embedded: {row['error']} (--skip-bad skips such scenes)", sample=scene)
                 log.warning("skipping bad scene %s: %s", scene, row["error"])
                 summary.skipped.append(f"{scene}: {row['error']}")
             else:

@@ -18,8 +18,7 @@ class DataError(ValueError):
     can go and look at the bad input directly.
     """
 
-    def __init__(self, problem: str, *, sample: str | None = None, file: str | None = None,
-                 field: str | None = None):
+    def __init__(self, problem: str, *, sample: str | None = None, file: str | None = None, field: str | None = None):
         self.problem = problem
         self.sample = sample
         self.file = file

@@ -53,13 +53,22 @@ def check_reachable(field: str, path: str | None, nodes: int | None = None) -> N
         return
     nodes = alive_nodes() if nodes is None else nodes
     if nodes > 1:
-        raise ConfigError(f"{field}: {path!r} is a path on one machine, but this Ray cluster has {nodes} nodes and "
-                          f"workers on the others cannot read it; put it in object storage (s3://bucket/...) instead")
+        raise ConfigError(
+            f"{field}: {path!r} is a path on one machine, but this Ray cluster has {nodes} nodes and "
+            f"workers on the others cannot read it; put it in object storage (s3://bucket/...) instead"
+        )
 
 
 # Config fields, at any depth, that name something a worker reads or writes.
-PATH_FIELDS = ("shards", "storage_path", "image_encoder_weights", "pretrained.path", "label_file", "scene_list_file",
-               "tracking_uri")
+PATH_FIELDS = (
+    "shards",
+    "storage_path",
+    "image_encoder_weights",
+    "pretrained.path",
+    "label_file",
+    "scene_list_file",
+    "tracking_uri",
+)
 
 
 def check_config_reachable(tree: dict, nodes: int | None = None, where: str = "") -> None:
@@ -115,8 +124,12 @@ def _download(source: storage.Location, target: Path, field: str) -> None:
     if kind == pafs.FileType.Directory:
         partial.mkdir()
     try:
-        pafs.copy_files(source.root, str(partial), source_filesystem=source.filesystem,
-                        destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(
+            source.root,
+            str(partial),
+            source_filesystem=source.filesystem,
+            destination_filesystem=pafs.LocalFileSystem(),
+        )
     except OSError as exc:
         raise ConfigError(f"{field}: cannot download {source.uri}: {exc}") from exc
     partial.rename(target)  # atomic: a copy under the final name is always complete

@@ -17,8 +17,11 @@ MASK = "***"
 
 # Whole words at the end of a key name ("aws_secret_access_key", "authToken" read as "auth_token"); a bare "token"
 # only with a word that makes it a credential, so that model fields such as `mask_token` or `passes` stay readable.
-_SECRET_NAME = re.compile(r"(^|_)(password|passwd|pwd|secret|access_key|api_key|private_key|credentials?|"
-                          r"(auth|access|session|api|bearer|refresh|hf|github)_token)$|^token$", re.IGNORECASE)
+_SECRET_NAME = re.compile(
+    r"(^|_)(password|passwd|pwd|secret|access_key|api_key|private_key|credentials?|"
+    r"(auth|access|session|api|bearer|refresh|hf|github)_token)$|^token$",
+    re.IGNORECASE,
+)
 # scheme://user:password@host -> the password (up to the last "@" before the host, as it may hold a "/", e.g. an AWS
 # secret key in s3://KEY:SECRET@bucket); a URL without a password (user@host) keeps its user.
 _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)(?P<secret>[^\s@]+)(?=@)")

@@ -54,8 +54,9 @@ class Notice:
 
 def read_notice(base_url: str = IMDS_URL, timeout_s: float = 2.0) -> Notice | None:
     """The pending spot interruption notice of this instance, or None (IMDS answers 404 until there is one)."""
-    token_request = urllib.request.Request(f"{base_url}{TOKEN_PATH}", method="PUT",
-                                           headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S)})
+    token_request = urllib.request.Request(
+        f"{base_url}{TOKEN_PATH}", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_S)}
+    )
     with urllib.request.urlopen(token_request, timeout=timeout_s) as response:
         token = response.read().decode()
     notice_request = urllib.request.Request(f"{base_url}{NOTICE_PATH}", headers={"X-aws-ec2-metadata-token": token})
@@ -76,14 +77,21 @@ def drain_this_node(notice: Notice, gcs_address: str, node_id: str) -> None:
     from ray.core.generated import autoscaler_pb2
 
     accepted, rejection = ray._raylet.GcsClient(address=gcs_address).drain_node(
-        node_id, autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_PREEMPTION,
-        f"spot interruption notice: {notice.action} at {notice.deadline_ms} ms", notice.deadline_ms)
+        node_id,
+        autoscaler_pb2.DrainNodeReason.DRAIN_NODE_REASON_PREEMPTION,
+        f"spot interruption notice: {notice.action} at {notice.deadline_ms} ms",
+        notice.deadline_ms,
+    )
     if not accepted:  # preemption drains are not rejectable; say so if it ever happens
         raise RuntimeError(f"the GCS did not accept draining node {node_id}: {rejection}")
 
 
-def watch(read: Callable[[], Notice | None], drain: Callable[[Notice], None], interval_s: float = POLL_INTERVAL_S,
-          stop: threading.Event | None = None) -> Notice | None:
+def watch(
+    read: Callable[[], Notice | None],
+    drain: Callable[[Notice], None],
+    interval_s: float = POLL_INTERVAL_S,
+    stop: threading.Event | None = None,
+) -> Notice | None:
     """Poll `read` every `interval_s` until a notice comes, drain once, and return the notice (None if stopped).
     A failed poll (IMDS briefly unreachable) is logged and retried: only a notice ends the watch."""
     stop = stop or threading.Event()
@@ -94,8 +102,9 @@ def watch(read: Callable[[], Notice | None], drain: Callable[[Notice], None], in
             logger.warning("reading the spot notice failed (retrying): %s", exc)
             notice = None
         if notice is not None:
-            logger.warning("spot interruption notice: %s at %d ms; draining this node", notice.action,
-                           notice.deadline_ms)
+            logger.warning(
+                "spot interruption notice: %s at %d ms; draining this node", notice.action, notice.deadline_ms
+            )
             drain(notice)
             return notice
         stop.wait(interval_s)
@@ -114,8 +123,11 @@ def _this_node(address: str | None) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m concerto_ray.spot_watcher", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m concerto_ray.spot_watcher",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--address", default=None, help="the Ray cluster (default: the one this node belongs to)")
     parser.add_argument("--interval", type=float, default=POLL_INTERVAL_S, help="seconds between polls")
     parser.add_argument("--imds-url", default=IMDS_URL, help="instance metadata endpoint")
@@ -123,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     gcs_address, node_id = _this_node(args.address)
     logger.info("watching for spot interruption notices for node %s", node_id)
-    watch(lambda: read_notice(args.imds_url), lambda notice: drain_this_node(notice, gcs_address, node_id),
-          interval_s=args.interval)
+    watch(
+        lambda: read_notice(args.imds_url),
+        lambda notice: drain_this_node(notice, gcs_address, node_id),
+        interval_s=args.interval,
+    )
     return 0
 
 

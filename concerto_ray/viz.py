@@ -75,8 +75,17 @@ def project(coord: np.ndarray, view: View) -> tuple[np.ndarray, np.ndarray]:
     return np.stack([right, up], axis=1), depth
 
 
-def render(coord: np.ndarray, colors: np.ndarray, path: str | Path, *, title: str, view: View = "oblique",
-           marker: int | None = None, colorbar: str | None = None, seed: int = 0) -> Path:
+def render(
+    coord: np.ndarray,
+    colors: np.ndarray,
+    path: str | Path,
+    *,
+    title: str,
+    view: View = "oblique",
+    marker: int | None = None,
+    colorbar: str | None = None,
+    seed: int = 0,
+) -> Path:
     """Scatter the points in `colors` ((N, 3) RGB, or (N,) values drawn with a colour map and a colour bar labelled
     `colorbar`) to a PNG; nearer points are drawn over farther ones; `marker` rings one point."""
     coord = np.asarray(coord)
@@ -96,7 +105,7 @@ def render(coord: np.ndarray, colors: np.ndarray, path: str | Path, *, title: st
     else:
         axes.scatter(xy[order, 0], xy[order, 1], c=values, s=size, linewidths=0)
     if marker is not None:
-        point, _ = project(coord[marker:marker + 1], view)
+        point, _ = project(coord[marker : marker + 1], view)
         axes.scatter(point[:, 0], point[:, 1], s=250, facecolors="none", edgecolors="cyan", linewidths=2.5)
     axes.set_aspect("equal")
     axes.set_axis_off()
@@ -108,8 +117,15 @@ def render(coord: np.ndarray, colors: np.ndarray, path: str | Path, *, title: st
     return path
 
 
-def save_feature_images(coord: np.ndarray, feat: np.ndarray, out_dir: str | Path, *, scene: str,
-                        query: int | None = None, view: View = "oblique") -> dict[str, Path]:
+def save_feature_images(
+    coord: np.ndarray,
+    feat: np.ndarray,
+    out_dir: str | Path,
+    *,
+    scene: str,
+    query: int | None = None,
+    view: View = "oblique",
+) -> dict[str, Path]:
     """`pca.png` and `similarity.png` of one scene in `out_dir`; `query` defaults to the most central point."""
     coord, feat = np.asarray(coord), np.asarray(feat)
     if len(coord) != len(feat):
@@ -118,24 +134,48 @@ def save_feature_images(coord: np.ndarray, feat: np.ndarray, out_dir: str | Path
     out_dir = Path(out_dir)
     return {
         "pca": render(coord, pca_colors(feat), out_dir / "pca.png", title=f"{scene}: feature PCA", view=view),
-        "similarity": render(coord, cosine_similarity(feat, query), out_dir / "similarity.png",
-                             title=f"{scene}: similarity to point {query}", view=view, marker=query,
-                             colorbar="cosine similarity"),
+        "similarity": render(
+            coord,
+            cosine_similarity(feat, query),
+            out_dir / "similarity.png",
+            title=f"{scene}: similarity to point {query}",
+            view=view,
+            marker=query,
+            colorbar="cosine similarity",
+        ),
     }
 
 
-def images_from_features(features: str, out_dir: str | Path, *, scene: str | None = None, split: str | None = None,
-                         query: int | None = None, view: View = "oblique",
-                         endpoint_url: str | None = None) -> dict[str, Path]:
+def images_from_features(
+    features: str,
+    out_dir: str | Path,
+    *,
+    scene: str | None = None,
+    split: str | None = None,
+    query: int | None = None,
+    view: View = "oblique",
+    endpoint_url: str | None = None,
+) -> dict[str, Path]:
     """The pictures of a scene (default: the first) from the output of `concerto-ray embed`."""
     scene, coord, feat = read_scene_features(features, scene, split, endpoint_url)
     return save_feature_images(coord, feat, out_dir, scene=scene, query=query, view=view)
 
 
-def images_from_checkpoint(checkpoint: str, shards: str, out_dir: str | Path, *, model: str | None = None,
-                           source: str = "student", scene: str | None = None, split: str | None = None,
-                           query: int | None = None, view: View = "oblique", grid_size: float = 0.02,
-                           up_cast_levels: int | None = None, endpoint_url: str | None = None) -> dict[str, Path]:
+def images_from_checkpoint(
+    checkpoint: str,
+    shards: str,
+    out_dir: str | Path,
+    *,
+    model: str | None = None,
+    source: str = "student",
+    scene: str | None = None,
+    split: str | None = None,
+    query: int | None = None,
+    view: View = "oblique",
+    grid_size: float = 0.02,
+    up_cast_levels: int | None = None,
+    endpoint_url: str | None = None,
+) -> dict[str, Path]:
     """The pictures of a scene (default: the first by name) of a shard set, embedded by a checkpoint's backbone
     exactly as `concerto-ray embed` does."""
     spec = load_backbone_spec(checkpoint, model, source, up_cast_levels, endpoint_url)
@@ -144,11 +184,16 @@ def images_from_checkpoint(checkpoint: str, shards: str, out_dir: str | Path, *,
     return save_feature_images(data["coord"], feat, out_dir, scene=data["name"], query=query, view=view)
 
 
-def load_scene(shards: str, scene: str | None = None, split: str | None = None,
-               endpoint_url: str | None = None) -> dict:
+def load_scene(
+    shards: str, scene: str | None = None, split: str | None = None, endpoint_url: str | None = None
+) -> dict:
     """One decoded scene (without camera frames) of a shard set: `scene`, or the first by name; read alone."""
-    (source,) = load_sources([SourceConfig(shards, [split] if split else None)], endpoint_url, where="shards",
-                             scenes=frozenset([scene]) if scene else None)
+    (source,) = load_sources(
+        [SourceConfig(shards, [split] if split else None)],
+        endpoint_url,
+        where="shards",
+        scenes=frozenset([scene]) if scene else None,
+    )
     ref = min(source.samples, key=lambda r: r.name)
     row = read_sample_row(source.location, source.format, ref, with_frames=False)
     return decode_record(row_to_record(row), with_frames=False)
@@ -158,8 +203,16 @@ class FeatureImages:
     """A training run's picture of one fixed scene (the first by name of `split`, read straight from the shards on
     first use) at every evaluation: the PCA picture of the backbone's features, logged to MLflow."""
 
-    def __init__(self, shards: str, split: str | None = None, endpoint_url: str | None = None, *,
-                 up_cast_levels: int, grid_size: float = 0.02, view: View = "oblique"):
+    def __init__(
+        self,
+        shards: str,
+        split: str | None = None,
+        endpoint_url: str | None = None,
+        *,
+        up_cast_levels: int,
+        grid_size: float = 0.02,
+        view: View = "oblique",
+    ):
         self.shards = shards
         self.split = split
         self.endpoint_url = endpoint_url
@@ -172,18 +225,36 @@ class FeatureImages:
         """`<artifact_path>/pca.png` on MLflow run `run_id`, from `backbone` (its mode is left as it was)."""
         if self.scene is None:
             self.scene = load_scene(self.shards, None, self.split, self.endpoint_url)
-        log_feature_image(client, run_id, backbone, self.scene, artifact_path, up_cast_levels=self.up_cast_levels,
-                          grid_size=self.grid_size, view=self.view)
+        log_feature_image(
+            client,
+            run_id,
+            backbone,
+            self.scene,
+            artifact_path,
+            up_cast_levels=self.up_cast_levels,
+            grid_size=self.grid_size,
+            view=self.view,
+        )
 
 
-def log_feature_image(client, run_id: str, backbone, scene: dict, artifact_path: str, *, up_cast_levels: int,
-                      grid_size: float = 0.02, view: View = "oblique") -> None:
+def log_feature_image(
+    client,
+    run_id: str,
+    backbone,
+    scene: dict,
+    artifact_path: str,
+    *,
+    up_cast_levels: int,
+    grid_size: float = 0.02,
+    view: View = "oblique",
+) -> None:
     """Render the PCA picture of `backbone`'s features of `scene` (a decoded scene: name, coord, color, optional
     normal) and log it to MLflow run `run_id` as `<artifact_path>/pca.png`. The backbone's train/eval mode and order
     shuffling are left as they were."""
     feat = scene_features(backbone, scene, up_cast_levels, grid_size)
     name = str(scene["name"])
     with tempfile.TemporaryDirectory() as folder:
-        png = render(scene["coord"], pca_colors(feat), Path(folder) / "pca.png", title=f"{name}: feature PCA",
-                     view=view)
+        png = render(
+            scene["coord"], pca_colors(feat), Path(folder) / "pca.png", title=f"{name}: feature PCA", view=view
+        )
         client.log_artifact(run_id, str(png), artifact_path)

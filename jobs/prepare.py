@@ -29,8 +29,9 @@ def _run_prepare(argv: list[str]) -> int:
 
 def run(argv: list[str]) -> int:
     """Run `concerto-ray prepare ARGV` on the Ray cluster (RAY_ADDRESS, or a local Ray); returns its exit code."""
-    parser = argparse.ArgumentParser(prog="jobs/prepare.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="jobs/prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_prepare_arguments(parser)
     args = parser.parse_args(argv)  # bad options fail here, before any cluster work
     if args.workers is None:

@@ -69,9 +69,24 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"),
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "wb"),
         start_new_session=True,  # its own process group: the server's uvicorn/huey children are stopped with it
     )
     uri = f"http://127.0.0.1:{port}"
@@ -83,7 +98,9 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"MLflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
+                ) from None
             time.sleep(0.5)
     yield uri
     os.killpg(proc.pid, signal.SIGTERM)
@@ -111,8 +128,12 @@ def pretrain_shards(tmp_path_factory):
     from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("pretrain")
-    write_synthetic_dataset(root / "scenes", SynthConfig(scenes=4, points_per_scene=1500, views_per_scene=4,
-                                                         image_width=48, image_height=32, splits={"train": 1.0}),
-                            progress=False)
+    write_synthetic_dataset(
+        root / "scenes",
+        SynthConfig(
+            scenes=4, points_per_scene=1500, views_per_scene=4, image_width=48, image_height=32, splits={"train": 1.0}
+        ),
+        progress=False,
+    )
     prepare(root / "scenes", str(root / "shards"), progress=False)
     return root / "shards"

@@ -8,8 +8,13 @@ from transformers import Dinov2WithRegistersModel
 
 from concerto_ray.errors import ConfigError
 from concerto_ray.model.build import build_ssl_model
-from concerto_ray.model.checkpoint import (backbone_state_dict, convert_checkpoint, load_pointcept_state_dict,
-                                           pointcept_to_ray, ray_to_pointcept)
+from concerto_ray.model.checkpoint import (
+    backbone_state_dict,
+    convert_checkpoint,
+    load_pointcept_state_dict,
+    pointcept_to_ray,
+    ray_to_pointcept,
+)
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.ptv3 import PointTransformerV3
 
@@ -43,8 +48,12 @@ def test_concerto_checkpoints_carry_the_frozen_image_encoder(tmp_path):
     with torch.no_grad():
         source.patch_proj.weight.add_(1.0)
     pointcept = ray_to_pointcept(source.state_dict())
-    for prefix in ("module.enc2d_model.embeddings.", "module.patch_proj.", "module.enc2d_head_student.mlp.",
-                   "module.enc2d_head_teacher.prototype."):
+    for prefix in (
+        "module.enc2d_model.embeddings.",
+        "module.patch_proj.",
+        "module.enc2d_head_student.mlp.",
+        "module.enc2d_head_teacher.prototype.",
+    ):
         assert any(k.startswith(prefix) for k in pointcept), prefix
     load_pointcept_state_dict(target, pointcept)
     assert torch.equal(target.patch_proj.weight, source.patch_proj.weight)

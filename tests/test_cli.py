@@ -13,7 +13,17 @@ from concerto_ray.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 
-SUBCOMMANDS = [["synth"], ["prepare"], ["stream"], ["finetune"], ["sweep"], ["demo"], ["compare"], ["model", "info"], ["model", "convert"]]
+SUBCOMMANDS = [
+    ["synth"],
+    ["prepare"],
+    ["stream"],
+    ["finetune"],
+    ["sweep"],
+    ["demo"],
+    ["compare"],
+    ["model", "info"],
+    ["model", "convert"],
+]
 
 
 @pytest.mark.parametrize("words", SUBCOMMANDS, ids=" ".join)
@@ -26,16 +36,34 @@ def test_every_subcommand_has_help(words, capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "concerto_ray.cli", "--help"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "concerto_ray.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for command in ("synth", "prepare", "stream", "demo", "model"):
         assert command in out
 
 
 def test_synth_then_prepare(tmp_path, capsys):
     scenes, shards = tmp_path / "scenes", tmp_path / "shards"
-    assert main(["synth", str(scenes), "--scenes", "2", "--seed", "3", "--points", "1500", "--views", "4",
-                 "--image-size", "48x32"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(scenes),
+                "--scenes",
+                "2",
+                "--seed",
+                "3",
+                "--points",
+                "1500",
+                "--views",
+                "4",
+                "--image-size",
+                "48x32",
+            ]
+        )
+        == 0
+    )
     assert np.load(scenes / "train" / "scene0000_00" / "coord.npy").shape == (1500, 3)
     assert main(["prepare", str(scenes), str(shards), "--workers", "1"]) == 0
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -79,12 +107,30 @@ def test_debug_prints_the_traceback_with_its_cause(tmp_path, capsys):
 def test_pretrain_command_shows_a_bar_and_a_summary_and_logs_ray_to_a_file(dinov2_dir, pretrain_shards, tmp_path):
     """The terminal of `concerto-ray pretrain` (as demo, finetune and sweep): the log file's path, one progress
     bar, a summary; nothing of Ray's own logs, its workers' output or library warnings."""
-    overrides = [f"data.shards={pretrain_shards}", f"model.image_encoder_weights={dinov2_dir}",
-                 f"run.storage_path={tmp_path / 'runs'}", "data.pretrain.crop_h=28", "data.pretrain.crop_w=28",
-                 "data.pretrain.max_size=1024", "data.pretrain.enc2d_max_size=1024"]
-    done = subprocess.run([sys.executable, "-m", "concerto_ray.cli", "pretrain", "--config",
-                           str(REPO / "configs" / "pretrain-tiny.yaml"), *[f"--set={o}" for o in overrides]],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    overrides = [
+        f"data.shards={pretrain_shards}",
+        f"model.image_encoder_weights={dinov2_dir}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "data.pretrain.crop_h=28",
+        "data.pretrain.crop_w=28",
+        "data.pretrain.max_size=1024",
+        "data.pretrain.enc2d_max_size=1024",
+    ]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "concerto_ray.cli",
+            "pretrain",
+            "--config",
+            str(REPO / "configs" / "pretrain-tiny.yaml"),
+            *[f"--set={o}" for o in overrides],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout.splitlines()
     assert out[0].startswith("logs: ")

@@ -11,12 +11,12 @@ import fnmatch
 import ipaddress
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray.autoscaler
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -74,12 +74,19 @@ def test_every_local_path_it_names_exists(config):
     """file_mounts sources, rsync filter files, and every repository path named anywhere in the file, comments
     included (the usage lines there are what people copy)."""
     # Sources in the user's home (Ray's token) are not the repository's: test_token_authentication checks those.
-    named = {f"file_mounts source for {remote}": source for remote, source in config["file_mounts"].items()
-             if not source.startswith("~")}
-    named |= {"rsync_filter file": name for name in config.get("rsync_filter", [])}
+    named = {
+        f"file_mounts source for {remote}": source
+        for remote, source in config["file_mounts"].items()
+        if not source.startswith("~")
+    }
+    named |= {f"rsync_filter file {name}": name for name in config.get("rsync_filter", [])}
     text = CLUSTER_YAML.read_text()
-    named |= {f"repository path {m}": m for m in re.findall(r"(?<![\w/])(?:jobs|ops|benchmarks|configs)/[\w./-]*\w", text)}
-    assert any(label.startswith("repository path jobs/") for label in named), "the usage lines should name the job scripts"
+    named |= {
+        f"repository path {m}": m for m in re.findall(r"(?<![\w/])(?:jobs|ops|benchmarks|configs)/[\w./-]*\w", text)
+    }
+    assert any(label.startswith("repository path jobs/") for label in named), (
+        "the usage lines should name the job scripts"
+    )
     missing = sorted(f"{label}: {path}" for label, path in named.items() if not (REPO / path).exists())
     assert not missing, "cluster.yaml names paths missing from the repository:\n  " + "\n  ".join(missing)
 
@@ -130,17 +137,23 @@ def test_each_gpu_kind_has_a_preferred_spot_type_and_an_on_demand_fallback(node_
 def _launches(types, max_nodes: int, demand: dict, spot_unavailable: tuple[str, ...] = ()) -> list[str]:
     availability = {name: 0.0 for name in spot_unavailable}
     request = SchedulingRequest(
-        disable_launch_config_check=True, node_type_configs=types, max_num_nodes=max_nodes,
+        disable_launch_config_check=True,
+        node_type_configs=types,
+        max_num_nodes=max_nodes,
         resource_requests=[ResourceRequestByCount(request=ResourceRequestUtil.make(demand), count=1)],
-        cloud_resource_availabilities=availability, recoverable_resource_availabilities=availability)
+        cloud_resource_availabilities=availability,
+        recoverable_resource_availabilities=availability,
+    )
     return [launch.instance_type for launch in ResourceDemandScheduler().schedule(request).to_launch]
 
 
 def test_autoscaler_takes_spot_first_and_on_demand_when_spot_fails(config):
     autoscaling = AutoscalingConfig(prepare_config(config))
     types, max_nodes = autoscaling.get_node_type_configs(), autoscaling.get_max_num_worker_nodes()
-    for kind, spot, on_demand in (("H100", "gpu-h100-spot", "gpu-h100-ondemand"),
-                                  ("A100", "gpu-a100-spot", "gpu-a100-ondemand")):
+    for kind, spot, on_demand in (
+        ("H100", "gpu-h100-spot", "gpu-h100-ondemand"),
+        ("A100", "gpu-a100-spot", "gpu-a100-ondemand"),
+    ):
         demand = {"GPU": 8, f"accelerator_type:{kind}": 1}
         assert _launches(types, max_nodes, demand) == [spot]
         assert _launches(types, max_nodes, demand, spot_unavailable=(spot,)) == [on_demand]
@@ -158,8 +171,9 @@ def test_autoscaling_bounds(config, node_types):
 
 def test_no_secrets_in_the_file(config):
     text = CLUSTER_YAML.read_text()
-    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|aws_access_key_id|BEGIN [A-Z ]*PRIVATE KEY",
-                         text, re.IGNORECASE)
+    assert not re.search(
+        r"AKIA[0-9A-Z]{16}|aws_secret_access_key|aws_access_key_id|BEGIN [A-Z ]*PRIVATE KEY", text, re.IGNORECASE
+    )
     assert "ssh_private_key" not in config["auth"]
 
 
@@ -221,8 +235,11 @@ def _allows(action: str, resource: str, context: dict) -> bool:
             continue
         if not any(fnmatch.fnmatchcase(resource, r) for r in _as_list(statement["Resource"])):
             continue
-        if all(_condition_holds(op, context.get(key), _as_list(expected))
-               for op, conditions in statement.get("Condition", {}).items() for key, expected in conditions.items()):
+        if all(
+            _condition_holds(op, context.get(key), _as_list(expected))
+            for op, conditions in statement.get("Condition", {}).items()
+            for key, expected in conditions.items()
+        ):
             return True
     return False
 
@@ -232,19 +249,29 @@ def cluster(config, node_types):
     """The names the policy must agree with, read from cluster.yaml and from Ray's AWS node provider."""
     workers = {t["node_config"]["InstanceType"] for name, t in node_types.items() if name != config["head_node_type"]}
     region = config["provider"]["region"]
-    return {"name": config["cluster_name"], "region": region, "worker_types": workers,
-            "instance": f"arn:aws:ec2:{region}:111122223333:instance/i-0123456789abcdef0"}
+    return {
+        "name": config["cluster_name"],
+        "region": region,
+        "worker_types": workers,
+        "instance": f"arn:aws:ec2:{region}:111122223333:instance/i-0123456789abcdef0",
+    }
 
 
 def _launch_allowed(cluster: dict, instance_type: str, tags: dict[str, str]) -> bool:
     """RunInstances of one worker with Ray's launch tags: every resource the call touches must be allowed."""
     region = cluster["region"]
-    instance = _allows("ec2:RunInstances", cluster["instance"],
-                       {"ec2:InstanceType": instance_type, **{f"aws:RequestTag/{k}": v for k, v in tags.items()}})
-    tagged = _allows("ec2:CreateTags", cluster["instance"], {"ec2:CreateAction": "RunInstances",
-                                                             "aws:TagKeys": list(tags)})
-    others = all(_allows("ec2:RunInstances", f"arn:aws:ec2:{region}:111122223333:{kind}/x", {})
-                 for kind in ("subnet", "network-interface", "security-group", "volume", "spot-instances-request"))
+    instance = _allows(
+        "ec2:RunInstances",
+        cluster["instance"],
+        {"ec2:InstanceType": instance_type, **{f"aws:RequestTag/{k}": v for k, v in tags.items()}},
+    )
+    tagged = _allows(
+        "ec2:CreateTags", cluster["instance"], {"ec2:CreateAction": "RunInstances", "aws:TagKeys": list(tags)}
+    )
+    others = all(
+        _allows("ec2:RunInstances", f"arn:aws:ec2:{region}:111122223333:{kind}/x", {})
+        for kind in ("subnet", "network-interface", "security-group", "volume", "spot-instances-request")
+    )
     return instance and tagged and others and _allows("ec2:RunInstances", f"arn:aws:ec2:{region}::image/ami-1", {})
 
 
@@ -255,18 +282,26 @@ def test_head_may_launch_exactly_the_worker_types_of_cluster_yaml_tagged_for_thi
     assert not _launch_allowed(cluster, "x2iedn.32xlarge", ray_tags), "a type cluster.yaml does not name"
     assert not _launch_allowed(cluster, "p5.48xlarge", {TAG_RAY_NODE_KIND: "worker"}), "no cluster tag"
     assert not _launch_allowed(cluster, "p5.48xlarge", {**ray_tags, TAG_RAY_CLUSTER_NAME: "other"}), "other cluster"
-    other_region = {**cluster, "region": "eu-west-1", "instance": cluster["instance"].replace(cluster["region"],
-                                                                                               "eu-west-1")}
+    other_region = {
+        **cluster,
+        "region": "eu-west-1",
+        "instance": cluster["instance"].replace(cluster["region"], "eu-west-1"),
+    }
     assert not _launch_allowed(other_region, "p5.48xlarge", ray_tags), "another region"
-    conditions = [s["Condition"]["StringEquals"]["ec2:InstanceType"] for s in _statements("head-autoscaler-policy.json")
-                  if "ec2:InstanceType" in s.get("Condition", {}).get("StringEquals", {})]
+    conditions = [
+        s["Condition"]["StringEquals"]["ec2:InstanceType"]
+        for s in _statements("head-autoscaler-policy.json")
+        if "ec2:InstanceType" in s.get("Condition", {}).get("StringEquals", {})
+    ]
     assert [set(c) for c in conditions] == [cluster["worker_types"]], "the policy's types are cluster.yaml's"
 
 
 def test_head_may_retag_only_this_clusters_nodes_and_never_their_cluster_tag(cluster):
     ours, untagged = {f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster["name"]}, {}
+
     def retag(resource_tags: dict, *keys: str) -> bool:  # CreateTags on a running instance, after its launch
         return _allows("ec2:CreateTags", cluster["instance"], {**resource_tags, "aws:TagKeys": list(keys)})
+
     assert retag(ours, TAG_RAY_NODE_STATUS) and retag(ours, "Name")  # what Ray's node provider updates
     assert not retag(untagged, TAG_RAY_NODE_STATUS), "tagged an instance of someone else"
     assert not retag(untagged, TAG_RAY_CLUSTER_NAME), "claimed an instance for the cluster (then could terminate it)"
@@ -282,12 +317,15 @@ def test_head_may_terminate_only_this_clusters_nodes(config, cluster):
     assert terminate({f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster["name"]})
     assert not terminate({})
     assert not terminate({f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": "other"})
-    assert not terminate({f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster["name"]},
-                         cluster["instance"].replace(cluster["region"], "eu-west-1"))
+    assert not terminate(
+        {f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster["name"]},
+        cluster["instance"].replace(cluster["region"], "eu-west-1"),
+    )
     # Nodes are terminated, never stopped (cache_stopped_nodes: false), so stopping is not granted either.
     assert config["provider"]["cache_stopped_nodes"] is False
-    assert not _allows("ec2:StopInstances", cluster["instance"],
-                       {f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster["name"]})
+    assert not _allows(
+        "ec2:StopInstances", cluster["instance"], {f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster["name"]}
+    )
 
 
 # ----------------------------------------------------------------------------------------------- token auth
@@ -332,9 +370,11 @@ def _pyproject_pins() -> dict[str, str]:
 
 def test_the_cluster_runs_the_image_of_ops_docker_with_everything_pinned(config):
     dockerfile = (REPO / "ops" / "docker" / "Dockerfile").read_text()
-    constraints = {Requirement(line).name: Requirement(line) for line in
-                   (REPO / "ops" / "docker" / "constraints.txt").read_text().splitlines()
-                   if line and not line.startswith("#")}
+    constraints = {
+        Requirement(line).name: Requirement(line)
+        for line in (REPO / "ops" / "docker" / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     base = re.search(r"^FROM rayproject/ray:([\d.]+)-py3(\d+)-gpu$", dockerfile, re.MULTILINE)
     assert base, "the image builds on Ray's GPU image"
     pins = _pyproject_pins()
@@ -353,8 +393,10 @@ def test_the_cluster_runs_the_image_of_ops_docker_with_everything_pinned(config)
     assert "torch" in constraints and "pip install" in dockerfile and "/home/ray/concerto-ray" in dockerfile
     assert "torch.version.cuda" in dockerfile, "the build checks that torch is a CUDA build"
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert re.fullmatch(rf"[\w.-]+\.dkr\.ecr\.{config['provider']['region']}\.amazonaws\.com/concerto-ray:{version}",
-                        config["docker"]["image"]), config["docker"]["image"]
+    assert re.fullmatch(
+        rf"[\w.-]+\.dkr\.ecr\.{config['provider']['region']}\.amazonaws\.com/concerto-ray:{version}",
+        config["docker"]["image"],
+    ), config["docker"]["image"]
     assert "head_image" not in config["docker"] and "worker_image" not in config["docker"]
     assert not config.get("setup_commands"), "nothing is installed at boot: the image carries it"
 
@@ -367,8 +409,9 @@ def test_every_worker_runs_the_spot_watcher_after_joining_the_cluster(config):
     joins = next(i for i, c in enumerate(commands) if "ray start --address" in c)
     watcher = next(i for i, c in enumerate(commands) if "python -m concerto_ray.spot_watcher" in c)
     assert watcher > joins and commands[watcher].rstrip().endswith("&"), "started after ray start, in the background"
-    assert all("worker_start_ray_commands" not in t for t in config["available_node_types"].values()), \
+    assert all("worker_start_ray_commands" not in t for t in config["available_node_types"].values()), (
         "no node type may start without the watcher"
+    )
 
 
 def test_trial_drivers_can_only_land_on_capacity_that_is_not_spot(config, node_types):
@@ -376,6 +419,7 @@ def test_trial_drivers_can_only_land_on_capacity_that_is_not_spot(config, node_t
     assert config["head_node_type"] in offering
     assert not any(_is_spot(node_types[name]) for name in offering)
     autoscaling = AutoscalingConfig(prepare_config(config))
-    launched = _launches(autoscaling.get_node_type_configs(), autoscaling.get_max_num_worker_nodes(),
-                         {ON_DEMAND_RESOURCE: 0.01})
+    launched = _launches(
+        autoscaling.get_node_type_configs(), autoscaling.get_max_num_worker_nodes(), {ON_DEMAND_RESOURCE: 0.01}
+    )
     assert launched and all(name in offering and not _gpu_types(node_types).get(name) for name in launched)

@@ -30,19 +30,41 @@ def runs(mlflow_server):
     experiment = f"compare-{uuid.uuid4().hex[:8]}"
     experiment_id = client.create_experiment(experiment)
     specs = {
-        "lr-high": {"params": {"model.name": "sonata-tiny", "optim.lr": "0.004", "data.batch_size": "4",
-                               "run.note": "same", "run.seed": "0"},
-                    "loss": _loss_curve(3.0, 0.10), "enc2d_loss": _loss_curve(1.0, 0.05), "val_miou": 0.41},
-        "lr-low": {"params": {"model.name": "sonata-tiny", "optim.lr": "0.0005", "data.batch_size": "4",
-                              "run.note": "same", "run.seed": "1", "optim.clip_grad": "3.0"},
-                   "loss": _loss_curve(3.0, 0.02), "enc2d_loss": _loss_curve(1.0, 0.01), "val_miou": 0.27},
+        "lr-high": {
+            "params": {
+                "model.name": "sonata-tiny",
+                "optim.lr": "0.004",
+                "data.batch_size": "4",
+                "run.note": "same",
+                "run.seed": "0",
+            },
+            "loss": _loss_curve(3.0, 0.10),
+            "enc2d_loss": _loss_curve(1.0, 0.05),
+            "val_miou": 0.41,
+        },
+        "lr-low": {
+            "params": {
+                "model.name": "sonata-tiny",
+                "optim.lr": "0.0005",
+                "data.batch_size": "4",
+                "run.note": "same",
+                "run.seed": "1",
+                "optim.clip_grad": "3.0",
+            },
+            "loss": _loss_curve(3.0, 0.02),
+            "enc2d_loss": _loss_curve(1.0, 0.01),
+            "val_miou": 0.27,
+        },
     }
     ids = {}
     now = int(time.time() * 1000)
     for name, spec in specs.items():
         run = client.create_run(experiment_id, run_name=name)
-        metrics = [Metric(key, value, now + step, step) for key in ("loss", "enc2d_loss")
-                   for step, value in enumerate(spec[key])]
+        metrics = [
+            Metric(key, value, now + step, step)
+            for key in ("loss", "enc2d_loss")
+            for step, value in enumerate(spec[key])
+        ]
         metrics.append(Metric("val_miou", spec["val_miou"], now, STEPS - 1))
         client.log_batch(run.info.run_id, metrics=metrics, params=[Param(k, v) for k, v in spec["params"].items()])
         client.set_terminated(run.info.run_id)
@@ -54,7 +76,7 @@ def _row(table: str, label: str) -> list[str]:
     """The cells of the table row whose label is `label` (labels hold no double spaces, cells are split by them)."""
     line = next((line for line in table.splitlines() if line.startswith(label + "  ")), None)
     assert line is not None, f"no row {label!r} in:\n{table}"
-    return line[len(label):].split()
+    return line[len(label) :].split()
 
 
 def test_table_shows_differing_and_headline_params_and_final_metrics(runs, tmp_path):
@@ -68,19 +90,18 @@ def test_table_shows_differing_and_headline_params_and_final_metrics(runs, tmp_p
     assert _row(table, "param model.name") == ["sonata-tiny", "sonata-tiny"]  # headline, shown though equal
     assert "run.note" not in table  # equal and not a headline param
     high, low = runs["specs"]["lr-high"], runs["specs"]["lr-low"]
-    assert [float(v) for v in _row(table, "loss final")] == pytest.approx([high["loss"][-1], low["loss"][-1]],
-                                                                          rel=1e-5)
-    assert [float(v) for v in _row(table, "loss min")] == pytest.approx([min(high["loss"]), min(low["loss"])],
-                                                                        rel=1e-5)
+    assert [float(v) for v in _row(table, "loss final")] == pytest.approx([high["loss"][-1], low["loss"][-1]], rel=1e-5)
+    assert [float(v) for v in _row(table, "loss min")] == pytest.approx([min(high["loss"]), min(low["loss"])], rel=1e-5)
     assert [float(v) for v in _row(table, "enc2d_loss final")] == pytest.approx(
-        [high["enc2d_loss"][-1], low["enc2d_loss"][-1]], rel=1e-5)
+        [high["enc2d_loss"][-1], low["enc2d_loss"][-1]], rel=1e-5
+    )
     assert [float(v) for v in _row(table, "val_miou final")] == pytest.approx([0.41, 0.27])
     assert "val_miou min" not in table  # only losses get a minimum
     # Aligned: every row's second cell starts in the column of the second run's header.
     column = header.index("lr-low")
     for line in table.splitlines()[1:]:
         if line and not line.startswith("loss curves"):
-            assert line[column - 2:column] == "  " and line[column] != " ", line
+            assert line[column - 2 : column] == "  " and line[column] != " ", line
 
 
 def test_loss_curves_png_is_a_real_plot(runs, tmp_path):
@@ -95,7 +116,7 @@ def test_loss_curves_png_is_a_real_plot(runs, tmp_path):
         pixels = np.asarray(image.convert("RGB"))
     # Each panel (loss above, enc2d_loss below) holds both runs' curves in matplotlib's first two line colours:
     # measured ~600 pixels of each colour per panel; the legend's line samples alone give 60.
-    for panel in (pixels[:height // 2], pixels[height // 2:]):
+    for panel in (pixels[: height // 2], pixels[height // 2 :]):
         for color in LINE_COLORS:
             assert np.all(panel == color, axis=-1).sum() > 300, color
 

@@ -33,17 +33,42 @@ from concerto_ray.train.state import Progress
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "configs" / "sweep-semseg-ptv3-large-v1m1-0e-scannet-data-efficiency.yaml"
 SCANNET_TRAIN_SCENES = 1201
-DATA_EFFICIENCY_CONFIGS = [f"semseg-ptv3-large-v1m1-0e{i}-scannet-ft-{kind}" for i, kind in enumerate(
-    ["la20", "la50", "la100", "la200", "lr1", "lr5", "lr10", "lr20",
-     "lora-la20", "lora-la50", "lora-la100", "lora-la200", "lora-lr1", "lora-lr5", "lora-lr10", "lora-lr20"])]
+DATA_EFFICIENCY_CONFIGS = [
+    f"semseg-ptv3-large-v1m1-0e{i}-scannet-ft-{kind}"
+    for i, kind in enumerate(
+        [
+            "la20",
+            "la50",
+            "la100",
+            "la200",
+            "lr1",
+            "lr5",
+            "lr10",
+            "lr20",
+            "lora-la20",
+            "lora-la50",
+            "lora-la100",
+            "lora-la200",
+            "lora-lr1",
+            "lora-lr5",
+            "lora-lr10",
+            "lora-lr20",
+        ]
+    )
+]
 
 
 def dense_scene(n: int = 6000, seed: int = 0) -> dict:
     """Points in a 0.4 m cube: about 8000 voxels of 2 cm, so grid sampling drops about a third of the points."""
     rng = np.random.default_rng(seed)
     coord = rng.uniform(0.0, 0.4, (n, 3)).astype(np.float32)
-    return {"name": f"scene{seed:04d}_00", "coord": coord, "color": rng.uniform(0, 255, (n, 3)).astype(np.float32),
-            "normal": np.zeros((n, 3), dtype=np.float32), "segment": rng.integers(0, 20, n)}
+    return {
+        "name": f"scene{seed:04d}_00",
+        "coord": coord,
+        "color": rng.uniform(0, 255, (n, 3)).astype(np.float32),
+        "normal": np.zeros((n, 3), dtype=np.float32),
+        "segment": rng.integers(0, 20, n),
+    }
 
 
 # ------------------------------------------------------------------------------- labelled points survive
@@ -51,8 +76,9 @@ def dense_scene(n: int = 6000, seed: int = 0) -> dict:
 
 @pytest.mark.parametrize("budget", [20, 200])
 def test_every_selected_labelled_point_reaches_the_loss(budget):
-    transform = semseg_train_transform(SemsegTransformConfig(num_classes=20, dropout_ratio=0.2,
-                                                             dropout_application_ratio=1.0))
+    transform = semseg_train_transform(
+        SemsegTransformConfig(num_classes=20, dropout_ratio=0.2, dropout_application_ratio=1.0)
+    )
     limiter = annotation_limiter(DataEfficiencyConfig(label_budget=budget, seed=0))
     for seed in range(5):
         scene = limiter(dense_scene(seed=seed))
@@ -97,8 +123,7 @@ def reference_round_steps(samples: int, loop: int, batch_size: int, workers: int
     torch's DistributedSampler and a DataLoader of batch_size // workers with drop_last = (length > batch_size)."""
     dataset = range(samples * loop)
     sampler = DistributedSampler(dataset, num_replicas=workers, rank=0, shuffle=True, seed=0)
-    loader = DataLoader(dataset, batch_size=batch_size // workers, sampler=sampler,
-                        drop_last=len(dataset) > batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size // workers, sampler=sampler, drop_last=len(dataset) > batch_size)
     return len(loader)
 
 
@@ -118,12 +143,15 @@ def test_every_data_efficiency_config_has_the_reference_step_count(name):
         assert RoundPlan(len(scenes), loop, 4, cfg.batch_size).steps == 4
 
 
-@pytest.mark.parametrize("samples, loop, batch_size, workers", [
-    (3, 1, 8, 2),  # fewer samples than a global batch: one short step, as the reference keeps its last batch
-    (5, 3, 4, 2),  # 15 samples on two workers: one padding sample
-    (7, 1, 6, 3),
-    (1, 1, 4, 4),  # one scene on four workers: every worker gets it (padding)
-])
+@pytest.mark.parametrize(
+    "samples, loop, batch_size, workers",
+    [
+        (3, 1, 8, 2),  # fewer samples than a global batch: one short step, as the reference keeps its last batch
+        (5, 3, 4, 2),  # 15 samples on two workers: one padding sample
+        (7, 1, 6, 3),
+        (1, 1, 4, 4),  # one scene on four workers: every worker gets it (padding)
+    ],
+)
 def test_round_plan_equals_the_reference_at_the_edges(samples, loop, batch_size, workers):
     plan = RoundPlan(samples=samples, loop=loop, num_workers=workers, batch_size=batch_size)
     assert plan.steps == reference_round_steps(samples, loop, batch_size, workers)
@@ -137,8 +165,11 @@ def test_round_plan_equals_the_reference_at_the_edges(samples, loop, batch_size,
 def scannet_shards(tmp_path_factory):
     """8 synthetic rooms: 6 training and 2 validation scenes."""
     root = tmp_path_factory.mktemp("data-efficiency")
-    write_synthetic_dataset(root / "scenes", SynthConfig(scenes=8, points_per_scene=1500, views_per_scene=1,
-                                                         image_width=16, image_height=16), progress=False)
+    write_synthetic_dataset(
+        root / "scenes",
+        SynthConfig(scenes=8, points_per_scene=1500, views_per_scene=1, image_width=16, image_height=16),
+        progress=False,
+    )
     prepare(root / "scenes", str(root / "shards"), progress=False)
     return root / "shards"
 
@@ -152,9 +183,18 @@ def test_the_data_efficiency_sweep_loads_all_16_configs(scannet_shards, tmp_path
 def test_a_round_streams_the_planned_samples_with_padding(ray_local, scannet_shards, tmp_path):
     # 6 scenes, loop 2, 4 workers: 12 samples, 3 per worker, no padding; 3 workers x 4 would need none either,
     # so take 5 workers: ceil(12 / 5) = 3 each, 3 padding samples.
-    run = load_finetune_run("semseg-tiny-lin", {"data.shards": str(scannet_shards), "run.name": "plan",
-                                                "run.storage_path": str(tmp_path), "run.num_workers": 5,
-                                                "epochs": 2, "eval_epochs": 1, "batch_size": 5})
+    run = load_finetune_run(
+        "semseg-tiny-lin",
+        {
+            "data.shards": str(scannet_shards),
+            "run.name": "plan",
+            "run.storage_path": str(tmp_path),
+            "run.num_workers": 5,
+            "epochs": 2,
+            "eval_epochs": 1,
+            "batch_size": 5,
+        },
+    )
     plan = plan_finetune(run)
     assert (plan.round.loop, plan.round.samples_per_worker, plan.round.padding, plan.round.steps) == (2, 3, 3, 3)
     # 12 samples of the repeated scenes plus 3 of the padding pass: 5 workers x 3

@@ -39,4 +39,7 @@ def test_demo_prints_and_writes_the_probe_table(ray_local, tmp_path, capsys):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = [run for experiment in client.search_experiments() for run in client.search_runs([experiment.experiment_id])]
     assert {run.info.run_name: run.info.status for run in runs} == {
-        "pretrain-tiny": "FINISHED", "probe-pretrained": "FINISHED", "probe-random": "FINISHED"}
+        "pretrain-tiny": "FINISHED",
+        "probe-pretrained": "FINISHED",
+        "probe-random": "FINISHED",
+    }

@@ -51,9 +51,18 @@ UP_CAST_LEVELS = 2  # tiny-sonata's up_cast_level
 def data(tmp_path_factory):
     """Three synthetic scenes (two train, one val) as shards, with their decoded scenes by name."""
     root = tmp_path_factory.mktemp("embed")
-    write_synthetic_dataset(root / "scenes", SynthConfig(scenes=3, points_per_scene=1500, views_per_scene=1,
-                                                         image_width=32, image_height=24,
-                                                         splits={"train": 0.67, "val": 0.33}), progress=False)
+    write_synthetic_dataset(
+        root / "scenes",
+        SynthConfig(
+            scenes=3,
+            points_per_scene=1500,
+            views_per_scene=1,
+            image_width=32,
+            image_height=24,
+            splits={"train": 0.67, "val": 0.33},
+        ),
+        progress=False,
+    )
     prepare(root / "scenes", str(root / "shards"), progress=False)
     scenes = {f.name: decode_record(read_sample(f, "synth"), with_frames=False) for f in list_samples(root / "scenes")}
     return root, scenes
@@ -80,9 +89,13 @@ def reference_features(backbone, scene: dict) -> np.ndarray:
     backbone.eval()
     backbone.set_order_shuffling(False)
     with torch.no_grad():
-        point = backbone({"feat": torch.from_numpy(sample["feat"]),
-                          "grid_coord": torch.from_numpy(sample["grid_coord"]),
-                          "offset": torch.tensor([len(sample["feat"])])})
+        point = backbone(
+            {
+                "feat": torch.from_numpy(sample["feat"]),
+                "grid_coord": torch.from_numpy(sample["grid_coord"]),
+                "offset": torch.tensor([len(sample["feat"])]),
+            }
+        )
         for _ in range(UP_CAST_LEVELS):
             parent = point.pop("pooling_parent")
             parent.feat = torch.cat([parent.feat, point.feat[point.pop("pooling_inverse")]], dim=-1)
@@ -106,8 +119,12 @@ def test_embed_writes_every_point_as_a_direct_forward(ray_local, data, sonata, c
     assert (summary.embedded, summary.already_done, summary.channels) == (3, 0, 16 + 16 + 32)
     assert summary.points == sum(len(s["coord"]) for s in scenes.values())
     manifest = read_manifest(root / "shards")
-    expected = sorted(f"{split}/{name}.parquet" for split, info in manifest.splits.items()
-                      for shard in info.shards for name in shard.samples)
+    expected = sorted(
+        f"{split}/{name}.parquet"
+        for split, info in manifest.splits.items()
+        for shard in info.shards
+        for name in shard.samples
+    )
     assert sorted(_files(out)) == expected and len(expected) == 3
 
     backbone = sonata.student["backbone"]
@@ -116,7 +133,7 @@ def test_embed_writes_every_point_as_a_direct_forward(ray_local, data, sonata, c
         assert written_name == name and feat.dtype == np.float16 and feat.shape == (len(scene["coord"]), 64)
         np.testing.assert_array_equal(coord, scene["coord"])  # every input point, in input order
         reference = reference_features(backbone, scene)
-        np.testing.assert_allclose(feat.astype(np.float32), reference, rtol=2 ** -10, atol=1e-6)
+        np.testing.assert_allclose(feat.astype(np.float32), reference, rtol=2**-10, atol=1e-6)
         # The features are those of the level 2 poolings up (8 cm cells of the 2 cm grid of the centred scene)
         # copied down: the points of one cell share a feature, different cells differ.
         coord = scene["coord"]
@@ -135,8 +152,12 @@ def test_embed_writes_every_point_as_a_direct_forward(ray_local, data, sonata, c
     assert not list(out.rglob("*.tmp"))
     # Features of other settings never mix into the same folder.
     with pytest.raises(ConfigError, match="other settings"):
-        run_embed(EmbedConfig(checkpoint=str(checkpoint), shards=str(root / "shards"), out=str(out), model=MODEL,
-                              grid_size=0.05), progress=False)
+        run_embed(
+            EmbedConfig(
+                checkpoint=str(checkpoint), shards=str(root / "shards"), out=str(out), model=MODEL, grid_size=0.05
+            ),
+            progress=False,
+        )
 
 
 def _state(module) -> dict:
@@ -195,8 +216,9 @@ def _corrupt_scene(shards: Path, split: str) -> str:
     return rows[0]["name"]
 
 
-def test_bad_scene_is_skipped_or_stops_the_run_and_finished_scenes_are_not_redone(ray_local, s3_server, data,
-                                                                                   checkpoint, tmp_path, capsys):
+def test_bad_scene_is_skipped_or_stops_the_run_and_finished_scenes_are_not_redone(
+    ray_local, s3_server, data, checkpoint, tmp_path, capsys
+):
     root, scenes = data
     shards = tmp_path / "shards"
     prepare(root / "scenes", str(shards), progress=False)
@@ -244,8 +266,11 @@ def test_viz_pictures_from_features_and_from_a_checkpoint(data, checkpoint, tmp_
     # From a features folder written the way `embed` writes it (the Ray path is tested above).
     spec = load_backbone_spec(str(checkpoint), MODEL)
     feat = scene_features(spec.build(), scenes[name], spec.up_cast_levels)
-    write_atomically(storage.resolve(tmp_path / "features"), scene_path("train", name),
-                     scene_table(name, scenes[name]["coord"], feat.astype(np.float16)))
+    write_atomically(
+        storage.resolve(tmp_path / "features"),
+        scene_path("train", name),
+        scene_table(name, scenes[name]["coord"], feat.astype(np.float16)),
+    )
     assert main(["viz", "--features", str(tmp_path / "features"), "--out", str(tmp_path / "a"), "--view", "top"]) == 0
     assert "pca.png" in capsys.readouterr().out
     images = images_from_checkpoint(str(checkpoint), str(root / "shards"), tmp_path / "b", model=MODEL, scene=name)

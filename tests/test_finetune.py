@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from concerto_ray.config import CONFIG_DIR
 from concerto_ray.data.collate import collate_semseg
 from concerto_ray.data.presets import (
     SemsegTransformConfig,
@@ -22,7 +23,6 @@ from concerto_ray.data.presets import (
 from concerto_ray.data.transforms import CenterShift
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.finetune.configs import (
-    CONFIG_DIR,
     DataEfficiencyConfig,
     PretrainedConfig,
     finetune_config_names,
@@ -77,9 +77,15 @@ def tiny_config(mode: str = "lin", **changes):
     cfg = load_finetune_config(TINY)
     backbone = cfg.backbone
     if mode in ("dec", "ft"):
-        backbone = dataclasses.replace(backbone, enc_mode=False, freeze_encoder=mode == "dec", dec_depths=(1, 1, 1, 1),
-                                       dec_channels=(8, 8, 16, 16), dec_num_head=(1, 1, 2, 2),
-                                       dec_patch_size=(16, 16, 16, 16))
+        backbone = dataclasses.replace(
+            backbone,
+            enc_mode=False,
+            freeze_encoder=mode == "dec",
+            dec_depths=(1, 1, 1, 1),
+            dec_channels=(8, 8, 16, 16),
+            dec_num_head=(1, 1, 2, 2),
+            dec_patch_size=(16, 16, 16, 16),
+        )
     return dataclasses.replace(cfg, mode=mode, backbone=backbone, **changes)
 
 
@@ -240,8 +246,9 @@ def test_lovasz_over_all_classes_at_once_equals_the_per_class_loss():
     for num_points, num_classes in ((1, 3), (40, 2), (500, 13)):
         logits = torch.randn(num_points, num_classes, generator=gen) * 3
         target = torch.randint(0, num_classes, (num_points,), generator=gen)
-        torch.testing.assert_close(lovasz_softmax(logits, target), lovasz_one_class_at_a_time(logits, target),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            lovasz_softmax(logits, target), lovasz_one_class_at_a_time(logits, target), rtol=0, atol=1e-6
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -303,14 +310,18 @@ def test_fragment_voting_covers_every_point_of_every_pass():
 def test_test_protocol_presamples_the_scene_and_scores_every_raw_point():
     """ScanNet++ / S3DIS: the scene is voxelised at 0.01 first; votes are cast on those points and every raw point
     takes its voxel's prediction, scored against its own raw label."""
-    transform = SemsegTransformConfig(test_rotations=(0.0,), test_scales=(), test_flip=False,
-                                      test_presample_grid_size=0.01)
+    transform = SemsegTransformConfig(
+        test_rotations=(0.0,), test_scales=(), test_flip=False, test_presample_grid_size=0.01
+    )
     cfg = tiny_config("lin", transform=transform)
     model = deterministic(build_segmentor(cfg)).eval()
     scene = make_scene("dense", n=300)
     # every point twice, 1 mm apart: the pre-sampling keeps one point per occupied 1 cm voxel
-    scene = {**scene, **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "segment")},
-             "coord": np.concatenate([scene["coord"], scene["coord"] + 0.001])}
+    scene = {
+        **scene,
+        **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "segment")},
+        "coord": np.concatenate([scene["coord"], scene["coord"] + 0.001]),
+    }
     shifted = CenterShift(apply_z=True)(scene, np.random.default_rng(0))["coord"]
     voxels = len(np.unique(np.floor(shifted / 0.01), axis=0))
     votes, sample = scene_probabilities(model, scene, cfg)
@@ -321,8 +332,9 @@ def test_test_protocol_presamples_the_scene_and_scores_every_raw_point():
     np.testing.assert_array_equal(pred, votes.argmax(dim=1).numpy()[sample["inverse"]])
     assert evaluate(model, [scene], cfg).confusion.sum() == int((scene["segment"] != -1).sum())
     # the pre-sampling is part of the protocol: without it, votes are cast on all 600 points
-    raw_votes, _ = scene_probabilities(model, scene, tiny_config("lin", transform=dataclasses.replace(
-        transform, test_presample_grid_size=None)))
+    raw_votes, _ = scene_probabilities(
+        model, scene, tiny_config("lin", transform=dataclasses.replace(transform, test_presample_grid_size=None))
+    )
     assert len(raw_votes) == 600
 
 
@@ -388,8 +400,9 @@ def test_limited_reconstructions_pick_the_share_of_scenes_reproducibly(tmp_path)
 
 
 def test_pointcept_semseg_state_dict_loads_strictly():
-    expected = {f"backbone.{k}": v for k, v in json.loads(KEYS_FILE.read_text()).items()
-                if k != "embedding.mask_token"}  # the semseg configs build the backbone without mask token
+    expected = {
+        f"backbone.{k}": v for k, v in json.loads(KEYS_FILE.read_text()).items() if k != "embedding.mask_token"
+    }  # the semseg configs build the backbone without mask token
     expected.update({"seg_head.weight": [20, 1232], "seg_head.bias": [20]})
     cfg = load_finetune_config("semseg-ptv3-base-v1m1-0a-scannet-lin")
     with torch.device("meta"):
@@ -430,7 +443,8 @@ def test_pretrained_backbone_loads_from_s3(s3_server):
     buffer = io.BytesIO()
     torch.save({"state_dict": sonata.state_dict()}, buffer)
     boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(
-        Bucket=s3_server.bucket, Key="pretrain/run/step-00000004/model.pt", Body=buffer.getvalue())
+        Bucket=s3_server.bucket, Key="pretrain/run/step-00000004/model.pt", Body=buffer.getvalue()
+    )
     folder = f"s3://{s3_server.bucket}/pretrain/run/step-00000004"
 
     for path in (folder, f"{folder}/model.pt"):  # a checkpoint folder or the file itself
@@ -438,8 +452,9 @@ def test_pretrained_backbone_loads_from_s3(s3_server):
         expected = sonata.student.backbone.state_dict()
         assert all(torch.equal(value, expected[key]) for key, value in model.backbone.state_dict().items())
     with pytest.raises(ConfigError, match=f"pre-trained checkpoint not found: {folder}-missing/model.pt"):
-        build_segmentor(tiny_config("lin", pretrained=PretrainedConfig(path=f"{folder}-missing/model.pt")),
-                        s3_server.endpoint_url)
+        build_segmentor(
+            tiny_config("lin", pretrained=PretrainedConfig(path=f"{folder}-missing/model.pt")), s3_server.endpoint_url
+        )
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -447,9 +462,14 @@ def test_pretrained_backbone_loads_from_s3(s3_server):
 
 def test_config_names_resolve_and_bad_input_is_named(tmp_path):
     names = finetune_config_names()
-    for name in ("semseg-ptv3-base-v1m1-0a-scannet-lin", "semseg-ptv3-large-v1m1-0f-scannet-ft-lora",
-                 "semseg-ptv3-large-v1m1-0e0-scannet-ft-la20", "semseg-ptv3-large-v1m1-0e15-scannet-ft-lora-lr20",
-                 "semseg-ptv3-large-v1m1-3e-s3dis-ft-lora", TINY):
+    for name in (
+        "semseg-ptv3-base-v1m1-0a-scannet-lin",
+        "semseg-ptv3-large-v1m1-0f-scannet-ft-lora",
+        "semseg-ptv3-large-v1m1-0e0-scannet-ft-la20",
+        "semseg-ptv3-large-v1m1-0e15-scannet-ft-lora-lr20",
+        "semseg-ptv3-large-v1m1-3e-s3dis-ft-lora",
+        TINY,
+    ):
         assert name in names
     configs = {name: load_finetune_config(name) for name in names}
     assert configs["semseg-ptv3-large-v1m1-0e15-scannet-ft-lora-lr20"].data_efficiency.scene_percent == 20
@@ -460,9 +480,11 @@ def test_config_names_resolve_and_bad_input_is_named(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'semseg-ptv3-base-v1m1-0a-scannet-lin'"):
         load_finetune_config("semseg-ptv3-base-v1m1-0a-scannet-lim")
     tiny_yaml = (CONFIG_DIR / f"{TINY}.yaml").read_text()
-    for old, new, message in (("mode: lin", "mode: linear", "mode: 'linear' is not one of"),
-                              ("lr: 0.05", "lr: fast", "lr: expected a number"),
-                              ("enc_mode: true", "enc_mode: false", "mode 'lin' needs backbone.enc_mode=True")):
+    for old, new, message in (
+        ("mode: lin", "mode: linear", "mode: 'linear' is not one of"),
+        ("lr: 0.05", "lr: fast", "lr: expected a number"),
+        ("enc_mode: true", "enc_mode: false", "mode 'lin' needs backbone.enc_mode=True"),
+    ):
         bad = tmp_path / "bad.yaml"
         bad.write_text(tiny_yaml.replace(old, new, 1))
         with pytest.raises(ConfigError, match=message):

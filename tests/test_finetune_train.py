@@ -39,18 +39,36 @@ ONE_TEST_PASS = {"transform.test_rotations": [0.0], "transform.test_scales": [],
 def semseg_shards(tmp_path_factory):
     """6 synthetic rooms: 4 training and 2 validation scenes of 2000 labelled points."""
     root = tmp_path_factory.mktemp("semseg")
-    write_synthetic_dataset(root / "scenes", SynthConfig(scenes=6, points_per_scene=2000, views_per_scene=1,
-                                                         image_width=16, image_height=16,
-                                                         splits={"train": 0.67, "val": 0.33}), progress=False)
+    write_synthetic_dataset(
+        root / "scenes",
+        SynthConfig(
+            scenes=6,
+            points_per_scene=2000,
+            views_per_scene=1,
+            image_width=16,
+            image_height=16,
+            splits={"train": 0.67, "val": 0.33},
+        ),
+        progress=False,
+    )
     prepare(root / "scenes", str(root / "shards"), progress=False)
     return root / "shards"
 
 
 def tiny_run(shards: Path, storage: Path, tracking_uri: str, name: str, **overrides):
-    return load_finetune_run("semseg-tiny-lin", {
-        "data.shards": str(shards), "run.name": name, "run.storage_path": str(storage),
-        "run.cpus_per_worker": 0.5, "mlflow.tracking_uri": tracking_uri, "mix_prob": 0.0, **ONE_TEST_PASS,
-        **overrides})
+    return load_finetune_run(
+        "semseg-tiny-lin",
+        {
+            "data.shards": str(shards),
+            "run.name": name,
+            "run.storage_path": str(storage),
+            "run.cpus_per_worker": 0.5,
+            "mlflow.tracking_uri": tracking_uri,
+            "mix_prob": 0.0,
+            **ONE_TEST_PASS,
+            **overrides,
+        },
+    )
 
 
 def mlflow_run_of(run) -> str:
@@ -80,8 +98,9 @@ def test_linear_probe_beats_chance_and_logs_to_mlflow(ray_local, semseg_shards, 
     run = tiny_run(semseg_shards, tmp_path, mlflow_server, "probe", epochs=12, eval_epochs=2)
     result = run_finetune(run)
     best_checkpoint, best = max(result.best_checkpoints, key=lambda pair: pair[1]["val_miou"])
-    print(f"linear probe: val mIoU {best['val_miou']:.4f}, mAcc {best['val_macc']:.4f}, "
-          f"allAcc {best['val_all_acc']:.4f}")
+    print(
+        f"linear probe: val mIoU {best['val_miou']:.4f}, mAcc {best['val_macc']:.4f}, allAcc {best['val_all_acc']:.4f}"
+    )
     # The bar: beat predicting the most frequent class everywhere, which scores that class's share as allAcc and
     # as its IoU, and 0 for the other classes present (about 0.46 and 0.04 here). A linear head on a frozen random
     # tiny backbone plateaus low: runs of 24 steps measured mIoU 0.055-0.074 and allAcc 0.51-0.67 (48 steps gained
@@ -106,21 +125,35 @@ def test_linear_probe_beats_chance_and_logs_to_mlflow(ray_local, semseg_shards, 
     assert [m.step for m in client.get_metric_history(run_id, "test_miou")] == [steps]
     assert result.metrics["best_round"] == (1 if best_checkpoint.path.endswith("round-0001") else 2)
     assert 0 < result.metrics["test_miou"] <= 1 and 0 < result.metrics["test_all_acc"] <= 1
-    assert {a.path for a in client.list_artifacts(run_id, "eval/test")} == {"eval/test/per_class_iou.txt",
-                                                                           "eval/test/confusion.png"}
+    assert {a.path for a in client.list_artifacts(run_id, "eval/test")} == {
+        "eval/test/per_class_iou.txt",
+        "eval/test/confusion.png",
+    }
     assert info.data.tags[BEST_CHECKPOINT_TAG] == best_checkpoint.path
     assert info.data.metrics["best_val_miou"] == pytest.approx(best["val_miou"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "eval/round-0002")}
-    assert artifacts == {"eval/round-0002/per_class_iou.txt", "eval/round-0002/confusion.png",
-                         "eval/round-0002/pca.png"}  # the backbone's feature picture of one validation scene
+    assert artifacts == {
+        "eval/round-0002/per_class_iou.txt",
+        "eval/round-0002/confusion.png",
+        "eval/round-0002/pca.png",
+    }  # the backbone's feature picture of one validation scene
     table = Path(client.download_artifacts(run_id, "eval/round-0002/per_class_iou.txt", str(tmp_path)))
     assert table.read_text().splitlines()[1].split()[1] == "wall"
     assert sorted(p.name for p in Path(run.run.run_uri).glob("round-*")) == ["round-0001", "round-0002"]
 
 
 def test_lora_trains_adapters_and_head_and_merges_identically(ray_local, semseg_shards, mlflow_server, tmp_path):
-    run = tiny_run(semseg_shards, tmp_path, mlflow_server, "lora", mode="lora", epochs=2, eval_epochs=1,
-                   lr=0.02, **{"data_efficiency.label_budget": 200, "data_efficiency.scene_percent": 50.0})
+    run = tiny_run(
+        semseg_shards,
+        tmp_path,
+        mlflow_server,
+        "lora",
+        mode="lora",
+        epochs=2,
+        eval_epochs=1,
+        lr=0.02,
+        **{"data_efficiency.label_budget": 200, "data_efficiency.scene_percent": 50.0},
+    )
     cfg = run.finetune
     result = run_finetune(run)
     # Half of the 4 training scenes, batch 2: one step per epoch.
@@ -139,8 +172,10 @@ def test_lora_trains_adapters_and_head_and_merges_identically(ray_local, semseg_
     after = trained.state_dict()
     for name, value in initial.state_dict().items():
         changed = not torch.equal(value, after[name])
-        assert changed == (name in trainable), f"{name} {'trains' if name in trainable else 'is frozen'} but " \
-                                               f"{'did not change' if not changed else 'changed'}"
+        assert changed == (name in trainable), (
+            f"{name} {'trains' if name in trainable else 'is frozen'} but "
+            f"{'did not change' if not changed else 'changed'}"
+        )
     # peft starts every lora_B at zero, and weight decay keeps a zero at zero: only gradients moved them
     lora_b = [name for name in trainable if "lora_B" in name]
     assert len(lora_b) == sum(depths)
@@ -163,21 +198,40 @@ def test_lora_trains_adapters_and_head_and_merges_identically(ray_local, semseg_
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dec", "ft"])
 def test_decoder_probe_and_full_finetune_start_from_a_pretrained_checkpoint_through_the_cli(
-        mode, ray_local, semseg_shards, mlflow_server, tmp_path, capsys):
+    mode, ray_local, semseg_shards, mlflow_server, tmp_path, capsys
+):
     torch.manual_seed(0)
     pretrained = Sonata(get_model_config("tiny-sonata")).state_dict()
     (tmp_path / "pretrained").mkdir()
     torch.save({"state_dict": pretrained}, tmp_path / "pretrained" / "model.pt")
-    decoder = ["backbone.enc_mode=false", f"backbone.freeze_encoder={mode == 'dec'}", "backbone.dec_depths=[1, 1, 1, 1]",
-               "backbone.dec_channels=[8, 8, 16, 16]", "backbone.dec_num_head=[1, 1, 2, 2]",
-               "backbone.dec_patch_size=[16, 16, 16, 16]"]
-    overrides = [f"data.shards={semseg_shards}", f"run.name={mode}", f"run.storage_path={tmp_path / 'runs'}",
-                 "run.cpus_per_worker=0.5", f"mlflow.tracking_uri={mlflow_server}", f"mode={mode}",
-                 f"pretrained.path={tmp_path / 'pretrained'}", "epochs=2", "eval_epochs=1", "mix_prob=0.0",
-                 "transform.test_rotations=[0.0]", "transform.test_scales=[]", "transform.test_flip=false", *decoder]
+    decoder = [
+        "backbone.enc_mode=false",
+        f"backbone.freeze_encoder={mode == 'dec'}",
+        "backbone.dec_depths=[1, 1, 1, 1]",
+        "backbone.dec_channels=[8, 8, 16, 16]",
+        "backbone.dec_num_head=[1, 1, 2, 2]",
+        "backbone.dec_patch_size=[16, 16, 16, 16]",
+    ]
+    overrides = [
+        f"data.shards={semseg_shards}",
+        f"run.name={mode}",
+        f"run.storage_path={tmp_path / 'runs'}",
+        "run.cpus_per_worker=0.5",
+        f"mlflow.tracking_uri={mlflow_server}",
+        f"mode={mode}",
+        f"pretrained.path={tmp_path / 'pretrained'}",
+        "epochs=2",
+        "eval_epochs=1",
+        "mix_prob=0.0",
+        "transform.test_rotations=[0.0]",
+        "transform.test_scales=[]",
+        "transform.test_flip=false",
+        *decoder,
+    ]
     assert cli_main(["finetune", "--config", "semseg-tiny-lin", *[f"--set={o}" for o in overrides]]) == 0
-    assert re.search(rf"finished; best val mIoU \d\.\d{{4}} at {tmp_path / 'runs' / mode}/round-000[12]\n",
-                     capsys.readouterr().out)
+    assert re.search(
+        rf"finished; best val mIoU \d\.\d{{4}} at {tmp_path / 'runs' / mode}/round-000[12]\n", capsys.readouterr().out
+    )
 
     kept = sorted((tmp_path / "runs" / mode).glob("round-*"))[-1]  # the best round's checkpoint
     trained = torch.load(kept / "model.pt", weights_only=True)["state_dict"]

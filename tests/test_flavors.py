@@ -30,8 +30,16 @@ SPLITS = {"scannet": {"train": 0.5, "val": 0.25, "test": 0.25}, "s3dis": {"Area_
 
 
 def _config(name: str) -> SynthConfig:
-    return SynthConfig(scenes=4, seed=3, points_per_scene=600, views_per_scene=5, image_width=48, image_height=32,
-                       splits=SPLITS.get(name), flavor=name)
+    return SynthConfig(
+        scenes=4,
+        seed=3,
+        points_per_scene=600,
+        views_per_scene=5,
+        image_width=48,
+        image_height=32,
+        splits=SPLITS.get(name),
+        flavor=name,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +79,11 @@ def _expected_frames(root: Path, entry: dict) -> tuple[list[np.ndarray], list[np
 @pytest.mark.parametrize("name", list(FLAVORS))
 def test_loader_yields_the_reference_arrays(roots, name):
     root = roots[name]
-    entries = {k: v for split_file in sorted((root / "splits").glob("*.json"))
-               for k, v in json.loads(split_file.read_text()).items()}
+    entries = {
+        k: v
+        for split_file in sorted((root / "splits").glob("*.json"))
+        for k, v in json.loads(split_file.read_text()).items()
+    }
     samples = list_samples(root)
     assert [s.name for s in samples] == list(entries) and samples
     asset = flavor(name).label_asset
@@ -91,8 +102,10 @@ def test_loader_yields_the_reference_arrays(roots, name):
 
 def _frame_file(name: str, image_dir: Path, kind: str, stem: str, position: int) -> Path:
     """Where the flavour's preprocessing writes a frame's pose or intrinsic (preprocessing/concerto/<dataset>/)."""
-    shared = {"scene": image_dir / "intrinsic" / "intrinsic.npy",
-              "dataset": image_dir.parent.parent / "intrinsic" / "K.npy"}  # HM3D: ROOT/images/intrinsic/K.npy
+    shared = {
+        "scene": image_dir / "intrinsic" / "intrinsic.npy",
+        "dataset": image_dir.parent.parent / "intrinsic" / "K.npy",
+    }  # HM3D: ROOT/images/intrinsic/K.npy
     if kind == "intrinsic" and flavor(name).intrinsics in shared:
         return shared[flavor(name).intrinsics]
     if name in ("scannetpp", "s3dis"):  # numbered by the frame's position: preprocess_scannetpp/s3dis.py
@@ -164,8 +177,9 @@ def test_segmentation_configs_read_their_datasets_labels(roots, tmp_path, config
     # The reference's ScanNet200Dataset reads segment200.npy; ours used segment20 for the scannet200 configs.
     dataset = load_finetune_config(config).dataset
     assert load_finetune_config(config).num_classes == flavor(dataset).num_classes
-    run = load_finetune_run(config, {"data.shards": str(tmp_path), "run.name": "labels",
-                                     "run.storage_path": str(tmp_path / "runs")})
+    run = load_finetune_run(
+        config, {"data.shards": str(tmp_path), "run.name": "labels", "run.storage_path": str(tmp_path / "runs")}
+    )
     assert run.data.segment_asset == label_asset(dataset) == flavor(dataset).label_asset
     files = list_samples(roots[dataset], [flavor(dataset).splits[0]])[0]
     data = decode_record(read_sample(files, dataset), segment_asset=run.data.segment_asset, with_frames=False)
@@ -193,8 +207,12 @@ def test_plain_layout_of_nested_structured3d_rooms(roots, tmp_path):
         for scene in (roots["structured3d"] / split).iterdir():
             (root / split / scene.name).symlink_to(scene)
     names = [(s.split, s.name) for s in list_samples(root)]
-    expected = sorted((split, f"{scene.name}_{room.name}") for split in ("train", "val")
-                      for scene in (roots["structured3d"] / split).iterdir() for room in scene.iterdir())
+    expected = sorted(
+        (split, f"{scene.name}_{room.name}")
+        for split in ("train", "val")
+        for scene in (roots["structured3d"] / split).iterdir()
+        for room in scene.iterdir()
+    )
     assert sorted(names) == expected and names
 
 
@@ -203,8 +221,12 @@ def test_re10k_points_are_the_frames_pixels(roots):
     data = decode_record(read_sample(files, "re10k"))
     corr = np.concatenate(data["frames_correspondence"])
     assert np.array_equal(corr[:, 2], np.arange(len(data["coord"])))  # each point is one pixel of one frame
-    pixels = np.concatenate([image[c[:, 1].astype(int), c[:, 0].astype(int)]
-                             for image, c in zip(data["frames_color"], data["frames_correspondence"])])
+    pixels = np.concatenate(
+        [
+            image[c[:, 1].astype(int), c[:, 0].astype(int)]
+            for image, c in zip(data["frames_color"], data["frames_correspondence"])
+        ]
+    )
     assert np.array_equal(pixels, data["color"])
     assert np.load(files.pointcloud_dir / "coord.npy").dtype == np.float64
 
@@ -212,14 +234,23 @@ def test_re10k_points_are_the_frames_pixels(roots):
 @pytest.mark.skipif(not os.environ.get("POINTCEPT_SRC"), reason="set POINTCEPT_SRC to an extracted Pointcept tree")
 def test_loader_matches_the_reference_classes(roots, tmp_path):
     for name, root in roots.items():
-        result = subprocess.run([sys.executable, __file__, os.environ["POINTCEPT_SRC"], str(root), name,
-                                 str(tmp_path / name)], capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, __file__, os.environ["POINTCEPT_SRC"], str(root), name, str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-REFERENCE_CLASSES = {"scannet": ("scannet", "ScanNetDataset"), "scannet200": ("scannet", "ScanNet200Dataset"),
-                     "scannetpp": ("scannetpp", "ScanNetPPDataset"), "s3dis": ("s3dis", "S3DISDataset"),
-                     "hm3d": ("hm3d", "HM3DDataset"), "structured3d": ("structure3d", "Structured3DDataset")}
+REFERENCE_CLASSES = {
+    "scannet": ("scannet", "ScanNetDataset"),
+    "scannet200": ("scannet", "ScanNet200Dataset"),
+    "scannetpp": ("scannetpp", "ScanNetPPDataset"),
+    "s3dis": ("s3dis", "S3DISDataset"),
+    "hm3d": ("hm3d", "HM3DDataset"),
+    "structured3d": ("structure3d", "Structured3DDataset"),
+}
 
 
 def _compare_with_reference(checkout: Path, root: Path, name: str, scratch: Path) -> None:
@@ -239,34 +270,50 @@ def _compare_with_reference(checkout: Path, root: Path, name: str, scratch: Path
     if name in REFERENCE_CLASSES:
         module, cls = REFERENCE_CLASSES[name]
         reference = getattr(importlib.import_module(f"pointcept.datasets.{module}"), cls)(
-            split=[s for s in flavor(name).splits if (root / s).is_dir()], data_root=str(root))
-        plain = {(s.split, s.name): s for s in list_samples(root, [p.name for p in root.iterdir()
-                                                                   if p.name in flavor(name).splits])}
+            split=[s for s in flavor(name).splits if (root / s).is_dir()], data_root=str(root)
+        )
+        plain = {
+            (s.split, s.name): s
+            for s in list_samples(root, [p.name for p in root.iterdir() if p.name in flavor(name).splits])
+        }
         for i in range(len(reference.data_list)):
             theirs = reference.get_data(i)
             folder = Path(reference.data_list[i])
             files = next(s for s in plain.values() if s.pointcloud_dir == folder)
             labelled = files.split not in flavor(name).unlabelled_splits
-            data = decode_record(read_sample(files, name), segment_asset=flavor(name).label_asset if labelled
-                                 else None, with_frames=False)
+            data = decode_record(
+                read_sample(files, name),
+                segment_asset=flavor(name).label_asset if labelled else None,
+                with_frames=False,
+            )
             for key in ("coord", "color", "normal", "segment", "instance"):
                 if key in theirs:
                     assert theirs[key].dtype == data[key].dtype and np.array_equal(theirs[key], data[key]), key
-            print(f"{name}: {cls} {theirs['name']!r} (ours {files.name!r}) split {theirs.get('split')!r} "
-                  f"(ours {files.split!r}): equal")
+            print(
+                f"{name}: {cls} {theirs['name']!r} (ours {files.name!r}) split {theirs.get('split')!r} "
+                f"(ours {files.split!r}): equal"
+            )
             checked += 1
     splits = write_absolute_splits(root, scratch)
     crop_h, crop_w, patch = 28, 42, 14
-    reference = defaults.DefaultImagePointDataset(split=splits, data_root=str(scratch), crop_h=crop_h,
-                                                  crop_w=crop_w, patch_size=patch)
+    reference = defaults.DefaultImagePointDataset(
+        split=splits, data_root=str(scratch), crop_h=crop_h, crop_w=crop_w, patch_size=patch
+    )
     for i in range(len(reference)):
         theirs = reference.get_data(i)
         data = decode_record(read_sample(ours[theirs["name"]], name))
         assert theirs["split"] == data["split"]
         for key in ("coord", "color", "normal"):
             assert theirs[key].dtype == data[key].dtype and np.array_equal(theirs[key], data[key]), key
-        images, corr = prepare_frames(data["frames_color"], data["frames_correspondence"], len(data["coord"]),
-                                      crop_h, crop_w, patch, sample=data["name"])
+        images, corr = prepare_frames(
+            data["frames_color"],
+            data["frames_correspondence"],
+            len(data["coord"]),
+            crop_h,
+            crop_w,
+            patch,
+            sample=data["name"],
+        )
         assert np.array_equal(corr, theirs["correspondence"])
         assert np.allclose(images, theirs["images"].numpy(), atol=1e-6)
         checked += 1

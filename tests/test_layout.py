@@ -15,9 +15,18 @@ from concerto_ray.errors import DataError
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("layout") / "scannet"
-    write_synthetic_dataset(root, SynthConfig(scenes=2, points_per_scene=2000, views_per_scene=4,
-                                              image_width=64, image_height=48,
-                                              splits={"train": 0.5, "val": 0.5}), progress=False)
+    write_synthetic_dataset(
+        root,
+        SynthConfig(
+            scenes=2,
+            points_per_scene=2000,
+            views_per_scene=4,
+            image_width=64,
+            image_height=48,
+            splits={"train": 0.5, "val": 0.5},
+        ),
+        progress=False,
+    )
     return root
 
 

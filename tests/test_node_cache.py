@@ -23,9 +23,11 @@ def cache(tmp_path, monkeypatch):
 def weights_in_s3(s3_server):
     """A weights folder (two files, one in a subfolder) and a single file in the test bucket."""
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
-    files = {"weights/dinov2/config.json": b'{"hidden_size": 32}',
-             "weights/dinov2/sub/model.bin": bytes(range(256)) * 64,
-             "lists/scenes.txt": b"scene0000_00\nscene0001_00\n"}
+    files = {
+        "weights/dinov2/config.json": b'{"hidden_size": 32}',
+        "weights/dinov2/sub/model.bin": bytes(range(256)) * 64,
+        "lists/scenes.txt": b"scene0000_00\nscene0001_00\n",
+    }
     for key, body in files.items():
         s3.put_object(Bucket=s3_server.bucket, Key=key, Body=body)
     return f"s3://{s3_server.bucket}", files
@@ -56,8 +58,10 @@ def test_concurrent_workers_of_a_node_download_once(cache, weights_in_s3, monkey
 
     monkeypatch.setattr(node_cache, "_download", slow_download)
     results = []
-    workers = [threading.Thread(target=lambda: results.append(node_cache.local_copy(f"{bucket}/weights/dinov2")))
-               for _ in range(4)]
+    workers = [
+        threading.Thread(target=lambda: results.append(node_cache.local_copy(f"{bucket}/weights/dinov2")))
+        for _ in range(4)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -84,19 +88,26 @@ def test_local_paths_are_refused_on_a_cluster(tmp_path):
 
 
 def test_every_path_field_of_a_config_is_checked(tmp_path):
-    config = {"model": {"name": "tiny-concerto", "image_encoder_weights": "facebook/dinov2-with-registers-small"},
-              "data": {"shards": "s3://bucket/shards", "sources": [{"shards": "s3://bucket/other"}]},
-              "run": {"name": "r", "storage_path": "s3://bucket/runs"},
-              "pretrained": {"path": "s3://bucket/runs/r/step-00000004"}, "efficiency": {"label_file": None},
-              "mlflow": {"tracking_uri": "http://mlflow.internal:5000"}}
+    config = {
+        "model": {"name": "tiny-concerto", "image_encoder_weights": "facebook/dinov2-with-registers-small"},
+        "data": {"shards": "s3://bucket/shards", "sources": [{"shards": "s3://bucket/other"}]},
+        "run": {"name": "r", "storage_path": "s3://bucket/runs"},
+        "pretrained": {"path": "s3://bucket/runs/r/step-00000004"},
+        "efficiency": {"label_file": None},
+        "mlflow": {"tracking_uri": "http://mlflow.internal:5000"},
+    }
     node_cache.check_config_reachable(config, nodes=3)  # URIs and a hub name: fine on any cluster
     local = {"data": {"sources": [{"shards": "s3://bucket/a"}, {"shards": str(tmp_path / "shards")}]}}
     node_cache.check_config_reachable(local, nodes=1)
     with pytest.raises(ConfigError, match=r"^data.sources\[1\].shards: .* 3 nodes"):
         node_cache.check_config_reachable(local, nodes=3)
-    for field, value in (("run.storage_path", str(tmp_path / "runs")), ("pretrained.path", "/checkpoints/m.pth"),
-                         ("model.image_encoder_weights", str(tmp_path)), ("efficiency.label_file", "/lists/la.pth"),
-                         ("mlflow.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db")):
+    for field, value in (
+        ("run.storage_path", str(tmp_path / "runs")),
+        ("pretrained.path", "/checkpoints/m.pth"),
+        ("model.image_encoder_weights", str(tmp_path)),
+        ("efficiency.label_file", "/lists/la.pth"),
+        ("mlflow.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"),
+    ):
         section, key = field.rsplit(".", 1)
         with pytest.raises(ConfigError, match=rf"^{field}: "):
             node_cache.check_config_reachable({**config, section: {**config.get(section, {}), key: value}}, nodes=2)

@@ -20,9 +20,9 @@ from concerto_ray.data.pipeline import (
     iter_batches,
     stream_sources,
 )
-from concerto_ray.data.sources import EpochPlan
 from concerto_ray.data.presets import ConcertoPretrainTransformConfig
 from concerto_ray.data.shards import prepare, read_manifest
+from concerto_ray.data.sources import EpochPlan
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.errors import ConfigError
 
@@ -33,8 +33,18 @@ TINY = ConcertoPretrainTransformConfig(crop_h=CROP, crop_w=CROP, max_size=4096, 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline") / "scenes"
-    write_synthetic_dataset(root, SynthConfig(scenes=4, points_per_scene=3000, views_per_scene=4, image_width=64,
-                                              image_height=48, splits={"train": 0.5, "val": 0.5}), progress=False)
+    write_synthetic_dataset(
+        root,
+        SynthConfig(
+            scenes=4,
+            points_per_scene=3000,
+            views_per_scene=4,
+            image_width=64,
+            image_height=48,
+            splits={"train": 0.5, "val": 0.5},
+        ),
+        progress=False,
+    )
     return root
 
 
@@ -81,8 +91,7 @@ def test_semseg_batches(ray_local, shards):
 def test_stream_from_s3(ray_local, s3_server, scenes):
     uri = f"s3://{s3_server.bucket}/pipeline"
     prepare(scenes, uri, endpoint_url=s3_server.endpoint_url, progress=False)
-    stats = drain(StreamConfig(shards=uri, endpoint_url=s3_server.endpoint_url, batch_size=2, seed=0,
-                               pretrain=TINY))
+    stats = drain(StreamConfig(shards=uri, endpoint_url=s3_server.endpoint_url, batch_size=2, seed=0, pretrain=TINY))
     assert stats.samples == 4 and stats.batches == 2 and stats.points > 0 and stats.skipped == []
 
 
@@ -91,8 +100,9 @@ def _names(batches):
 
 
 def _every_sample(shards) -> list[str]:
-    return sorted(name for split in read_manifest(str(shards)).splits.values() for shard in split.shards
-                  for name in shard.samples)
+    return sorted(
+        name for split in read_manifest(str(shards)).splits.values() for shard in split.shards for name in shard.samples
+    )
 
 
 def test_epochs_are_read_ahead_across_their_boundaries(ray_local, shards):

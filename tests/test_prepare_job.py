@@ -28,16 +28,18 @@ def _load_job_module():
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("job") / "scenes"
-    write_synthetic_dataset(root, SynthConfig(scenes=2, seed=1, points_per_scene=1500, views_per_scene=4,
-                                              image_width=48, image_height=32))
+    write_synthetic_dataset(
+        root, SynthConfig(scenes=2, seed=1, points_per_scene=1500, views_per_scene=4, image_width=48, image_height=32)
+    )
     return root
 
 
 def _submit(args: list[str]) -> subprocess.CompletedProcess:
     """Run the job script as `ray job submit` would: a separate driver process attached to the cluster."""
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_job_writes_shards_and_manifest_on_the_cluster(scenes, tmp_path, ray_local):
@@ -53,8 +55,9 @@ def test_job_writes_shards_and_manifest_on_the_cluster(scenes, tmp_path, ray_loc
 
 def test_data_error_in_the_task_gives_exit_code_2_and_names_the_file(scenes, tmp_path, ray_local):
     broken = tmp_path / "broken"
-    write_synthetic_dataset(broken, SynthConfig(scenes=1, points_per_scene=1500, views_per_scene=4,
-                                                image_width=48, image_height=32))
+    write_synthetic_dataset(
+        broken, SynthConfig(scenes=1, points_per_scene=1500, views_per_scene=4, image_width=48, image_height=32)
+    )
     (broken / "train" / "scene0000_00" / "coord.npy").write_bytes(b"garbage")
     done = _submit([str(broken), str(tmp_path / "out"), "--workers", "1"])
     assert done.returncode == 2

@@ -38,9 +38,17 @@ LOSS_TERMS = ("loss", "mask_loss", "roll_mask_loss", "unmask_loss", "enc2d_loss"
 
 def tiny_overrides(shards: Path, dinov2_dir: Path, name: str, storage: str) -> list[str]:
     """Point the shipped tiny config at this test's data and storage, with 28-pixel crops (2 x 2 patches)."""
-    return [f"data.shards={shards}", f"model.image_encoder_weights={dinov2_dir}", f"run.name={name}",
-            f"run.storage_path={storage}", "data.seed=0", "data.pretrain.crop_h=28", "data.pretrain.crop_w=28",
-            "data.pretrain.max_size=1024", "data.pretrain.enc2d_max_size=1024"]
+    return [
+        f"data.shards={shards}",
+        f"model.image_encoder_weights={dinov2_dir}",
+        f"run.name={name}",
+        f"run.storage_path={storage}",
+        "data.seed=0",
+        "data.pretrain.crop_h=28",
+        "data.pretrain.crop_w=28",
+        "data.pretrain.max_size=1024",
+        "data.pretrain.enc2d_max_size=1024",
+    ]
 
 
 @pytest.fixture
@@ -82,15 +90,15 @@ def inject_faults(monkeypatch):
             latest = CHECKPOINT_DIR_FORMAT.format(step - step % config.run.checkpoint_every)
             record = Path(config.run.storage_path) / config.run.name / "checkpoint_manager_snapshot.json"
             deadline = time.monotonic() + timeout_s
-            while step >= config.run.checkpoint_every and latest not in (record.read_text() if record.exists()
-                                                                            else ""):
+            while step >= config.run.checkpoint_every and latest not in (record.read_text() if record.exists() else ""):
                 assert time.monotonic() < deadline, f"Ray Train did not record {latest} in {timeout_s} s"
                 time.sleep(0.5)
 
         def faulty_loop(loop_config: dict) -> None:  # a closure: Ray ships it to the workers by value
             config = from_dict(PretrainConfig, loop_config["config"])
-            worker = Worker(config, loop_config["steps_per_epoch"], loop_config["tracking_uri"],
-                            loop_config["mlflow_run_id"])
+            worker = Worker(
+                config, loop_config["steps_per_epoch"], loop_config["tracking_uri"], loop_config["mlflow_run_id"]
+            )
             if worker.rank == 0:
                 restarted = ray.train.get_checkpoint() is not None
 
@@ -126,6 +134,7 @@ def train_attempts(run_name: str) -> list[str]:
 
 
 # -- optimizer setup (no Ray) -----------------------------------------------------------------------------------------
+
 
 def test_layer_wise_lr_follows_the_reference_formula():
     model = build_ssl_model(get_model_config("tiny-sonata"))
@@ -163,6 +172,7 @@ def test_one_cycle_and_weight_decay_schedules():
 
 # -- config validation: before anything starts ----------------------------------------------------------------------
 
+
 def test_config_typos_fail_before_ray_starts(dinov2_dir, pretrain_shards, tmp_path, monkeypatch, capsys):
     def load(*overrides: str):
         base = tiny_overrides(pretrain_shards, dinov2_dir, "typo", str(tmp_path))
@@ -193,11 +203,15 @@ def test_config_typos_fail_before_ray_starts(dinov2_dir, pretrain_shards, tmp_pa
 
 # -- runs on the local Ray ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def s3_run(ray_local, s3_server, dinov2_dir, pretrain_shards, mlflow_server):
     """A complete tiny run checkpointing into S3."""
-    overrides = [*tiny_overrides(pretrain_shards, dinov2_dir, "s3-run", f"s3://{s3_server.bucket}/runs"),
-                 f"run.endpoint_url={s3_server.endpoint_url}", f"mlflow.tracking_uri={mlflow_server}"]
+    overrides = [
+        *tiny_overrides(pretrain_shards, dinov2_dir, "s3-run", f"s3://{s3_server.bucket}/runs"),
+        f"run.endpoint_url={s3_server.endpoint_url}",
+        f"mlflow.tracking_uri={mlflow_server}",
+    ]
     return overrides, run_pretrain(load_pretrain_config(TINY_CONFIG, overrides))
 
 
@@ -211,17 +225,29 @@ def test_run_checkpoints_to_s3_and_logs_to_mlflow(s3_run, s3_server, mlflow_serv
         for name in ("model.pt", "optimizer.pt", "progress.json"):
             assert f"runs/s3-run/step-{step:08d}/{name}" in keys
     assert result.checkpoint.path == f"{s3_server.bucket}/runs/s3-run/step-{STEPS:08d}"
-    progress = json.loads(s3.get_object(Bucket=s3_server.bucket,
-                                        Key=f"runs/s3-run/step-{STEPS:08d}/progress.json")["Body"].read())
+    progress = json.loads(
+        s3.get_object(Bucket=s3_server.bucket, Key=f"runs/s3-run/step-{STEPS:08d}/progress.json")["Body"].read()
+    )
     assert progress == {"global_step": STEPS, "epoch": 2, "step_in_epoch": 0, "skipped_steps": 0}
 
     run_id = json.loads(s3.get_object(Bucket=s3_server.bucket, Key=f"runs/s3-run/{RUN_ID_FILE}")["Body"].read())[
-        "run_id"]
+        "run_id"
+    ]
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    for key in (*LOSS_TERMS, "lr", "weight_decay", "adam_beta1", "teacher_momentum", "teacher_temp", "points_per_s",
-                "data_wait_s", "data_wait_fraction", "skipped_steps"):
+    for key in (
+        *LOSS_TERMS,
+        "lr",
+        "weight_decay",
+        "adam_beta1",
+        "teacher_momentum",
+        "teacher_temp",
+        "points_per_s",
+        "data_wait_s",
+        "data_wait_fraction",
+        "skipped_steps",
+    ):
         assert logged_steps(mlflow_server, run_id, key) == list(range(1, STEPS + 1)), key
     losses = [m.value for m in client.get_metric_history(run_id, "loss")]
     assert all(math.isfinite(v) and v > 0 for v in losses)
@@ -240,16 +266,19 @@ def test_corrupt_checkpoint_names_it(s3_run, s3_server):
     overrides, _ = s3_run
     config = load_pretrain_config(TINY_CONFIG, [*overrides, "run.max_failures=0"])  # no retry of a lost cause
     key = f"runs/s3-run/step-{STEPS:08d}/model.pt"
-    boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(Bucket=s3_server.bucket, Key=key,
-                                                                       Body=b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=rf"checkpoint s3://{s3_server.bucket}/{key.removesuffix('/model.pt')}: "
-                                              r"model.pt cannot be loaded"):
+    boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(
+        Bucket=s3_server.bucket, Key=key, Body=b"not a checkpoint"
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=rf"checkpoint s3://{s3_server.bucket}/{key.removesuffix('/model.pt')}: "
+        r"model.pt cannot be loaded",
+    ):
         run_pretrain(config, resume=True)
 
 
 @pytest.mark.slow
-def test_killed_worker_recovers_from_the_latest_checkpoint(ray_local, tiny, mlflow_server, inject_faults,
-                                                           monkeypatch):
+def test_killed_worker_recovers_from_the_latest_checkpoint(ray_local, tiny, mlflow_server, inject_faults, monkeypatch):
     # rank 0 dies before step 3; Ray Train restarts the workers from the step-2 checkpoint.
     monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     inject_faults(exit_before_step=3)
@@ -279,8 +308,12 @@ def test_resume_continues_a_stopped_run(ray_local, tiny, mlflow_server, inject_f
     with pytest.raises(ConfigError, match="already exists"):
         run_pretrain(stopped)
     result = run_pretrain(tiny("stopped"), resume=True)
-    assert progress_of(Path(result.checkpoint.path)) == {"global_step": STEPS, "epoch": 2, "step_in_epoch": 0,
-                                                         "skipped_steps": 0}
+    assert progress_of(Path(result.checkpoint.path)) == {
+        "global_step": STEPS,
+        "epoch": 2,
+        "step_in_epoch": 0,
+        "skipped_steps": 0,
+    }
     assert logged_steps(mlflow_server, run_id, "loss") == list(range(1, STEPS + 1))
     assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FINISHED"
 
@@ -288,8 +321,14 @@ def test_resume_continues_a_stopped_run(ray_local, tiny, mlflow_server, inject_f
 @pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, tiny, mlflow_server, inject_faults):
     inject_faults(nonfinite_steps=(2, 4, 5))
-    config = tiny("nonfinite", "run.epochs=3", "run.checkpoint_every=1", "run.checkpoints_to_keep=10",
-                  "run.max_failures=0", "run.max_nonfinite_steps=2")
+    config = tiny(
+        "nonfinite",
+        "run.epochs=3",
+        "run.checkpoint_every=1",
+        "run.checkpoints_to_keep=10",
+        "run.max_failures=0",
+        "run.max_nonfinite_steps=2",
+    )
     with pytest.raises(NonFiniteLossError, match=r"2 optimizer steps in a row \(4..5\)"):
         run_pretrain(config)
     run_dir = Path(config.run.storage_path) / config.run.name

@@ -21,9 +21,19 @@ from concerto_ray.model.structure import Point
 ALL_ORDERS = ("z", "z-trans", "hilbert", "hilbert-trans")
 # Backbone dicts of Pointcept's configs/concerto/pretrain-concerto-v1m1-{0-base,1-large-base}.py
 # (the large-video config uses the same backbone as large-base).
-CONCERTO_BASE = dict(in_channels=9, order=ALL_ORDERS, stride=(2, 2, 2, 2), enc_depths=(3, 3, 3, 12, 3),
-                     enc_channels=(48, 96, 192, 384, 512), enc_num_head=(3, 6, 12, 24, 32),
-                     enc_patch_size=(1024,) * 5, mlp_ratio=4, enc_mode=True, traceable=True, mask_token=True)
+CONCERTO_BASE = dict(
+    in_channels=9,
+    order=ALL_ORDERS,
+    stride=(2, 2, 2, 2),
+    enc_depths=(3, 3, 3, 12, 3),
+    enc_channels=(48, 96, 192, 384, 512),
+    enc_num_head=(3, 6, 12, 24, 32),
+    enc_patch_size=(1024,) * 5,
+    mlp_ratio=4,
+    enc_mode=True,
+    traceable=True,
+    mask_token=True,
+)
 CONCERTO_LARGE = dict(CONCERTO_BASE, enc_channels=(64, 128, 256, 512, 768), enc_num_head=(4, 8, 16, 32, 48))
 # Parameter counts from instantiating Pointcept's PT-v3m2 (its own code, CPU) with those two backbone
 # dicts on 2026-11-25 (benchmarks/compare_reference_ptv3.py prints them).
@@ -32,10 +42,22 @@ KEYS_FILE = Path(__file__).parent / "data" / "ptv3_base_keys.json"
 
 
 def tiny_config(**overrides) -> PTv3Config:
-    config = dict(in_channels=6, order=ALL_ORDERS, stride=(2, 2), enc_depths=(1, 1, 1), enc_channels=(8, 16, 16),
-                  enc_num_head=(2, 2, 2), enc_patch_size=(16, 16, 16), dec_depths=(1, 1), dec_channels=(8, 16),
-                  dec_num_head=(2, 2), dec_patch_size=(16, 16), drop_path=0.0, shuffle_orders=False,
-                  pooling_shuffle_orders=False)
+    config = dict(
+        in_channels=6,
+        order=ALL_ORDERS,
+        stride=(2, 2),
+        enc_depths=(1, 1, 1),
+        enc_channels=(8, 16, 16),
+        enc_num_head=(2, 2, 2),
+        enc_patch_size=(16, 16, 16),
+        dec_depths=(1, 1),
+        dec_channels=(8, 16),
+        dec_num_head=(2, 2),
+        dec_patch_size=(16, 16),
+        drop_path=0.0,
+        shuffle_orders=False,
+        pooling_shuffle_orders=False,
+    )
     config.update(overrides)
     return PTv3Config(**config)
 
@@ -45,11 +67,16 @@ def make_batch(counts, in_channels=6, span=12, seed=0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     grids = []
     for n in counts:
-        cells = torch.randperm(span ** 3, generator=generator)[:n]
-        grids.append(torch.stack([cells // span ** 2, cells // span % span, cells % span], dim=1))
+        cells = torch.randperm(span**3, generator=generator)[:n]
+        grids.append(torch.stack([cells // span**2, cells // span % span, cells % span], dim=1))
     grid_coord = torch.cat(grids)
-    return dict(feat=torch.randn(len(grid_coord), in_channels, generator=generator), grid_coord=grid_coord,
-                coord=grid_coord * 0.05, grid_size=0.05, offset=torch.tensor(counts).cumsum(0))
+    return dict(
+        feat=torch.randn(len(grid_coord), in_channels, generator=generator),
+        grid_coord=grid_coord,
+        coord=grid_coord * 0.05,
+        grid_size=0.05,
+        offset=torch.tensor(counts).cumsum(0),
+    )
 
 
 def build(config: PTv3Config) -> PointTransformerV3:
@@ -95,7 +122,7 @@ def test_codes_are_bijective_on_a_grid(order):
     axis = torch.arange(1 << depth)
     grid = torch.cartesian_prod(axis, axis, axis)
     code = encode(grid, None, depth, order)
-    assert sorted(code.tolist()) == list(range(8 ** depth))
+    assert sorted(code.tolist()) == list(range(8**depth))
 
 
 def test_hilbert_neighbours_in_code_are_neighbours_in_space():
@@ -253,14 +280,17 @@ def test_freeze_encoder_leaves_only_decoder_trainable():
 
 
 # ---------------------------------------------------------------- bad input
-@pytest.mark.parametrize("change, field", [
-    (lambda d: d.update(feat=torch.randn(90, 5)), "feat"),
-    (lambda d: d.update(offset=torch.tensor([50, 80])), "offset"),
-    (lambda d: d.update(offset=torch.tensor([50, 50, 90])), "offset"),
-    (lambda d: d.update(offset=torch.tensor([60, 30])), "offset"),
-    (lambda d: d.update(batch=torch.arange(90) % 2), "batch"),
-    (lambda d: d.update(mask=torch.ones(90, dtype=torch.bool)), "mask"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda d: d.update(feat=torch.randn(90, 5)), "feat"),
+        (lambda d: d.update(offset=torch.tensor([50, 80])), "offset"),
+        (lambda d: d.update(offset=torch.tensor([50, 50, 90])), "offset"),
+        (lambda d: d.update(offset=torch.tensor([60, 30])), "offset"),
+        (lambda d: d.update(batch=torch.arange(90) % 2), "batch"),
+        (lambda d: d.update(mask=torch.ones(90, dtype=torch.bool)), "mask"),
+    ],
+)
 def test_bad_input_raises_naming_the_field(change, field):
     data = make_batch([50, 40])
     change(data)
@@ -272,7 +302,8 @@ def test_bad_input_raises_naming_the_field(change, field):
 
 def test_inconsistent_config_is_rejected():
     with pytest.raises(ValueError, match="enc_channels"):
-        PTv3Config(enc_depths=(1, 1), enc_channels=(8,), enc_num_head=(2,), enc_patch_size=(16, 16),
-                   stride=(2,), enc_mode=True)
+        PTv3Config(
+            enc_depths=(1, 1), enc_channels=(8,), enc_num_head=(2,), enc_patch_size=(16, 16), stride=(2,), enc_mode=True
+        )
     with pytest.raises(ValueError, match="order"):
         PTv3Config(order=("z", "peano"))

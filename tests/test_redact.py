@@ -24,12 +24,18 @@ SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLETOKEN"
 def test_credentials_appear_nowhere_in_mlflow(mlflow_server, tmp_path):
     server = urlparse(mlflow_server)
     tracking_uri = f"http://alice:{PASSWORD}@{server.netloc}"  # the server ignores the credentials; MLflow sends them
-    config = from_dict(PretrainConfig, {
-        "model": {"name": "tiny-concerto", "image_encoder_weights": f"https://hub.example.com/dinov2?token={PASSWORD}"},
-        "data": {"shards": f"s3://{KEY_ID}:{SECRET_KEY}@bucket/shards", "endpoint_url": "https://s3.example.com"},
-        "run": {"name": "secret-run", "storage_path": str(tmp_path / "runs")},
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": "redaction"},
-    })
+    config = from_dict(
+        PretrainConfig,
+        {
+            "model": {
+                "name": "tiny-concerto",
+                "image_encoder_weights": f"https://hub.example.com/dinov2?token={PASSWORD}",
+            },
+            "data": {"shards": f"s3://{KEY_ID}:{SECRET_KEY}@bucket/shards", "endpoint_url": "https://s3.example.com"},
+            "run": {"name": "secret-run", "storage_path": str(tmp_path / "runs")},
+            "mlflow": {"tracking_uri": tracking_uri, "experiment": "redaction"},
+        },
+    )
     run_dir = resolve(tmp_path / "runs" / "secret-run")
     run_id = open_run(config, "secret-run", "redaction", tracking_uri, run_dir, resume=False)
     open_run(config, "secret-run", "redaction", tracking_uri, run_dir, resume=True)  # a resume logs config.yaml again
@@ -42,18 +48,28 @@ def test_credentials_appear_nowhere_in_mlflow(mlflow_server, tmp_path):
     artifacts = Path(client.download_artifacts(run_id, "", str(tmp_path / "download")))
     files = [p for p in artifacts.rglob("*") if p.is_file()]
     assert [p.name for p in files] == ["config.yaml"]
-    logged = [str(run.to_dictionary()), str(client.get_experiment(run.info.experiment_id)),
-              *(p.read_text() for p in files)]
+    logged = [
+        str(run.to_dictionary()),
+        str(client.get_experiment(run.info.experiment_id)),
+        *(p.read_text() for p in files),
+    ]
     for secret in (PASSWORD, KEY_ID, SECRET_KEY, f"alice:{PASSWORD}@"):
         assert not any(secret in text for text in logged), f"{secret!r} reached MLflow"
     assert f"http://alice:{MASK}@" in files[0].read_text()
 
 
 def test_redact_masks_secret_fields_and_keeps_the_rest():
-    config = {"aws": {"aws_secret_access_key": SECRET_KEY, "AWS_SESSION_TOKEN": SESSION_TOKEN, "region": "us-west-2"},
-              "urls": ["http://bob@host:5000/x", "http://host:5000/a?token=abc&page=2"],
-              "note": f"key {KEY_ID} in text", "backbone": {"mask_token": True, "passes": 2}, "lr": 0.1}
+    config = {
+        "aws": {"aws_secret_access_key": SECRET_KEY, "AWS_SESSION_TOKEN": SESSION_TOKEN, "region": "us-west-2"},
+        "urls": ["http://bob@host:5000/x", "http://host:5000/a?token=abc&page=2"],
+        "note": f"key {KEY_ID} in text",
+        "backbone": {"mask_token": True, "passes": 2},
+        "lr": 0.1,
+    }
     assert redact(config) == {
         "aws": {"aws_secret_access_key": MASK, "AWS_SESSION_TOKEN": MASK, "region": "us-west-2"},
         "urls": ["http://bob@host:5000/x", f"http://host:5000/a?token={MASK}&page=2"],
-        "note": f"key {MASK} in text", "backbone": {"mask_token": True, "passes": 2}, "lr": 0.1}
+        "note": f"key {MASK} in text",
+        "backbone": {"mask_token": True, "passes": 2},
+        "lr": 0.1,
+    }

@@ -29,9 +29,13 @@ TINY = ConcertoPretrainTransformConfig(crop_h=28, crop_w=28, max_size=1024, enc2
 
 
 def test_a_sample_is_augmented_by_seed_epoch_and_draw(tmp_path):
-    write_synthetic_dataset(tmp_path, SynthConfig(scenes=1, points_per_scene=1500, views_per_scene=2,
-                                                  image_width=48, image_height=32, splits={"train": 1.0}),
-                            progress=False)
+    write_synthetic_dataset(
+        tmp_path,
+        SynthConfig(
+            scenes=1, points_per_scene=1500, views_per_scene=2, image_width=48, image_height=32, splits={"train": 1.0}
+        ),
+        progress=False,
+    )
     row = record_to_row(read_sample(list_samples(tmp_path)[0], "synth"))
 
     def views(seed: int | None, epoch: int, draw: int = 0) -> np.ndarray:
@@ -55,15 +59,27 @@ def _epoch_losses(config) -> list[float]:
 
 
 @pytest.mark.slow
-def test_same_seed_same_losses_other_seed_other_losses(ray_local, dinov2_dir, pretrain_shards, mlflow_server,
-                                                       tmp_path):
+def test_same_seed_same_losses_other_seed_other_losses(ray_local, dinov2_dir, pretrain_shards, mlflow_server, tmp_path):
     def config(name: str, seed: int):
-        return load_pretrain_config(TINY_CONFIG, [
-            f"data.shards={pretrain_shards}", f"model.image_encoder_weights={dinov2_dir}", f"run.name={name}",
-            f"run.storage_path={tmp_path}", f"mlflow.tracking_uri={mlflow_server}", f"run.seed={seed}",
-            "run.num_workers=1", "run.epochs=1", "run.checkpoint_every=100", "data.preserve_order=true",
-            "data.pretrain.crop_h=28", "data.pretrain.crop_w=28", "data.pretrain.max_size=1024",
-            "data.pretrain.enc2d_max_size=1024"])
+        return load_pretrain_config(
+            TINY_CONFIG,
+            [
+                f"data.shards={pretrain_shards}",
+                f"model.image_encoder_weights={dinov2_dir}",
+                f"run.name={name}",
+                f"run.storage_path={tmp_path}",
+                f"mlflow.tracking_uri={mlflow_server}",
+                f"run.seed={seed}",
+                "run.num_workers=1",
+                "run.epochs=1",
+                "run.checkpoint_every=100",
+                "data.preserve_order=true",
+                "data.pretrain.crop_h=28",
+                "data.pretrain.crop_w=28",
+                "data.pretrain.max_size=1024",
+                "data.pretrain.enc2d_max_size=1024",
+            ],
+        )
 
     first = _epoch_losses(config("seed0-a", 0))
     assert len(first) == 4 and all(np.isfinite(first))

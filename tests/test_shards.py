@@ -59,10 +59,12 @@ def write_tiny_dataset(root: Path) -> Path:
             (images / "intrinsic" / "intrinsic.npy").write_bytes(_npy(np.eye(4)))
             for frame in FRAMES:
                 (images / "color" / f"{frame}.png").write_bytes(
-                    _png(rng.integers(0, 255, (HEIGHT, WIDTH, 3)).astype(np.uint8)))
+                    _png(rng.integers(0, 255, (HEIGHT, WIDTH, 3)).astype(np.uint8))
+                )
                 if scene != scenes[-1] or split != "train":
                     (images / "depth" / f"{frame}.png").write_bytes(
-                        _png(rng.integers(0, 4000, (HEIGHT, WIDTH)).astype(np.uint16)))
+                        _png(rng.integers(0, 4000, (HEIGHT, WIDTH)).astype(np.uint16))
+                    )
                 (images / "pose" / f"{frame}.npy").write_bytes(_npy(np.eye(4) + rng.normal(size=(4, 4)) * 0.01))
                 corr = np.stack([rng.integers(0, WIDTH, 10), rng.integers(0, HEIGHT, 10), rng.integers(0, n, 10)], 1)
                 (images / "correspondence" / f"{frame}.npy").write_bytes(_npy(corr.astype(np.float32)))
@@ -86,8 +88,9 @@ def _expected_files(root: Path, row: dict) -> dict[str, bytes]:
     """What each payload of a shard row must equal: the bytes of the file on disk (absent optional file: b"")."""
     cloud = root / row["source"]
     expected = {f"point {p.stem}": p.read_bytes() for p in cloud.glob("*.npy")}
-    for i, (frame, color, corr) in enumerate(zip(row["frame_names"], row["frame_color_paths"],
-                                                 row["frame_correspondence_paths"])):
+    for i, (frame, color, corr) in enumerate(
+        zip(row["frame_names"], row["frame_color_paths"], row["frame_correspondence_paths"])
+    ):
         images = (root / color).parent.parent
         depth = images / "depth" / f"{frame}.png"
         expected[f"frame {i} color"] = (root / color).read_bytes()
@@ -119,7 +122,8 @@ def test_round_trip_is_byte_exact(dataset, tmp_path, s3_server, ray_local, fmt, 
     assert ds.schema().names == ARROW_SCHEMA.names
     rows = ds.take_all()
     assert sorted((r["split"], r["name"]) for r in rows) == sorted(
-        (split, scene) for split, scenes in SCENES.items() for scene in scenes)
+        (split, scene) for split, scenes in SCENES.items() for scene in scenes
+    )
     for row in rows:
         assert row["dataset"] == "scannet"
         assert list(row["frame_names"]) == FRAMES
@@ -156,9 +160,18 @@ def test_manifest_records_counts_sizes_and_checksums(dataset, tmp_path):
 def _sample_bytes(root: Path, split: str, scene: str) -> int:
     """On-disk size of a sample as stored in a shard: the shared intrinsic once per frame."""
     images = root / "images" / split / scene
-    frames = [p for f in FRAMES for p in (images / "color" / f"{f}.png", images / "depth" / f"{f}.png",
-                                          images / "pose" / f"{f}.npy", images / "correspondence" / f"{f}.npy",
-                                          images / "intrinsic" / "intrinsic.npy") if p.exists()]
+    frames = [
+        p
+        for f in FRAMES
+        for p in (
+            images / "color" / f"{f}.png",
+            images / "depth" / f"{f}.png",
+            images / "pose" / f"{f}.npy",
+            images / "correspondence" / f"{f}.npy",
+            images / "intrinsic" / "intrinsic.npy",
+        )
+        if p.exists()
+    ]
     return sum(p.stat().st_size for p in [*(root / split / scene).glob("*.npy"), *frames])
 
 
@@ -238,15 +251,23 @@ BAD_INPUTS = {
     # case: (how to break scene0001_00, file named in the error, field named in the error)
     "missing coord.npy": (lambda r: (_cloud(r) / "coord.npy").unlink(), "train/scene0001_00", "coord"),
     "missing correspondence file": (
-        lambda r: (r / "images/train/scene0001_00/correspondence/0.npy").unlink(), "splits/train.json",
-        "correspondences"),
-    "malformed .npy": (lambda r: (_cloud(r) / "normal.npy").write_bytes(b"\x93NUMPY garbage"),
-                       "train/scene0001_00/normal.npy", None),
+        lambda r: (r / "images/train/scene0001_00/correspondence/0.npy").unlink(),
+        "splits/train.json",
+        "correspondences",
+    ),
+    "malformed .npy": (
+        lambda r: (_cloud(r) / "normal.npy").write_bytes(b"\x93NUMPY garbage"),
+        "train/scene0001_00/normal.npy",
+        None,
+    ),
     "NaN coordinates": (_break_coord_nan, "train/scene0001_00/coord.npy", "coord"),
     "zero points": (_break_zero_points, "train/scene0001_00/coord.npy", "coord"),
     "mismatched lengths": (_break_lengths, "train/scene0001_00/color.npy", "color"),
     "correspondence index out of range": (
-        _break_corr_index, "images/train/scene0001_00/correspondence/20.npy", "correspondence"),
+        _break_corr_index,
+        "images/train/scene0001_00/correspondence/20.npy",
+        "correspondence",
+    ),
 }
 
 
@@ -298,7 +319,7 @@ def test_corrupt_shard_fails_checksum_with_its_name(dataset, tmp_path, ray_local
     manifest = prepare(dataset, str(dest), format=fmt, progress=False)
     shard = dest / manifest.splits["val"].shards[0].path
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64  # same size, damaged middle
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # same size, damaged middle
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match="sha256") as err:
         read_shards(dest)

@@ -50,7 +50,7 @@ def test_every_epoch_is_a_fresh_uniform_permutation_of_all_scenes():
     assert orders[0] != [ref.name for ref, _ in EpochPlan([fake_source("scannet", rooms(20))], 1).order(0)]
     # Batches of 4 of 60 scans (20 rooms x 3): a uniform permutation puts two scans of one room into a batch with
     # probability 1 - (57/59)(54/58)(51/57) = 0.195; name order (or a small buffer over it) almost always does.
-    batches = [order[i:i + 4] for order in orders for i in range(0, 60, 4)]
+    batches = [order[i : i + 4] for order in orders for i in range(0, 60, 4)]
     shared = sum(max(Counter(name[:9] for name in batch).values()) > 1 for batch in batches) / len(batches)
     assert shared < 0.3
     # Every position is uniform: the first batch of an epoch is not biased towards the first shard's scenes.
@@ -64,7 +64,8 @@ def test_sources_mix_as_concat_dataset_with_loop_factors():
     assert plan.counts() == {"a": 6, "b": 2} and plan.epoch_size() == 8
     order = plan.order(0)
     assert sorted((ref.name, draw) for ref, draw in order) == sorted(
-        [(f"a{i}", d) for i in range(3) for d in (0, 1)] + [("b0", 0), ("b1", 0)])
+        [(f"a{i}", d) for i in range(3) for d in (0, 1)] + [("b0", 0), ("b1", 0)]
+    )
     # the two sources are interleaved, not one after the other
     sources = [ref.source for ref, _ in order]
     assert sum(x != y for x, y in itertools.pairwise(sources)) > 1
@@ -86,9 +87,18 @@ def two_datasets(tmp_path_factory):
     """Two small synthetic datasets prepared into one bucket, each under its own prefix, small shards."""
     root = tmp_path_factory.mktemp("sources")
     for name, scenes in (("scannet", 6), ("s3dis", 2)):
-        write_synthetic_dataset(root / name, SynthConfig(scenes=scenes, points_per_scene=600, views_per_scene=2,
-                                                         image_width=32, image_height=24,
-                                                         splits={"train": 0.5, "val": 0.5}), progress=False)
+        write_synthetic_dataset(
+            root / name,
+            SynthConfig(
+                scenes=scenes,
+                points_per_scene=600,
+                views_per_scene=2,
+                image_width=32,
+                image_height=24,
+                splits={"train": 0.5, "val": 0.5},
+            ),
+            progress=False,
+        )
         prepare(root / name, str(root / "bucket" / name), target_shard_mb=1e-6, progress=False)
     return root / "bucket"
 
@@ -145,8 +155,11 @@ def _bytes_read() -> int:
 
 def test_segmentation_reads_no_camera_frames(tmp_path):
     # frames of a realistic size (several 320 x 240 images per scene), which dominate a sample's bytes
-    write_synthetic_dataset(tmp_path / "scenes", SynthConfig(scenes=1, points_per_scene=2000, views_per_scene=6,
-                                                             splits={"train": 1.0}), progress=False)
+    write_synthetic_dataset(
+        tmp_path / "scenes",
+        SynthConfig(scenes=1, points_per_scene=2000, views_per_scene=6, splits={"train": 1.0}),
+        progress=False,
+    )
     prepare(tmp_path / "scenes", str(tmp_path / "shards"), progress=False)
     (source,) = load_sources([SourceConfig(shards=str(tmp_path / "shards"))])
     ref = source.samples[0]
@@ -171,7 +184,8 @@ def test_webdataset_samples_are_read_alone(two_datasets, tmp_path):
     by_name = {ref.name: ref for ref in parquet.samples}
     for ref in tar.samples:
         assert read_sample_row(tar.location, "webdataset", ref, True) == read_sample_row(
-            parquet.location, "parquet", by_name[ref.name], True)
+            parquet.location, "parquet", by_name[ref.name], True
+        )
 
 
 def test_prepare_of_another_dataset_into_the_same_folder_is_refused(two_datasets):
@@ -189,9 +203,14 @@ PAPER_MIX = {  # Pointcept's configs/concerto/pretrain-concerto-v1m1-*.py: Conca
 }
 
 
-@pytest.mark.parametrize("config, video", [("pretrain-concerto-v1m1-0-base", False),
-                                           ("pretrain-concerto-v1m1-1-large-base", False),
-                                           ("pretrain-concerto-v1m1-2-large-video", True)])
+@pytest.mark.parametrize(
+    "config, video",
+    [
+        ("pretrain-concerto-v1m1-0-base", False),
+        ("pretrain-concerto-v1m1-1-large-base", False),
+        ("pretrain-concerto-v1m1-2-large-video", True),
+    ],
+)
 def test_paper_configs_mix_the_references_datasets(config, video):
     path = REPO / "configs" / f"{config}.yaml"
     data = from_dict(StreamConfig, yaml.safe_load(path.read_text())["data"])

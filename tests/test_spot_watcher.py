@@ -97,8 +97,11 @@ def test_a_stopped_watch_drains_nothing(imds):
     fake = imds(notice_after=10**6)
     stop = threading.Event()
     drained = []
-    watcher = threading.Thread(target=lambda: spot_watcher.watch(lambda: spot_watcher.read_notice(fake.url),
-                                                                 drained.append, interval_s=0.01, stop=stop))
+    watcher = threading.Thread(
+        target=lambda: spot_watcher.watch(
+            lambda: spot_watcher.read_notice(fake.url), drained.append, interval_s=0.01, stop=stop
+        )
+    )
     watcher.start()
     while fake.polls < 3:
         threading.Event().wait(0.01)

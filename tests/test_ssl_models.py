@@ -44,13 +44,21 @@ def add_images(batch: dict, patch_h: int, patch_w: int, image_size: int, seed: i
     gen = torch.Generator().manual_seed(seed)
     img_num = torch.tensor(IMAGES_PER_SCENE)
     num_points = len(batch["global_coord"])
-    corr = torch.stack([torch.randint(0, patch_h, (num_points, img_num.max()), generator=gen),
-                        torch.randint(0, patch_w, (num_points, img_num.max()), generator=gen)], dim=-1).float()
+    corr = torch.stack(
+        [
+            torch.randint(0, patch_h, (num_points, img_num.max()), generator=gen),
+            torch.randint(0, patch_w, (num_points, img_num.max()), generator=gen),
+        ],
+        dim=-1,
+    ).float()
     corr[torch.rand(num_points, int(img_num.max()), generator=gen) < 0.3] = -1
     second_scene = slice(2 * POINTS_PER_GLOBAL_VIEW, None)
-    corr[second_scene, int(img_num[1]):] = -1  # the second scene has fewer images
-    batch.update(images=torch.randn(int(img_num.sum()), 3, image_size, image_size, generator=gen),
-                 img_num=img_num, global_correspondence=corr)
+    corr[second_scene, int(img_num[1]) :] = -1  # the second scene has fewer images
+    batch.update(
+        images=torch.randn(int(img_num.sum()), 3, image_size, image_size, generator=gen),
+        img_num=img_num,
+        global_correspondence=corr,
+    )
     return batch
 
 
@@ -102,8 +110,10 @@ def test_teacher_is_frozen_and_follows_the_student_by_ema(sonata):
     sonata.set_schedule(values)
     m = values.momentum
     assert 0.994 < m < 1
-    expected = [t.detach().clone().mul_(m).add_(s.detach(), alpha=1 - m)
-                for t, s in zip(sonata.teacher.parameters(), sonata.student.parameters())]
+    expected = [
+        t.detach().clone().mul_(m).add_(s.detach(), alpha=1 - m)
+        for t, s in zip(sonata.teacher.parameters(), sonata.student.parameters())
+    ]
     sonata.update_teacher()
     for t, e in zip(sonata.teacher.parameters(), expected):
         assert torch.equal(t, e)
@@ -146,16 +156,20 @@ def test_concerto_2d_branch_with_a_frozen_dinov2_loaded_from_disk(concerto_confi
     out = model(batch)
     assert set(out) == {"loss", "mask_loss", "roll_mask_loss", "unmask_loss", "enc2d_loss"}
     assert all(torch.isfinite(v) for v in out.values())
-    weighted = sum(float(out[k]) * w for k, w in (("mask_loss", 1 / 8), ("roll_mask_loss", 1 / 8),
-                                                   ("unmask_loss", 2 / 8), ("enc2d_loss", 4 / 8)))
+    weighted = sum(
+        float(out[k]) * w
+        for k, w in (("mask_loss", 1 / 8), ("roll_mask_loss", 1 / 8), ("unmask_loss", 2 / 8), ("enc2d_loss", 4 / 8))
+    )
     assert math.isclose(float(out["loss"].detach()), weighted, rel_tol=1e-5)
     out["loss"].backward()
     assert model.patch_proj.weight.grad is not None and model.patch_proj.weight.grad.abs().sum() > 0
     with torch.no_grad():
         model.enc2d_head_student.prototype.parametrizations.weight.original1.add_(1.0)
     model.update_teacher()
-    assert torch.equal(model.enc2d_head_teacher.prototype.parametrizations.weight.original1,
-                       model.enc2d_head_student.prototype.parametrizations.weight.original1)
+    assert torch.equal(
+        model.enc2d_head_teacher.prototype.parametrizations.weight.original1,
+        model.enc2d_head_student.prototype.parametrizations.weight.original1,
+    )
 
 
 def test_concerto_without_images_repeats_the_point_loss(concerto_config):
@@ -163,8 +177,11 @@ def test_concerto_without_images_repeats_the_point_loss(concerto_config):
     model = build_ssl_model(concerto_config)
     c = concerto_config
     batch = add_images(make_batch(), c.patch_h, c.patch_w, c.image_encoder.image_size)
-    batch.update(images=batch["images"][:0], img_num=torch.zeros(2, dtype=torch.long),
-                 global_correspondence=torch.full_like(batch["global_correspondence"], -1))
+    batch.update(
+        images=batch["images"][:0],
+        img_num=torch.zeros(2, dtype=torch.long),
+        global_correspondence=torch.full_like(batch["global_correspondence"], -1),
+    )
     out = model(batch)
     point = (out["mask_loss"] + out["roll_mask_loss"] + 2 * out["unmask_loss"]) / 4
     assert torch.allclose(out["enc2d_loss"], point)
@@ -176,11 +193,14 @@ def test_bf16_autocast_gives_fp32_finite_losses(sonata):
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())
 
 
-@pytest.mark.parametrize("breakage, field", [
-    (lambda b: b.update(global_offset=b["global_offset"] - 1), "global_offset"),
-    (lambda b: b.update(local_offset=b["local_offset"][:-1]), "local_offset"),
-    (lambda b: b.pop("local_feat"), "local_feat"),
-])
+@pytest.mark.parametrize(
+    "breakage, field",
+    [
+        (lambda b: b.update(global_offset=b["global_offset"] - 1), "global_offset"),
+        (lambda b: b.update(local_offset=b["local_offset"][:-1]), "local_offset"),
+        (lambda b: b.pop("local_feat"), "local_feat"),
+    ],
+)
 def test_bad_point_batches_are_rejected(sonata, breakage, field):
     batch = make_batch()
     breakage(batch)
@@ -189,13 +209,19 @@ def test_bad_point_batches_are_rejected(sonata, breakage, field):
     assert info.value.field == field
 
 
-@pytest.mark.parametrize("breakage, field, message", [
-    (lambda b: b.pop("global_correspondence"), "global_correspondence", "missing"),
-    (lambda b: b.update(images=b["images"][:-1]), "images", "sums to 5"),
-    (lambda b: b.update(img_num=torch.tensor([3, 1]), images=b["images"][:4]), "global_correspondence",
-     "only 1 images"),
-    (lambda b: b["global_correspondence"][0, 0].fill_(7), "global_correspondence", "patch coordinates"),
-])
+@pytest.mark.parametrize(
+    "breakage, field, message",
+    [
+        (lambda b: b.pop("global_correspondence"), "global_correspondence", "missing"),
+        (lambda b: b.update(images=b["images"][:-1]), "images", "sums to 5"),
+        (
+            lambda b: b.update(img_num=torch.tensor([3, 1]), images=b["images"][:4]),
+            "global_correspondence",
+            "only 1 images",
+        ),
+        (lambda b: b["global_correspondence"][0, 0].fill_(7), "global_correspondence", "patch coordinates"),
+    ],
+)
 def test_bad_image_batches_are_rejected(concerto_config, breakage, field, message):
     torch.manual_seed(0)
     model = build_ssl_model(concerto_config)
@@ -222,5 +248,9 @@ def test_unknown_config_name_lists_the_valid_ones():
     with pytest.raises(ConfigError) as info:
         get_model_config("concerto-huge")
     assert all(name in str(info.value) for name in MODEL_CONFIG_NAMES)
-    assert {"pretrain-concerto-v1m1-0-base", "pretrain-concerto-v1m1-1-large-base",
-            "pretrain-concerto-v1m1-2-large-video", "pretrain-sonata-v1m1-0-base"} <= set(MODEL_CONFIG_NAMES)
+    assert {
+        "pretrain-concerto-v1m1-0-base",
+        "pretrain-concerto-v1m1-1-large-base",
+        "pretrain-concerto-v1m1-2-large-video",
+        "pretrain-sonata-v1m1-0-base",
+    } <= set(MODEL_CONFIG_NAMES)

@@ -30,10 +30,13 @@ def _views(root: Path, split: str, name: str):
     images = root / "images" / split / name
     intrinsic = np.load(images / "intrinsic" / "intrinsic.npy")
     for view in range(CONFIG.views_per_scene):
-        yield (np.array(Image.open(images / "color" / f"{view}.png")),
-               np.array(Image.open(images / "depth" / f"{view}.png")),
-               np.load(images / "pose" / f"{view}.npy"), intrinsic,
-               np.load(images / "correspondence" / f"{view}.npy"))
+        yield (
+            np.array(Image.open(images / "color" / f"{view}.png")),
+            np.array(Image.open(images / "depth" / f"{view}.png")),
+            np.load(images / "pose" / f"{view}.npy"),
+            intrinsic,
+            np.load(images / "correspondence" / f"{view}.npy"),
+        )
 
 
 def _project(coord, pose, intrinsic):
@@ -55,11 +58,23 @@ def test_point_cloud_files_have_pointcept_names_dtypes_and_shapes(root):
     for split, name in _scenes():
         cloud = root / split / name
         assert sorted(p.name for p in cloud.iterdir()) == [
-            "color.npy", "coord.npy", "instance.npy", "normal.npy", "segment20.npy", "segment200.npy"]
+            "color.npy",
+            "coord.npy",
+            "instance.npy",
+            "normal.npy",
+            "segment20.npy",
+            "segment200.npy",
+        ]
         n = CONFIG.points_per_scene
         arrays = {p.stem: np.load(p) for p in cloud.iterdir()}
-        expected = {"coord": (np.float32, (n, 3)), "color": (np.uint8, (n, 3)), "normal": (np.float32, (n, 3)),
-                    "segment20": (np.int64, (n,)), "segment200": (np.int64, (n,)), "instance": (np.int64, (n,))}
+        expected = {
+            "coord": (np.float32, (n, 3)),
+            "color": (np.uint8, (n, 3)),
+            "normal": (np.float32, (n, 3)),
+            "segment20": (np.int64, (n,)),
+            "segment200": (np.int64, (n,)),
+            "instance": (np.int64, (n,)),
+        }
         for key, (dtype, shape) in expected.items():
             assert arrays[key].dtype == dtype and arrays[key].shape == shape, key
         np.testing.assert_allclose(np.linalg.norm(arrays["normal"], axis=1), 1.0, atol=1e-5)
@@ -156,8 +171,9 @@ def test_same_seed_gives_identical_bytes_and_scenes_do_not_depend_on_the_scene_c
     single = write_synthetic_dataset(tmp_path / "single", SynthConfig(**{**vars(CONFIG), "scenes": 1}), progress=False)
     assert _tree(single / "train" / "scene0000_00") == _tree(root / "train" / "scene0000_00")
 
-    other = write_synthetic_dataset(tmp_path / "other", SynthConfig(**{**vars(CONFIG), "scenes": 1, "seed": 8}),
-                                    progress=False)
+    other = write_synthetic_dataset(
+        tmp_path / "other", SynthConfig(**{**vars(CONFIG), "scenes": 1, "seed": 8}), progress=False
+    )
     assert (other / "train/scene0000_00/coord.npy").read_bytes() != (root / "train/scene0000_00/coord.npy").read_bytes()
 
 
@@ -169,8 +185,9 @@ def test_refuses_foreign_directories_and_replaces_an_earlier_synthetic_dataset(t
         write_synthetic_dataset(foreign, CONFIG, progress=False)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
-    small = SynthConfig(scenes=2, points_per_scene=200, views_per_scene=1, image_width=16, image_height=16,
-                        splits={"train": 1.0})
+    small = SynthConfig(
+        scenes=2, points_per_scene=200, views_per_scene=1, image_width=16, image_height=16, splits={"train": 1.0}
+    )
     out = write_synthetic_dataset(tmp_path / "out", small, progress=False)
     write_synthetic_dataset(out, SynthConfig(**{**vars(small), "scenes": 1}), progress=False)
     assert sorted(p.name for p in (out / "train").iterdir()) == ["scene0000_00"]
@@ -181,12 +198,23 @@ def test_refuses_foreign_directories_and_replaces_an_earlier_synthetic_dataset(t
         write_synthetic_dataset(out, small, progress=False)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("scenes", 0), ("seed", -1), ("points_per_scene", 10), ("views_per_scene", 0), ("image_width", 8),
-    ("image_height", True), ("coord_noise", 0.05), ("splits", {"train": 0.5, "val": 0.4}),
-    ("splits", {"train": 0.5, "holdout": 0.5}), ("splits", {"train": 1.0, "val": 0.0}), ("splits", {}),
-    ("flavor", "scannet300"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("scenes", 0),
+        ("seed", -1),
+        ("points_per_scene", 10),
+        ("views_per_scene", 0),
+        ("image_width", 8),
+        ("image_height", True),
+        ("coord_noise", 0.05),
+        ("splits", {"train": 0.5, "val": 0.4}),
+        ("splits", {"train": 0.5, "holdout": 0.5}),
+        ("splits", {"train": 1.0, "val": 0.0}),
+        ("splits", {}),
+        ("flavor", "scannet300"),
+    ],
+)
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SynthConfig(**{field: value})
@@ -202,8 +230,26 @@ def test_cli_flavor_writes_that_datasets_files(tmp_path):
     from concerto_ray.cli import main
 
     out = tmp_path / "s3dis"
-    assert main(["synth", str(out), "--flavor", "s3dis", "--scenes", "1", "--points", "300", "--views", "2",
-                 "--image-size", "32x24", "--no-depth"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(out),
+                "--flavor",
+                "s3dis",
+                "--scenes",
+                "1",
+                "--points",
+                "300",
+                "--views",
+                "2",
+                "--image-size",
+                "32x24",
+                "--no-depth",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "synth_config.json").read_text())["flavor"] == "s3dis"
     (room,) = out.glob("Area_*/office_1")  # one scene: in one of the six areas, all of whose split files exist
     area = room.parent.name
@@ -212,4 +258,5 @@ def test_cli_flavor_writes_that_datasets_files(tmp_path):
     cameras = sorted((out / "images" / area / "office_1").iterdir())
     assert len(cameras) == 2 and not any(out.rglob("depth"))
     assert sorted(json.loads((out / "splits" / f"{area}.json").read_text())) == [
-        f"office_1_{c.name}_0" for c in cameras]
+        f"office_1_{c.name}_0" for c in cameras
+    ]

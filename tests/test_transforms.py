@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from concerto_ray.config import from_dict
-from concerto_ray.data.collate import collate_semseg
+from concerto_ray.data.collate import collate_concerto, collate_semseg
 from concerto_ray.data.presets import (
     ConcertoPretrainTransformConfig,
     SemsegTransformConfig,
@@ -14,15 +14,11 @@ from concerto_ray.data.presets import (
     semseg_train_transform,
     semseg_val_transform,
 )
-from concerto_ray.data.collate import collate_concerto
 from concerto_ray.data.transforms import (
     CenterShift,
     ChromaticAutoContrast,
     ElasticDistortion,
     GridSample,
-    _adjust_hue,
-    _hsv_to_rgb,
-    _rgb_to_hsv,
     RandomColorJitter,
     RandomDropColor,
     RandomDropNormal,
@@ -30,6 +26,9 @@ from concerto_ray.data.transforms import (
     RandomFlip,
     RandomRotate,
     SphereCrop,
+    _adjust_hue,
+    _hsv_to_rgb,
+    _rgb_to_hsv,
 )
 from concerto_ray.errors import ConfigError, DataError
 
@@ -204,8 +203,12 @@ def test_collate_names_the_sample_with_an_empty_view():
     sample = {"name": "empty", "coord": np.zeros((3, 3), np.float32), "offset": np.array([0, 3])}
     with pytest.raises(DataError, match="empty.*offset"):
         collate_semseg([sample])
-    views = {"name": "short", "global_coord": np.zeros((4, 3), np.float32), "global_offset": np.array([2, 3]),
-             "img_num": np.array([0])}
+    views = {
+        "name": "short",
+        "global_coord": np.zeros((4, 3), np.float32),
+        "global_offset": np.array([2, 3]),
+        "img_num": np.array([0]),
+    }
     with pytest.raises(DataError, match="short.*global_offset"):
         collate_concerto([views])
 

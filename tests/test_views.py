@@ -62,8 +62,9 @@ def small_config(**overrides):
 
 def test_prepare_frames_maps_pixels_to_patch_coordinates_of_the_resized_image():
     data = make_scene()
-    images, correspondence = prepare_frames(data["frames_color"], data["frames_correspondence"],
-                                            len(data["coord"]), CROP, CROP, PATCH, sample="s")
+    images, correspondence = prepare_frames(
+        data["frames_color"], data["frames_correspondence"], len(data["coord"]), CROP, CROP, PATCH, sample="s"
+    )
     assert images.shape == (3, 3, CROP, CROP) and images.dtype == np.float32
     assert correspondence.shape == (len(data["coord"]), 3, 2)
     assert np.all(correspondence[:, 1] == -1)
@@ -104,7 +105,7 @@ def test_gaussian_blur_of_an_impulse_is_the_separable_gaussian_kernel():
     impulse[:, :, 10, 10] = 1.0
     blurred = gaussian_blur(impulse, sigma, size)
     offsets = np.arange(size) - size // 2
-    kernel = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = np.exp(-(offsets**2) / (2 * sigma**2))
     kernel /= kernel.sum()
     expected = np.zeros((21, 21))
     expected[6:15, 6:15] = np.outer(kernel, kernel)

@@ -41,8 +41,10 @@ def _check_same_keys(samples: list[dict]) -> None:
     keys = set(samples[0])
     for sample in samples[1:]:
         if set(sample) != keys:
-            raise DataError(f"keys {sorted(set(sample) ^ keys)} are not shared by every sample of the batch",
-                            sample=str(sample.get("name", "?")))
+            raise DataError(
+                f"keys {sorted(set(sample) ^ keys)} are not shared by every sample of the batch",
+                sample=str(sample.get("name", "?")),
+            )
 
 
 def _check_offsets(samples: list[dict]) -> None:
@@ -57,9 +59,12 @@ def _check_offsets(samples: list[dict]) -> None:
             counts = np.diff(np.asarray(sample[key], dtype=np.int64).reshape(-1), prepend=0)
             num_points = len(sample[coord_key])
             if len(counts) == 0 or counts.min() <= 0 or counts.sum() != num_points:
-                raise DataError(f"{np.asarray(sample[key]).tolist()} must be strictly increasing and end at the "
-                                f"{num_points} rows of {coord_key!r}", sample=str(sample.get("name", "?")),
-                                field=key)
+                raise DataError(
+                    f"{np.asarray(sample[key]).tolist()} must be strictly increasing and end at the "
+                    f"{num_points} rows of {coord_key!r}",
+                    sample=str(sample.get("name", "?")),
+                    field=key,
+                )
 
 
 def _pad_frames(correspondence: np.ndarray, num_frames: int) -> np.ndarray:

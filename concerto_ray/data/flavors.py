@@ -17,7 +17,8 @@ for the files, `pointcept/datasets/{scannet,scannetpp,s3dis,hm3d,structure3d}.py
 
 Labels are class indices with -1 for "ignore"; `test` splits carry no labels. ScanNet++ keeps up to three labels
 per point (its overlapping annotations, the major one first); Pointcept's ScanNet++ dataset reads column 0, and so
-do we (`record.primary_labels`); its fine-tuning trains on a chunked copy of the train split (SCANNETPP_CHUNK_SPLIT). "<index>" is the frame's position among its folder's colour images in split-file
+do we (`record.primary_labels`); its fine-tuning trains on a chunked copy of the train split
+(SCANNETPP_CHUNK_SPLIT). "<index>" is the frame's position among its folder's colour images in split-file
 order (the preprocessing numbers pose and intrinsic files that way when the images keep their camera names).
 """
 
@@ -46,16 +47,19 @@ class Flavor:
     intrinsics: Literal["scene", "frame", "dataset"]  # one intrinsic file per scene, per frame, or per dataset
 
 
-FLAVORS: dict[str, Flavor] = {f.name: f for f in (
-    Flavor("scannet", ("train", "val", "test"), ("test",), "segment20", 0, 20, "scene"),
-    Flavor("scannet200", ("train", "val", "test"), ("test",), "segment200", 0, 200, "scene"),
-    Flavor("scannetpp", ("train", "val", "test"), ("test",), "segment", 3, 100, "frame"),
-    Flavor("s3dis", tuple(f"Area_{i}" for i in range(1, 7)), (), "segment", 1, 13, "frame"),
-    Flavor("arkitscenes", ("Training", "Validation"), ("Training", "Validation"), None, 0, 0, "frame"),
-    Flavor("hm3d", ("train", "val"), (), "segment", 0, 40, "dataset"),
-    Flavor("structured3d", ("train", "val"), (), "segment", 1, 25, "frame"),
-    Flavor("re10k", ("train", "test"), ("train", "test"), None, 0, 0, "frame"),
-)}
+FLAVORS: dict[str, Flavor] = {
+    f.name: f
+    for f in (
+        Flavor("scannet", ("train", "val", "test"), ("test",), "segment20", 0, 20, "scene"),
+        Flavor("scannet200", ("train", "val", "test"), ("test",), "segment200", 0, 200, "scene"),
+        Flavor("scannetpp", ("train", "val", "test"), ("test",), "segment", 3, 100, "frame"),
+        Flavor("s3dis", tuple(f"Area_{i}" for i in range(1, 7)), (), "segment", 1, 13, "frame"),
+        Flavor("arkitscenes", ("Training", "Validation"), ("Training", "Validation"), None, 0, 0, "frame"),
+        Flavor("hm3d", ("train", "val"), (), "segment", 0, 40, "dataset"),
+        Flavor("structured3d", ("train", "val"), (), "segment", 1, 25, "frame"),
+        Flavor("re10k", ("train", "test"), ("train", "test"), None, 0, 0, "frame"),
+    )
+}
 
 
 def flavor(name: str) -> Flavor:

@@ -23,12 +23,17 @@ def center_crop_box(width: int, height: int, patch_h: int, patch_w: int) -> tupl
     """(left, top, right, bottom) of the centred crop whose size is the largest multiple of the patch grid."""
     multiple = max(min(width // patch_w, height // patch_h), 1)
     crop_w, crop_h = multiple * patch_w, multiple * patch_h
-    return (int((width - crop_w) / 2), int((height - crop_h) / 2),
-            int((width + crop_w) / 2), int((height + crop_h) / 2))
+    return (
+        int((width - crop_w) / 2),
+        int((height - crop_h) / 2),
+        int((width + crop_w) / 2),
+        int((height + crop_h) / 2),
+    )
 
 
-def remap_correspondence(rows: np.ndarray, box: tuple[int, int, int, int], out_h: int, out_w: int,
-                         patch_size: int) -> np.ndarray:
+def remap_correspondence(
+    rows: np.ndarray, box: tuple[int, int, int, int], out_h: int, out_w: int, patch_size: int
+) -> np.ndarray:
     """[pixel_x, pixel_y, point] rows of the original frame -> unique [patch_row, patch_col, point] rows.
 
     Pixels outside the crop box are dropped; the rest are shifted into the crop, scaled to the resized image and
@@ -44,24 +49,38 @@ def remap_correspondence(rows: np.ndarray, box: tuple[int, int, int, int], out_h
     return np.unique(np.stack([patch_row, patch_col, rows[:, 2]], axis=1), axis=0)
 
 
-def prepare_frames(frames_color: list[np.ndarray], frames_correspondence: list[np.ndarray], num_points: int,
-                   crop_h: int, crop_w: int, patch_size: int, *, sample: str) -> tuple[np.ndarray, np.ndarray]:
+def prepare_frames(
+    frames_color: list[np.ndarray],
+    frames_correspondence: list[np.ndarray],
+    num_points: int,
+    crop_h: int,
+    crop_w: int,
+    patch_size: int,
+    *,
+    sample: str,
+) -> tuple[np.ndarray, np.ndarray]:
     """Frames -> images (n, 3, H, W) float32 in 0..1 and correspondence (num_points, n, 2) float32.
 
     H, W = crop_h, crop_w rounded down to whole patches. A frame's correspondence table may be the single row
     (-1, -1, -1), Pointcept's marker for a frame that sees no point.
     """
     if len(frames_color) != len(frames_correspondence):
-        raise DataError(f"{len(frames_color)} frame images but {len(frames_correspondence)} correspondence "
-                        f"tables", sample=sample, field="frames_correspondence")
+        raise DataError(
+            f"{len(frames_color)} frame images but {len(frames_correspondence)} correspondence tables",
+            sample=sample,
+            field="frames_correspondence",
+        )
     patch_h, patch_w = crop_h // patch_size, crop_w // patch_size
     out_h, out_w = patch_h * patch_size, patch_w * patch_size
     images = np.empty((len(frames_color), 3, out_h, out_w), dtype=np.float32)
     correspondence = np.full((num_points, len(frames_color), 2), -1, dtype=np.float32)
     for i, (color, rows) in enumerate(zip(frames_color, frames_correspondence)):
         if color.ndim != 3 or color.shape[2] != 3 or color.dtype != np.uint8:
-            raise DataError(f"frame {i}: expected a uint8 (H, W, 3) image, got {color.dtype} {color.shape}",
-                            sample=sample, field="frames_color")
+            raise DataError(
+                f"frame {i}: expected a uint8 (H, W, 3) image, got {color.dtype} {color.shape}",
+                sample=sample,
+                field="frames_color",
+            )
         box = center_crop_box(color.shape[1], color.shape[0], patch_h, patch_w)
         resized = Image.fromarray(color).crop(box).resize((out_w, out_h), Image.BILINEAR)
         images[i] = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
@@ -110,5 +129,5 @@ def gaussian_blur(images: np.ndarray, sigma: float, kernel_size: int) -> np.ndar
     pad = kernel_size // 2
     height, width = images.shape[2:]
     padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
-    rows_blurred = sum(k * padded[:, :, i:i + height, :] for i, k in enumerate(kernel))
-    return sum(k * rows_blurred[:, :, :, j:j + width] for j, k in enumerate(kernel)).astype(np.float32)
+    rows_blurred = sum(k * padded[:, :, i : i + height, :] for i, k in enumerate(kernel))
+    return sum(k * rows_blurred[:, :, :, j : j + width] for j, k in enumerate(kernel)).astype(np.float32)

@@ -79,8 +79,10 @@ def list_samples(root: str | Path, splits: list[str] | None = None) -> list[Samp
         if split_file.is_file():
             samples.extend(_samples_from_split_file(root, split, split_file))
         elif (root / split).is_dir():
-            samples.extend(SampleFiles(name=name, split=split, root=root, pointcloud_dir=d, frames=())
-                           for name, d in _scene_folders(root / split))
+            samples.extend(
+                SampleFiles(name=name, split=split, root=root, pointcloud_dir=d, frames=())
+                for name, d in _scene_folders(root / split)
+            )
         else:
             raise DataError(f"split {split!r} has neither {split_file} nor a folder {root / split}")
     return samples
@@ -112,18 +114,27 @@ def _samples_from_split_file(root: Path, split: str, split_file: Path) -> list[S
     for name, entry in entries.items():
         where = dict(sample=name, file=file)
         if not isinstance(entry, dict) or "pointclouds" not in entry:
-            raise DataError("entry must be an object with 'pointclouds' (and 'images', 'correspondences')",
-                            field="pointclouds", **where)
+            raise DataError(
+                "entry must be an object with 'pointclouds' (and 'images', 'correspondences')",
+                field="pointclouds",
+                **where,
+            )
         images, corrs = entry.get("images", []), entry.get("correspondences", [])
         if len(images) != len(corrs):
-            raise DataError(f"{len(images)} images but {len(corrs)} correspondence files",
-                            field="correspondences", **where)
+            raise DataError(
+                f"{len(images)} images but {len(corrs)} correspondence files", field="correspondences", **where
+            )
         frames = []
         for c, r in zip(images, corrs):
             color = _resolve(root, c, field="images", **where)
             in_folder = positions.setdefault(color.parent, {})
-            frames.append(_frame_files(color, _resolve(root, r, field="correspondences", **where),
-                                       in_folder.setdefault(color, len(in_folder))))
+            frames.append(
+                _frame_files(
+                    color,
+                    _resolve(root, r, field="correspondences", **where),
+                    in_folder.setdefault(color, len(in_folder)),
+                )
+            )
         pc_dir = _resolve(root, entry["pointclouds"], field="pointclouds", **where)
         samples.append(SampleFiles(name=name, split=split, root=root, pointcloud_dir=pc_dir, frames=tuple(frames)))
     return samples
@@ -150,7 +161,7 @@ def _frame_files(color: Path, correspondence: Path, position: int) -> FrameFiles
     if "color" not in parts:
         return FrameFiles(color.stem, color, correspondence, None, None, None)
     i = len(parts) - 1 - parts[::-1].index("color")
-    image_dir, tail = Path(*parts[:i]), Path(*parts[i + 1:])
+    image_dir, tail = Path(*parts[:i]), Path(*parts[i + 1 :])
 
     def existing(*candidates: Path) -> Path | None:
         return next((c for c in candidates if c.is_file()), None)
@@ -169,8 +180,11 @@ def _frame_files(color: Path, correspondence: Path, position: int) -> FrameFiles
         correspondence=correspondence,
         depth=existing(image_dir / "depth" / tail.with_suffix(".png"), image_dir / "depth" / s3dis_depth),
         pose=existing(*per_frame("pose")),
-        intrinsic=existing(*per_frame("intrinsic"), image_dir / "intrinsic" / "intrinsic.npy",
-                           image_dir.parent.parent / "intrinsic" / "K.npy"),  # HM3D: ROOT/images/intrinsic/K.npy
+        intrinsic=existing(
+            *per_frame("intrinsic"),
+            image_dir / "intrinsic" / "intrinsic.npy",
+            image_dir.parent.parent / "intrinsic" / "K.npy",
+        ),  # HM3D: ROOT/images/intrinsic/K.npy
     )
 
 
@@ -186,10 +200,7 @@ def read_sample(files: SampleFiles, dataset: str, validate: bool = True) -> Scen
     source = files.rel(files.pointcloud_dir)
     if not files.pointcloud_dir.is_dir():
         raise DataError("point-cloud folder is missing", sample=files.name, file=source)
-    assets = {
-        p.stem: _read(p, files.name, files.rel(p))
-        for p in sorted(files.pointcloud_dir.glob("*.npy"))
-    }
+    assets = {p.stem: _read(p, files.name, files.rel(p)) for p in sorted(files.pointcloud_dir.glob("*.npy"))}
     frames = [
         FrameRecord(
             name=f.name,
@@ -203,8 +214,9 @@ def read_sample(files: SampleFiles, dataset: str, validate: bool = True) -> Scen
         )
         for f in files.frames
     ]
-    record = SceneRecord(name=files.name, split=files.split, dataset=dataset, source=source,
-                         point_assets=assets, frames=frames)
+    record = SceneRecord(
+        name=files.name, split=files.split, dataset=dataset, source=source, point_assets=assets, frames=frames
+    )
     if validate:
         check_record(record)
     return record
@@ -212,8 +224,9 @@ def read_sample(files: SampleFiles, dataset: str, validate: bool = True) -> Scen
 
 def check_record(record: SceneRecord) -> None:
     """Validate without decoding images fully: arrays, lengths, correspondences against image sizes."""
-    arrays = {k: load_npy(v, sample=record.name, file=f"{record.source}/{k}.npy")
-              for k, v in record.point_assets.items()}
+    arrays = {
+        k: load_npy(v, sample=record.name, file=f"{record.source}/{k}.npy") for k, v in record.point_assets.items()
+    }
     n = check_points(arrays, sample=record.name, source=record.source)
     for frame in record.frames:
         width, height = image_size(frame.color, sample=record.name, file=frame.color_path)

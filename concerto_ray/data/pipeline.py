@@ -20,9 +20,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from collections.abc import Callable, Collection
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import ray
@@ -150,15 +150,17 @@ class SampleTransform:
 
     def rng(self, row: dict) -> np.random.Generator:
         """The sample's generator: the same in every run of a seed, new in every epoch and for every repeat."""
-        return draw_rng(self.seed, int(row[EPOCH_COLUMN]), str(row[SOURCE_COLUMN]), str(row["name"]),
-                        int(row[DRAW_COLUMN]))
+        return draw_rng(
+            self.seed, int(row[EPOCH_COLUMN]), str(row[SOURCE_COLUMN]), str(row["name"]), int(row[DRAW_COLUMN])
+        )
 
     def __call__(self, row: dict) -> list[dict]:
         try:
             record = row_to_record(row)
             pretrain = self.mode == "pretrain"
-            data = decode_record(record, segment_asset=self.segment_asset, with_frames=pretrain,
-                                 require_labels=not pretrain)
+            data = decode_record(
+                record, segment_asset=self.segment_asset, with_frames=pretrain, require_labels=not pretrain
+            )
             if self.scene_hook is not None:
                 data = self.scene_hook(data)
             sample = self.transform(data, self.rng(row))
@@ -176,8 +178,12 @@ class SampleTransform:
 def stream_sources(config: StreamConfig, scenes: Collection[str] | None = None) -> list[Source]:
     """The config's sources with their samples (only those named in `scenes`, if given), manifests and shards
     checked (sizes; sha256 with `verify_checksums`)."""
-    sources = load_sources(config.source_configs(), config.endpoint_url, where=config.where(),
-                           scenes=frozenset(scenes) if scenes is not None else None)
+    sources = load_sources(
+        config.source_configs(),
+        config.endpoint_url,
+        where=config.where(),
+        scenes=frozenset(scenes) if scenes is not None else None,
+    )
     check_shards(sources, config.verify_checksums)
     return sources
 
@@ -188,8 +194,9 @@ def samples_per_epoch(config: StreamConfig) -> dict[str, int]:
     return EpochPlan(sources, seed=0).counts()  # the counts do not depend on the seed
 
 
-def build_dataset(config: StreamConfig, bad_log=None, *, scenes: Collection[str] | None = None,
-                  scene_hook: SceneHook | None = None) -> ray.data.Dataset:
+def build_dataset(
+    config: StreamConfig, bad_log=None, *, scenes: Collection[str] | None = None, scene_hook: SceneHook | None = None
+) -> ray.data.Dataset:
     """The lazily executed Ray dataset of transformed samples (one row per sample), in a new order every epoch.
 
     `scenes`: stream only the samples of these names (shards holding none of them are not read). `scene_hook`:
@@ -256,10 +263,11 @@ class EpochReadAhead:
         self._stop = threading.Event()
         self._unfinished_epoch = False
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._read, args=(iterator, config, epochs), daemon=True,
-                                        name="epoch-read-ahead")
+        self._thread = threading.Thread(
+            target=self._read, args=(iterator, config, epochs), daemon=True, name="epoch-read-ahead"
+        )
 
-    def __enter__(self) -> "EpochReadAhead":
+    def __enter__(self) -> EpochReadAhead:
         self._thread.start()
         return self
 
@@ -336,9 +344,11 @@ class StreamStats:
 
     def summary(self) -> str:
         rate = self.samples / self.seconds if self.seconds else float("nan")
-        lines = [f"streamed {self.samples} samples in {self.batches} batches, {self.points} points, "
-                 f"{self.seconds:.1f} s ({rate:.2f} samples/s; first batch after {self.first_batch_seconds:.1f} s, "
-                 f"{self.steady_samples_per_s:.2f} samples/s after it)"]
+        lines = [
+            f"streamed {self.samples} samples in {self.batches} batches, {self.points} points, "
+            f"{self.seconds:.1f} s ({rate:.2f} samples/s; first batch after {self.first_batch_seconds:.1f} s, "
+            f"{self.steady_samples_per_s:.2f} samples/s after it)"
+        ]
         if len(self.per_source) > 1:
             lines.append("per source: " + ", ".join(f"{name} {n}" for name, n in self.per_source.items()))
         lines.append(f"skipped {len(self.skipped)} bad samples" if self.skipped else "no bad samples")

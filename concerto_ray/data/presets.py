@@ -47,9 +47,21 @@ from concerto_ray.data.transforms import (
 from concerto_ray.data.views import MultiViewGenerator
 from concerto_ray.errors import ConfigError, DataError
 
-PRETRAIN_KEYS = ("global_origin_coord", "global_coord", "global_color", "global_offset", "local_origin_coord",
-                 "local_coord", "local_color", "local_offset", "grid_size", "name", "images",
-                 "global_correspondence", "img_num")
+PRETRAIN_KEYS = (
+    "global_origin_coord",
+    "global_coord",
+    "global_color",
+    "global_offset",
+    "local_origin_coord",
+    "local_coord",
+    "local_color",
+    "local_offset",
+    "grid_size",
+    "name",
+    "images",
+    "global_correspondence",
+    "img_num",
+)
 FEAT_KEYS = ("coord", "color", "normal")
 
 
@@ -66,9 +78,11 @@ class GeometryAugmentConfig:
     elastic: tuple[tuple[float, float], ...] = ((0.2, 0.4), (0.8, 1.6))  # (granularity, magnitude) pairs
 
     def rotations(self, p: float) -> tuple[Transform, ...]:
-        return (RandomRotate(self.rotate_z_angle, "z", (0.0, 0.0, 0.0), p),
-                RandomRotate(self.rotate_xy_angle, "x", None, p),
-                RandomRotate(self.rotate_xy_angle, "y", None, p))
+        return (
+            RandomRotate(self.rotate_z_angle, "z", (0.0, 0.0, 0.0), p),
+            RandomRotate(self.rotate_xy_angle, "x", None, p),
+            RandomRotate(self.rotate_xy_angle, "y", None, p),
+        )
 
 
 @dataclass
@@ -93,7 +107,8 @@ class ConcertoPretrainTransformConfig:
     enc2d_max_size: int = 65536
     # Concerto's values; a YAML `color_jitter` section sets all five (RandomColorJitter's own defaults are "off").
     color_jitter: RandomColorJitter = field(
-        default_factory=lambda: RandomColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.02, p=0.8))
+        default_factory=lambda: RandomColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.02, p=0.8)
+    )
     chromatic_translation_p: float = 0.95
     chromatic_translation_ratio: float = 0.05
     rotate_p: float = 0.8
@@ -103,8 +118,9 @@ class ConcertoPretrainTransformConfig:
         if self.patch_size < 1 or self.crop_h < self.patch_size or self.crop_w < self.patch_size:
             raise ConfigError(f"crop {self.crop_h}x{self.crop_w} must hold at least one {self.patch_size}-pixel patch")
         if self.crop_h % self.patch_size or self.crop_w % self.patch_size:
-            raise ConfigError(f"crop_h and crop_w ({self.crop_h}, {self.crop_w}) must be multiples of "
-                              f"patch_size ({self.patch_size})")
+            raise ConfigError(
+                f"crop_h and crop_w ({self.crop_h}, {self.crop_w}) must be multiples of patch_size ({self.patch_size})"
+            )
         if self.global_view_num < 1 or self.local_view_num < 0:
             raise ConfigError("global_view_num must be >= 1 and local_view_num >= 0")
         for name in ("global_view_scale", "local_view_scale"):
@@ -155,9 +171,14 @@ class SemsegTransformConfig:
 
 
 def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> Transform:
-    image_augmentation = ImageAugmentation(jitter_p=cfg.image_jitter_p, jitter_std=cfg.image_jitter_std,
-                                           blur_p=cfg.image_blur_p, blur_sigma=cfg.image_blur_sigma,
-                                           mean=cfg.image_mean, std=cfg.image_std)
+    image_augmentation = ImageAugmentation(
+        jitter_p=cfg.image_jitter_p,
+        jitter_std=cfg.image_jitter_std,
+        blur_p=cfg.image_blur_p,
+        blur_sigma=cfg.image_blur_sigma,
+        mean=cfg.image_mean,
+        std=cfg.image_std,
+    )
     color_augmentation = (
         cfg.color_jitter,
         ChromaticTranslation(cfg.chromatic_translation_p, cfg.chromatic_translation_ratio),
@@ -178,9 +199,12 @@ def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> Transfo
         *(RandomDropNormal(ratio, applied) for ratio, applied in cfg.normal_drop),
         Copy("coord", "origin_coord"),
         MultiViewGenerator(
-            global_view_num=cfg.global_view_num, global_view_scale=cfg.global_view_scale,
-            local_view_num=cfg.local_view_num, local_view_scale=cfg.local_view_scale,
-            max_size=cfg.max_size, enc2d_max_size=cfg.enc2d_max_size,
+            global_view_num=cfg.global_view_num,
+            global_view_scale=cfg.global_view_scale,
+            local_view_num=cfg.local_view_num,
+            local_view_scale=cfg.local_view_scale,
+            max_size=cfg.max_size,
+            enc2d_max_size=cfg.enc2d_max_size,
             global_shared_transforms=color_augmentation,
             global_transforms=view_geometry,
             local_transforms=view_geometry + color_augmentation,
@@ -192,9 +216,15 @@ def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> Transfo
         for key in ("frames_color", "frames_correspondence"):
             if key not in data:
                 raise DataError("pre-training needs camera frames", sample=data["name"], field=key)
-        images, correspondence = prepare_frames(data["frames_color"], data["frames_correspondence"],
-                                                len(data["coord"]), cfg.crop_h, cfg.crop_w, cfg.patch_size,
-                                                sample=data["name"])
+        images, correspondence = prepare_frames(
+            data["frames_color"],
+            data["frames_correspondence"],
+            len(data["coord"]),
+            cfg.crop_h,
+            cfg.crop_w,
+            cfg.patch_size,
+            sample=data["name"],
+        )
         data = {**data, "images": image_augmentation(images, rng), "correspondence": correspondence}
         data = apply_transforms(point_transforms, data, rng)
         data["grid_size"] = cfg.grid_size
@@ -320,8 +350,11 @@ def _checked_labelled_points(data: dict, num_classes: int | None) -> dict:
     bad = (segment < -1) | (segment >= upper)
     if bad.any():
         allowed = "-1 (ignored) or >= 0" if num_classes is None else f"-1 (ignored) or 0..{num_classes - 1}"
-        raise DataError(f"label {segment[bad][0]} is out of range ({int(bad.sum())} points); labels must be "
-                        f"{allowed}", sample=str(data["name"]), field="segment")
+        raise DataError(
+            f"label {segment[bad][0]} is out of range ({int(bad.sum())} points); labels must be {allowed}",
+            sample=str(data["name"]),
+            field="segment",
+        )
     return data
 
 

@@ -164,8 +164,10 @@ def check_points(arrays: dict[str, np.ndarray], *, sample: str, source: str) -> 
         raise DataError(f"expected a numeric array, got dtype {coord.dtype}", **where)
     bad = ~np.isfinite(coord).all(axis=1)
     if bad.any():
-        raise DataError(f"{int(bad.sum())} of {n} points have NaN/inf coordinates "
-                        f"(first at index {int(np.flatnonzero(bad)[0])})", **where)
+        raise DataError(
+            f"{int(bad.sum())} of {n} points have NaN/inf coordinates (first at index {int(np.flatnonzero(bad)[0])})",
+            **where,
+        )
     for key, value in arrays.items():
         if key in SCENE_LEVEL_ASSETS or key == "coord":
             continue
@@ -195,12 +197,17 @@ def primary_labels(labels: np.ndarray, *, sample: str, file: str, field: str) ->
         return labels.astype(np.int32)
     if labels.ndim == 2 and labels.shape[1] in (1, 3):
         return labels[:, 0].astype(np.int32)
-    raise DataError(f"label array of shape {labels.shape}: expected (N,), (N, 1) or (N, 3) (ScanNet++'s three "
-                    "labels per point)", sample=sample, file=file, field=field)
+    raise DataError(
+        f"label array of shape {labels.shape}: expected (N,), (N, 1) or (N, 3) (ScanNet++'s three labels per point)",
+        sample=sample,
+        file=file,
+        field=field,
+    )
 
 
-def check_correspondence(corr: np.ndarray, num_points: int, width: int, height: int, *,
-                         sample: str, file: str) -> np.ndarray:
+def check_correspondence(
+    corr: np.ndarray, num_points: int, width: int, height: int, *, sample: str, file: str
+) -> np.ndarray:
     """Validate one frame's (M, 3) [pixel_x, pixel_y, point_index] table; returns it as float32.
 
     Pointcept marks a frame that sees no point with the single row (-1, -1, -1).
@@ -215,18 +222,24 @@ def check_correspondence(corr: np.ndarray, num_points: int, width: int, height: 
     index = corr[:, 2]
     bad = (index < 0) | (index >= num_points) | (index != np.round(index))
     if bad.any():
-        raise DataError(f"point index {index[bad][0]:g} is out of range for a cloud of {num_points} points "
-                        f"({int(bad.sum())} bad rows)", **where)
+        raise DataError(
+            f"point index {index[bad][0]:g} is out of range for a cloud of {num_points} points "
+            f"({int(bad.sum())} bad rows)",
+            **where,
+        )
     x, y = corr[:, 0], corr[:, 1]
     bad = (x < 0) | (x >= width) | (y < 0) | (y >= height)
     if bad.any():
-        raise DataError(f"pixel ({x[bad][0]:g}, {y[bad][0]:g}) lies outside the {width}x{height} image "
-                        f"({int(bad.sum())} bad rows)", **where)
+        raise DataError(
+            f"pixel ({x[bad][0]:g}, {y[bad][0]:g}) lies outside the {width}x{height} image ({int(bad.sum())} bad rows)",
+            **where,
+        )
     return corr.astype(np.float32)
 
 
-def decode_record(record: SceneRecord, *, segment_asset: str | None = None, with_frames: bool = True,
-                  require_labels: bool = False) -> dict:
+def decode_record(
+    record: SceneRecord, *, segment_asset: str | None = None, with_frames: bool = True, require_labels: bool = False
+) -> dict:
     """Decode and validate a record into the dict the transforms consume.
 
     Returns Pointcept's raw-sample keys (`coord`, `color`, `normal` as float32, `segment`, `instance` as int32, one
@@ -250,18 +263,28 @@ def decode_record(record: SceneRecord, *, segment_asset: str | None = None, with
     if segment_asset is None:
         segment_asset = "segment" if "segment" in arrays else "segment20"
     if required and segment_asset not in arrays:
-        raise DataError(f"the label array {segment_asset}.npy is missing (have: {', '.join(sorted(arrays))})",
-                        sample=sample, file=source, field=segment_asset)
+        raise DataError(
+            f"the label array {segment_asset}.npy is missing (have: {', '.join(sorted(arrays))})",
+            sample=sample,
+            file=source,
+            field=segment_asset,
+        )
     for key, asset in (("segment", segment_asset), ("instance", "instance")):
-        data[key] = (primary_labels(arrays[asset], sample=sample, file=f"{source}/{asset}.npy", field=asset)
-                     if asset in arrays else np.full(n, -1, dtype=np.int32))
+        data[key] = (
+            primary_labels(arrays[asset], sample=sample, file=f"{source}/{asset}.npy", field=asset)
+            if asset in arrays
+            else np.full(n, -1, dtype=np.int32)
+        )
     if with_frames:
         colors, corrs = [], []
         for frame in record.frames:
             image = load_image(frame.color, sample=sample, file=frame.color_path)
             corr = load_npy(frame.correspondence, sample=sample, file=frame.correspondence_path)
-            corrs.append(check_correspondence(corr, n, image.shape[1], image.shape[0], sample=sample,
-                                              file=frame.correspondence_path))
+            corrs.append(
+                check_correspondence(
+                    corr, n, image.shape[1], image.shape[0], sample=sample, file=frame.correspondence_path
+                )
+            )
             colors.append(image)
         data["frames_color"] = colors
         data["frames_correspondence"] = corrs

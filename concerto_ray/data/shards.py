@@ -28,10 +28,11 @@ import logging
 import os
 import tarfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -55,8 +56,16 @@ _WRITER_LAYOUT = "row-group-per-sample"
 ShardFormat = Literal["parquet", "webdataset"]
 
 # Columns that travel in a webdataset sample's meta.json; the rest are binary payloads, one member each.
-_META_COLUMNS = ("name", "split", "dataset", "source", "point_asset_names", "frame_names", "frame_color_paths",
-                 "frame_correspondence_paths")
+_META_COLUMNS = (
+    "name",
+    "split",
+    "dataset",
+    "source",
+    "point_asset_names",
+    "frame_names",
+    "frame_color_paths",
+    "frame_correspondence_paths",
+)
 
 
 @dataclass
@@ -93,8 +102,10 @@ class Manifest:
     skipped: list[SkippedSample] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"{self.total_samples} samples in {self.total_shards} {self.format} shards "
-                 f"({self.total_bytes / 2**20:.1f} MiB) of dataset {self.dataset!r}"]
+        lines = [
+            f"{self.total_samples} samples in {self.total_shards} {self.format} shards "
+            f"({self.total_bytes / 2**20:.1f} MiB) of dataset {self.dataset!r}"
+        ]
         lines += [f"  {name}: {info.samples} samples, {len(info.shards)} shards" for name, info in self.splits.items()]
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} bad samples:")
@@ -122,9 +133,19 @@ class _ShardDone:
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def prepare(src: str | Path, dest: str | Path, *, format: ShardFormat = "parquet", splits: list[str] | None = None,
-            dataset_name: str | None = None, target_shard_mb: float = 256, workers: int | None = None,
-            skip_bad: bool = False, endpoint_url: str | None = None, progress: bool = True) -> Manifest:
+def prepare(
+    src: str | Path,
+    dest: str | Path,
+    *,
+    format: ShardFormat = "parquet",
+    splits: list[str] | None = None,
+    dataset_name: str | None = None,
+    target_shard_mb: float = 256,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    endpoint_url: str | None = None,
+    progress: bool = True,
+) -> Manifest:
     """Write the samples of `splits` under `src` as shards to `dest` (a folder or s3://bucket/prefix)."""
     if format not in SHARD_EXTENSIONS:
         raise ConfigError(f"shard format {format!r} is not one of {', '.join(SHARD_EXTENSIONS)}")
@@ -167,8 +188,9 @@ def plan_shards(samples: list[SampleFiles], format: ShardFormat, dataset: str, t
             filled += size
         for i, group in enumerate(groups):
             path = f"{split}/part-{i:05d}.{SHARD_EXTENSIONS[format]}"
-            key = json.dumps([SCHEMA_VERSION, _WRITER_LAYOUT, format, dataset, path,
-                              [(s.name, size) for s, size in group]])
+            key = json.dumps(
+                [SCHEMA_VERSION, _WRITER_LAYOUT, format, dataset, path, [(s.name, size) for s, size in group]]
+            )
             plans.append(ShardPlan(split, path, [s for s, _ in group], hashlib.sha256(key.encode()).hexdigest()))
     return plans
 
@@ -179,12 +201,20 @@ def _disk_size(sample: SampleFiles) -> int:
     return sum(p.stat().st_size for p in [*sample.pointcloud_dir.glob("*.npy"), *frame_files] if p.is_file())
 
 
-def _write_all(plans: list[ShardPlan], out: storage.Location, format: ShardFormat, dataset: str, skip_bad: bool,
-               workers: int, progress: bool) -> list[_ShardDone]:
+def _write_all(
+    plans: list[ShardPlan],
+    out: storage.Location,
+    format: ShardFormat,
+    dataset: str,
+    skip_bad: bool,
+    workers: int,
+    progress: bool,
+) -> list[_ShardDone]:
     """Write every unfinished shard on a thread pool (the work is file and network I/O and arrow/zlib code)."""
     total = sum(len(p.samples) for p in plans)
     lock = threading.Lock()
     with tqdm(total=total, desc=f"prepare {format}", unit="sample", disable=not progress) as bar:
+
         def advance(n: int) -> None:
             with lock:
                 bar.update(n)
@@ -199,8 +229,14 @@ def _write_all(plans: list[ShardPlan], out: storage.Location, format: ShardForma
     return [f.result() for f in futures]
 
 
-def _prepare_shard(plan: ShardPlan, out: storage.Location, format: ShardFormat, dataset: str, skip_bad: bool,
-                   advance: Callable[[int], None]) -> _ShardDone:
+def _prepare_shard(
+    plan: ShardPlan,
+    out: storage.Location,
+    format: ShardFormat,
+    dataset: str,
+    skip_bad: bool,
+    advance: Callable[[int], None],
+) -> _ShardDone:
     previous = _finished_shard(plan, out, skip_bad)
     if previous is not None:
         logger.info("shard %s is already complete", out.uri_of(plan.path))
@@ -257,14 +293,22 @@ def _previous_manifest(out: storage.Location, format: ShardFormat, dataset: str)
         return None
     previous = load_manifest(out)
     if (previous.dataset, previous.format) != (dataset, format):
-        raise ConfigError(f"{out.uri} already holds {previous.format} shards of dataset {previous.dataset!r}; write "
-                          f"{format} shards of dataset {dataset!r} to a folder of their own, e.g. "
-                          f"{out.uri_of(dataset)}")
+        raise ConfigError(
+            f"{out.uri} already holds {previous.format} shards of dataset {previous.dataset!r}; write "
+            f"{format} shards of dataset {dataset!r} to a folder of their own, e.g. "
+            f"{out.uri_of(dataset)}"
+        )
     return previous
 
 
-def _manifest(split_names: list[str], format: ShardFormat, dataset: str, source: str, done: list[_ShardDone],
-              previous: Manifest | None) -> Manifest:
+def _manifest(
+    split_names: list[str],
+    format: ShardFormat,
+    dataset: str,
+    source: str,
+    done: list[_ShardDone],
+    previous: Manifest | None,
+) -> Manifest:
     """The manifest of the splits just written, plus the other splits of `previous` (a prepare of some splits
     keeps the ones an earlier prepare of the same dataset wrote)."""
     splits = {}
@@ -278,9 +322,15 @@ def _manifest(split_names: list[str], format: ShardFormat, dataset: str, source:
         skipped = [s for s in previous.skipped if s.split in kept] + skipped
     shards = [shard for info in splits.values() for shard in info.shards]
     return Manifest(
-        schema_version=SCHEMA_VERSION, format=format, dataset=dataset, source=source, splits=splits,
-        total_samples=sum(s.samples for s in splits.values()), total_shards=len(shards),
-        total_bytes=sum(s.bytes for s in shards), skipped=skipped,
+        schema_version=SCHEMA_VERSION,
+        format=format,
+        dataset=dataset,
+        source=source,
+        splits=splits,
+        total_samples=sum(s.samples for s in splits.values()),
+        total_shards=len(shards),
+        total_bytes=sum(s.bytes for s in shards),
+        skipped=skipped,
     )
 
 
@@ -355,8 +405,14 @@ def read_manifest(uri: str | Path, endpoint_url: str | None = None) -> Manifest:
     return load_manifest(storage.resolve(uri, endpoint_url))
 
 
-def read_shards(uri: str | Path, *, splits: list[str] | None = None, endpoint_url: str | None = None,
-                verify: bool = True, shuffle: ray.data.FileShuffleConfig | None = None) -> ray.data.Dataset:
+def read_shards(
+    uri: str | Path,
+    *,
+    splits: list[str] | None = None,
+    endpoint_url: str | None = None,
+    verify: bool = True,
+    shuffle: ray.data.FileShuffleConfig | None = None,
+) -> ray.data.Dataset:
     """The samples of `splits` (default: all) as a Ray dataset whose rows have the columns of `ARROW_SCHEMA`.
 
     Every shard's size is checked against the manifest; with `verify` its sha256 too, once per shard and machine
@@ -368,8 +424,10 @@ def read_shards(uri: str | Path, *, splits: list[str] | None = None, endpoint_ur
     names = list(splits) if splits else list(manifest.splits)
     unknown = [s for s in names if s not in manifest.splits]
     if unknown:
-        raise DataError(f"split {unknown[0]!r} is not in the manifest (it has: {', '.join(manifest.splits)})",
-                        file=location.uri_of(MANIFEST_NAME))
+        raise DataError(
+            f"split {unknown[0]!r} is not in the manifest (it has: {', '.join(manifest.splits)})",
+            file=location.uri_of(MANIFEST_NAME),
+        )
     shards = [shard for name in names for shard in manifest.splits[name].shards]
     if not shards:
         raise DataError(f"the manifest lists no shards for splits {names}", file=location.uri_of(MANIFEST_NAME))
@@ -392,8 +450,11 @@ def load_manifest(location: storage.Location) -> Manifest:
     except ValueError as exc:  # bad JSON, or a ConfigError for missing/unknown keys
         raise DataError(f"not a valid shard manifest ({exc})", file=file) from exc
     if manifest.schema_version != SCHEMA_VERSION:
-        raise DataError(f"shards use schema version {manifest.schema_version} but this code reads version "
-                        f"{SCHEMA_VERSION}; run prepare again", file=file)
+        raise DataError(
+            f"shards use schema version {manifest.schema_version} but this code reads version "
+            f"{SCHEMA_VERSION}; run prepare again",
+            file=file,
+        )
     return manifest
 
 
@@ -404,8 +465,11 @@ def check_sizes(location: storage.Location, shards: list[ShardInfo]) -> list[paf
         if info.type != pafs.FileType.File:
             raise DataError("the shard listed in the manifest is missing", file=location.uri_of(shard.path))
         if info.size != shard.bytes:
-            raise DataError(f"the shard has {info.size} bytes but the manifest records {shard.bytes}; it is "
-                            "truncated or was overwritten", file=location.uri_of(shard.path))
+            raise DataError(
+                f"the shard has {info.size} bytes but the manifest records {shard.bytes}; it is "
+                "truncated or was overwritten",
+                file=location.uri_of(shard.path),
+            )
     return infos
 
 
@@ -424,15 +488,18 @@ class VerifiedShards:
         key = json.dumps([location.uri_of(shard.path), shard.sha256, info.size, info.mtime_ns])
         return self.root / hashlib.sha256(key.encode()).hexdigest()
 
-    def verify(self, location: storage.Location, shards: list[ShardInfo],
-               infos: list[pafs.FileInfo]) -> list[ShardInfo]:
+    def verify(
+        self, location: storage.Location, shards: list[ShardInfo], infos: list[pafs.FileInfo]
+    ) -> list[ShardInfo]:
         """Hash the shards without a valid marker (in parallel Ray tasks); returns those it hashed."""
         todo = [(s, info) for s, info in zip(shards, infos) if not self._marker(location, s, info).exists()]
         digests = ray.get([sha256_of_file.remote(location.filesystem, location.path(s.path)) for s, _ in todo])
         for (shard, info), digest in zip(todo, digests):
             if digest != shard.sha256:
-                raise DataError(f"sha256 {digest} does not match the manifest's {shard.sha256}; the shard is "
-                                "corrupt", file=location.uri_of(shard.path))
+                raise DataError(
+                    f"sha256 {digest} does not match the manifest's {shard.sha256}; the shard is corrupt",
+                    file=location.uri_of(shard.path),
+                )
             marker = self._marker(location, shard, info)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()

@@ -16,8 +16,9 @@ import functools
 import math
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -102,16 +103,22 @@ def check_sources(sources: list[SourceConfig], where: str = "data.sources") -> N
     if any(w is not None for w in weights):
         unset = [i for i, w in enumerate(weights) if w is None]
         if unset:
-            raise ConfigError(f"{field_name(where, unset[0], 'weight')}: give every source a weight, or none (then "
-                              "loop applies)")
+            raise ConfigError(
+                f"{field_name(where, unset[0], 'weight')}: give every source a weight, or none (then loop applies)"
+            )
         if any(s.loop != 1 for s in sources):
             raise ConfigError(f"{where}: use either weight or loop, not both")
         if not sum(weights) > 0:
             raise ConfigError(f"{where}: the weights {weights} must sum to a positive number")
 
 
-def load_sources(configs: list[SourceConfig], endpoint_url: str | None = None, *, where: str = "data.sources",
-                 scenes: frozenset[str] | None = None) -> list[Source]:
+def load_sources(
+    configs: list[SourceConfig],
+    endpoint_url: str | None = None,
+    *,
+    where: str = "data.sources",
+    scenes: frozenset[str] | None = None,
+) -> list[Source]:
     """Read each source's manifest and list its samples; `scenes` keeps only samples of these names (the shards
     holding none of them are never opened). Errors name the source's config field."""
     check_sources(configs, where)
@@ -125,14 +132,29 @@ def load_sources(configs: list[SourceConfig], endpoint_url: str | None = None, *
         splits = list(config.splits) if config.splits else list(manifest.splits)
         missing = [s for s in splits if s not in manifest.splits]
         if missing:
-            raise ConfigError(f"{field_name(where, i, 'splits')}: {missing[0]!r} is not in the manifest of "
-                              f"{location.uri} (it has: {', '.join(manifest.splits)})")
+            raise ConfigError(
+                f"{field_name(where, i, 'splits')}: {missing[0]!r} is not in the manifest of "
+                f"{location.uri} (it has: {', '.join(manifest.splits)})"
+            )
         shards = [shard for split in splits for shard in manifest.splits[split].shards]
-        refs = [SampleRef(i, shard.path, row, name) for shard in shards for row, name in enumerate(shard.samples)
-                if scenes is None or name in scenes]
+        refs = [
+            SampleRef(i, shard.path, row, name)
+            for shard in shards
+            for row, name in enumerate(shard.samples)
+            if scenes is None or name in scenes
+        ]
         used = {ref.shard for ref in refs}
-        sources.append(Source(config.name or manifest.dataset, location, manifest.format, refs,
-                              [shard for shard in shards if shard.path in used], config.loop, config.weight))
+        sources.append(
+            Source(
+                config.name or manifest.dataset,
+                location,
+                manifest.format,
+                refs,
+                [shard for shard in shards if shard.path in used],
+                config.loop,
+                config.weight,
+            )
+        )
     names = [s.name for s in sources]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate is not None:
@@ -216,8 +238,9 @@ class ShardSampleDatasource(Datasource):
     def get_name(self) -> str:
         return "ShardSamples"
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
         # Ray's own seeded shuffles key on this same per-pass counter of the dataset's context.
         epoch = data_context._execution_idx if data_context is not None else 0
         order = self.plan.order(epoch)
@@ -225,10 +248,15 @@ class ShardSampleDatasource(Datasource):
         places = [SourcePlace(s.name, s.location, s.format) for s in self.plan.sources]
         tasks = []
         for start in range(0, len(order), SAMPLES_PER_READ_TASK):
-            chunk = order[start:start + SAMPLES_PER_READ_TASK]
+            chunk = order[start : start + SAMPLES_PER_READ_TASK]
             read = functools.partial(_read_samples, places, chunk, epoch, self.with_frames)
-            tasks.append(ReadTask(read, BlockMetadata(num_rows=len(chunk), size_bytes=None, input_files=None,
-                                                      exec_stats=None), per_task_row_limit=per_task_row_limit))
+            tasks.append(
+                ReadTask(
+                    read,
+                    BlockMetadata(num_rows=len(chunk), size_bytes=None, input_files=None, exec_stats=None),
+                    per_task_row_limit=per_task_row_limit,
+                )
+            )
         return tasks
 
 
@@ -238,8 +266,9 @@ class SourcePlace(NamedTuple):
     format: str
 
 
-def _read_samples(sources: list[SourcePlace], chunk: list[tuple[SampleRef, int]], epoch: int,
-                  with_frames: bool) -> Iterator[pa.Table]:
+def _read_samples(
+    sources: list[SourcePlace], chunk: list[tuple[SampleRef, int]], epoch: int, with_frames: bool
+) -> Iterator[pa.Table]:
     """One block per sample, in `chunk`'s order."""
     for ref, draw in chunk:
         source = sources[ref.source]
@@ -256,8 +285,11 @@ def read_sample_row(location: storage.Location, format: str, ref: SampleRef, wit
     else:
         row = _read_webdataset_row(location, path, ref.row)
     if row.get("name") != ref.name:
-        raise DataError(f"row {ref.row} holds sample {row.get('name')!r}, not {ref.name!r} as the manifest says; "
-                        "the shard does not belong to this manifest", file=location.uri_of(ref.shard))
+        raise DataError(
+            f"row {ref.row} holds sample {row.get('name')!r}, not {ref.name!r} as the manifest says; "
+            "the shard does not belong to this manifest",
+            file=location.uri_of(ref.shard),
+        )
     if not with_frames:
         row.update({column: [] for column in FRAME_COLUMNS})
     return row
@@ -289,5 +321,3 @@ def _read_webdataset_row(location: storage.Location, path: str, row: int) -> dic
             elif members.keys() - {"__url__", "__key__"}:
                 break  # past the sample: members of one sample are consecutive
     return webdataset_sample_to_row(members, location)
-
-

@@ -79,17 +79,27 @@ class SynthConfig:
             raise ConfigError(f"flavor: unknown dataset flavour {self.flavor!r}; known: {', '.join(FLAVORS)}")
         split_names = flavor(self.flavor).splits
         if self.splits is None:
-            self.splits = ({s: 1 / 6 for s in split_names} if self.flavor == "s3dis"
-                           else {split_names[0]: 0.75, split_names[1]: 0.25})
-        minimums = {"scenes": 1, "seed": 0, "points_per_scene": 100, "views_per_scene": 1,
-                    "image_width": 16, "image_height": 16}
+            self.splits = (
+                {s: 1 / 6 for s in split_names}
+                if self.flavor == "s3dis"
+                else {split_names[0]: 0.75, split_names[1]: 0.25}
+            )
+        minimums = {
+            "scenes": 1,
+            "seed": 0,
+            "points_per_scene": 100,
+            "views_per_scene": 1,
+            "image_width": 16,
+            "image_height": 16,
+        }
         for name, minimum in minimums.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ConfigError(f"{name}: must be an integer >= {minimum}, got {value!r}")
         if not isinstance(self.coord_noise, (int, float)) or not 0.0 <= self.coord_noise <= MAX_COORD_NOISE_M:
-            raise ConfigError(f"coord_noise: must be between 0 and {MAX_COORD_NOISE_M} metres, "
-                              f"got {self.coord_noise!r}")
+            raise ConfigError(
+                f"coord_noise: must be between 0 and {MAX_COORD_NOISE_M} metres, got {self.coord_noise!r}"
+            )
         if not isinstance(self.splits, dict) or not self.splits:
             raise ConfigError(f"splits: must map split names to fractions, got {self.splits!r}")
         for name, fraction in self.splits.items():
@@ -105,6 +115,7 @@ class SynthConfig:
 # Objects: each kind builds its parts as axis-aligned spans in its own frame (x across, y from back
 # to front, z up, origin on the floor below its centre); placing it adds a yaw and a position.
 
+
 @dataclass(frozen=True)
 class _Part:
     lo: tuple[float, float, float]
@@ -118,17 +129,30 @@ def _span(x0, x1, y0, y1, z0, z1, accent=False) -> _Part:
 
 def _legs(half_x: float, half_y: float, height: float, leg: float) -> list[_Part]:
     """Four square legs of half-width `leg` under the corners of a (2 half_x, 2 half_y) top."""
-    return [_span(sx * (half_x - leg) - leg, sx * (half_x - leg) + leg,
-                  sy * (half_y - leg) - leg, sy * (half_y - leg) + leg, 0.0, height, accent=True)
-            for sx in (-1, 1) for sy in (-1, 1)]
+    return [
+        _span(
+            sx * (half_x - leg) - leg,
+            sx * (half_x - leg) + leg,
+            sy * (half_y - leg) - leg,
+            sy * (half_y - leg) + leg,
+            0.0,
+            height,
+            accent=True,
+        )
+        for sx in (-1, 1)
+        for sy in (-1, 1)
+    ]
 
 
 def _chair(rng):
     s = rng.uniform(0.20, 0.25)
     seat = rng.uniform(0.42, 0.48)
     top = seat + 0.04 + rng.uniform(0.35, 0.50)
-    return [*_legs(s, s, seat, 0.02), _span(-s, s, -s, s, seat, seat + 0.04),
-            _span(-s, s, -s, -s + 0.04, seat + 0.04, top)]
+    return [
+        *_legs(s, s, seat, 0.02),
+        _span(-s, s, -s, s, seat, seat + 0.04),
+        _span(-s, s, -s, -s + 0.04, seat + 0.04, top),
+    ]
 
 
 def _table(rng):
@@ -138,10 +162,12 @@ def _table(rng):
 
 def _desk(rng):
     x, y, h = rng.uniform(0.5, 0.8), rng.uniform(0.28, 0.38), rng.uniform(0.72, 0.76)
-    return [_span(-x, -x + 0.03, -y, y, 0.0, h - 0.03, accent=True),
-            _span(x - 0.03, x, -y, y, 0.0, h - 0.03, accent=True),
-            _span(-x + 0.03, x - 0.03, -y, -y + 0.03, h * 0.45, h - 0.03, accent=True),
-            _span(-x, x, -y, y, h - 0.03, h)]
+    return [
+        _span(-x, -x + 0.03, -y, y, 0.0, h - 0.03, accent=True),
+        _span(x - 0.03, x, -y, y, 0.0, h - 0.03, accent=True),
+        _span(-x + 0.03, x - 0.03, -y, -y + 0.03, h * 0.45, h - 0.03, accent=True),
+        _span(-x, x, -y, y, h - 0.03, h),
+    ]
 
 
 def _cabinet(rng):
@@ -152,8 +178,11 @@ def _cabinet(rng):
 def _bookshelf(rng):
     x, y, h = rng.uniform(0.3, 0.6), rng.uniform(0.13, 0.2), rng.uniform(1.2, 2.0)
     board = 0.02
-    parts = [_span(-x, -x + board, -y, y, 0.0, h), _span(x - board, x, -y, y, 0.0, h),
-             _span(-x + board, x - board, -y, -y + board, 0.0, h)]
+    parts = [
+        _span(-x, -x + board, -y, y, 0.0, h),
+        _span(x - board, x, -y, y, 0.0, h),
+        _span(-x + board, x - board, -y, -y + board, 0.0, h),
+    ]
     shelves = int(h / rng.uniform(0.3, 0.4)) + 1
     for z in np.linspace(0.0, h - board, shelves):
         parts.append(_span(-x + board, x - board, -y + board, y, z, z + board))
@@ -163,15 +192,22 @@ def _bookshelf(rng):
 def _bed(rng):
     x, y = rng.uniform(0.45, 0.9), rng.uniform(0.95, 1.05)
     base, mattress = rng.uniform(0.25, 0.35), rng.uniform(0.15, 0.25)
-    return [_span(-x, x, -y + 0.06, y, 0.0, base, accent=True), _span(-x, x, -y + 0.06, y, base, base + mattress),
-            _span(-x, x, -y, -y + 0.06, 0.0, base + mattress + rng.uniform(0.4, 0.7), accent=True)]
+    return [
+        _span(-x, x, -y + 0.06, y, 0.0, base, accent=True),
+        _span(-x, x, -y + 0.06, y, base, base + mattress),
+        _span(-x, x, -y, -y + 0.06, 0.0, base + mattress + rng.uniform(0.4, 0.7), accent=True),
+    ]
 
 
 def _sofa(rng):
     x, y, seat = rng.uniform(0.7, 1.2), rng.uniform(0.4, 0.5), rng.uniform(0.40, 0.45)
     arm, back = 0.15, rng.uniform(0.15, 0.22)
-    return [_span(-x + arm, x - arm, -y + back, y, 0.0, seat), _span(-x, x, -y, -y + back, 0.0, seat + 0.4),
-            _span(-x, -x + arm, -y + back, y, 0.0, seat + 0.18), _span(x - arm, x, -y + back, y, 0.0, seat + 0.18)]
+    return [
+        _span(-x + arm, x - arm, -y + back, y, 0.0, seat),
+        _span(-x, x, -y, -y + back, 0.0, seat + 0.4),
+        _span(-x, -x + arm, -y + back, y, 0.0, seat + 0.18),
+        _span(x - arm, x, -y + back, y, 0.0, seat + 0.18),
+    ]
 
 
 def _counter(rng):
@@ -185,21 +221,30 @@ def _refrigerator(rng):
 
 
 def _toilet(rng):
-    return [_span(-0.18, 0.18, -0.2, 0.3, 0.0, rng.uniform(0.38, 0.42)),
-            _span(-0.2, 0.2, -0.3, -0.12, 0.38, rng.uniform(0.75, 0.85))]
+    return [
+        _span(-0.18, 0.18, -0.2, 0.3, 0.0, rng.uniform(0.38, 0.42)),
+        _span(-0.2, 0.2, -0.3, -0.12, 0.38, rng.uniform(0.75, 0.85)),
+    ]
 
 
 def _sink(rng):
     z = rng.uniform(0.75, 0.82)
-    return [_span(-0.08, 0.08, -0.2, -0.04, 0.0, z, accent=True),
-            _span(-rng.uniform(0.22, 0.3), rng.uniform(0.22, 0.3), -0.22, 0.2, z, z + 0.15)]
+    return [
+        _span(-0.08, 0.08, -0.2, -0.04, 0.0, z, accent=True),
+        _span(-rng.uniform(0.22, 0.3), rng.uniform(0.22, 0.3), -0.22, 0.2, z, z + 0.15),
+    ]
 
 
 def _bathtub(rng):
     x, y, h, rim = rng.uniform(0.35, 0.4), rng.uniform(0.75, 0.85), rng.uniform(0.5, 0.6), 0.08
     # hollow: a bottom slab and four rims, so the inside is a visible basin
-    return [_span(-x, x, -y, y, 0.0, 0.12), _span(-x, -x + rim, -y, y, 0.12, h), _span(x - rim, x, -y, y, 0.12, h),
-            _span(-x + rim, x - rim, -y, -y + rim, 0.12, h), _span(-x + rim, x - rim, y - rim, y, 0.12, h)]
+    return [
+        _span(-x, x, -y, y, 0.0, 0.12),
+        _span(-x, -x + rim, -y, y, 0.12, h),
+        _span(x - rim, x, -y, y, 0.12, h),
+        _span(-x + rim, x - rim, -y, -y + rim, 0.12, h),
+        _span(-x + rim, x - rim, y - rim, y, 0.12, h),
+    ]
 
 
 def _other_furniture(rng):
@@ -251,9 +296,17 @@ class _Kind:
 
 
 _MATERIALS = {
-    "white": (226, 222, 214), "beige": (204, 186, 152), "grey": (138, 138, 140), "dark": (52, 50, 54),
-    "wood": (146, 100, 62), "light_wood": (196, 160, 112), "metal": (172, 176, 182), "glass": (168, 196, 214),
-    "blue_fabric": (66, 88, 138), "red_fabric": (148, 60, 54), "green_fabric": (82, 118, 78),
+    "white": (226, 222, 214),
+    "beige": (204, 186, 152),
+    "grey": (138, 138, 140),
+    "dark": (52, 50, 54),
+    "wood": (146, 100, 62),
+    "light_wood": (196, 160, 112),
+    "metal": (172, 176, 182),
+    "glass": (168, 196, 214),
+    "blue_fabric": (66, 88, 138),
+    "red_fabric": (148, 60, 54),
+    "green_fabric": (82, 118, 78),
 }
 _FABRICS = ("blue_fabric", "red_fabric", "green_fabric")
 _WOODS = ("wood", "light_wood")
@@ -291,23 +344,86 @@ class _RoomType:
 
 
 _ROOM_TYPES = (
-    _RoomType((3.0, 5.0), ((DOOR, 1, 1), (WINDOW, 1, 2), (CURTAIN, 0, 2), (PICTURE, 0, 3), (BED, 1, 1),
-                           (CABINET, 0, 2), (DESK, 0, 1), (BOOKSHELF, 0, 1), (CHAIR, 0, 2), (OTHER_FURNITURE, 0, 1),
-                           (CLUTTER, 0, 3))),
-    _RoomType((4.0, 7.0), ((DOOR, 1, 1), (WINDOW, 1, 3), (CURTAIN, 0, 2), (PICTURE, 0, 3), (SOFA, 1, 2),
-                           (BOOKSHELF, 0, 2), (CABINET, 0, 2), (TABLE, 1, 2), (CHAIR, 1, 4),
-                           (OTHER_FURNITURE, 0, 2), (CLUTTER, 0, 3))),
-    _RoomType((3.5, 6.0), ((DOOR, 1, 1), (WINDOW, 1, 2), (PICTURE, 0, 2), (DESK, 1, 3), (BOOKSHELF, 1, 2),
-                           (CABINET, 0, 2), (TABLE, 0, 1), (CHAIR, 1, 4), (CLUTTER, 0, 3))),
-    _RoomType((3.0, 5.0), ((DOOR, 1, 1), (WINDOW, 0, 1), (COUNTER, 1, 2), (REFRIGERATOR, 1, 1), (SINK, 0, 1),
-                           (CABINET, 1, 2), (TABLE, 0, 1), (CHAIR, 0, 4), (CLUTTER, 0, 3))),
-    _RoomType((2.2, 3.5), ((DOOR, 1, 1), (WINDOW, 0, 1), (SHOWER_CURTAIN, 0, 1), (PICTURE, 0, 1), (TOILET, 1, 1),
-                           (SINK, 1, 1), (BATHTUB, 0, 1), (CABINET, 0, 1), (CLUTTER, 0, 2))),
+    _RoomType(
+        (3.0, 5.0),
+        (
+            (DOOR, 1, 1),
+            (WINDOW, 1, 2),
+            (CURTAIN, 0, 2),
+            (PICTURE, 0, 3),
+            (BED, 1, 1),
+            (CABINET, 0, 2),
+            (DESK, 0, 1),
+            (BOOKSHELF, 0, 1),
+            (CHAIR, 0, 2),
+            (OTHER_FURNITURE, 0, 1),
+            (CLUTTER, 0, 3),
+        ),
+    ),
+    _RoomType(
+        (4.0, 7.0),
+        (
+            (DOOR, 1, 1),
+            (WINDOW, 1, 3),
+            (CURTAIN, 0, 2),
+            (PICTURE, 0, 3),
+            (SOFA, 1, 2),
+            (BOOKSHELF, 0, 2),
+            (CABINET, 0, 2),
+            (TABLE, 1, 2),
+            (CHAIR, 1, 4),
+            (OTHER_FURNITURE, 0, 2),
+            (CLUTTER, 0, 3),
+        ),
+    ),
+    _RoomType(
+        (3.5, 6.0),
+        (
+            (DOOR, 1, 1),
+            (WINDOW, 1, 2),
+            (PICTURE, 0, 2),
+            (DESK, 1, 3),
+            (BOOKSHELF, 1, 2),
+            (CABINET, 0, 2),
+            (TABLE, 0, 1),
+            (CHAIR, 1, 4),
+            (CLUTTER, 0, 3),
+        ),
+    ),
+    _RoomType(
+        (3.0, 5.0),
+        (
+            (DOOR, 1, 1),
+            (WINDOW, 0, 1),
+            (COUNTER, 1, 2),
+            (REFRIGERATOR, 1, 1),
+            (SINK, 0, 1),
+            (CABINET, 1, 2),
+            (TABLE, 0, 1),
+            (CHAIR, 0, 4),
+            (CLUTTER, 0, 3),
+        ),
+    ),
+    _RoomType(
+        (2.2, 3.5),
+        (
+            (DOOR, 1, 1),
+            (WINDOW, 0, 1),
+            (SHOWER_CURTAIN, 0, 1),
+            (PICTURE, 0, 1),
+            (TOILET, 1, 1),
+            (SINK, 1, 1),
+            (BATHTUB, 0, 1),
+            (CABINET, 0, 1),
+            (CLUTTER, 0, 2),
+        ),
+    ),
 )
 
 
 # --------------------------------------------------------------------------------------------------
 # Scene: the room plus every object part as an oriented box.
+
 
 @dataclass
 class _Scene:
@@ -386,8 +502,9 @@ def _random_placement(rng, kind: _Kind, parts: list[_Part], room: np.ndarray):
     return yaw, position
 
 
-def _place(rng, kind: _Kind, parts: list[_Part], room: np.ndarray, floor_taken: list[np.ndarray],
-           wall_taken: list[np.ndarray]) -> tuple[float, np.ndarray] | None:
+def _place(
+    rng, kind: _Kind, parts: list[_Part], room: np.ndarray, floor_taken: list[np.ndarray], wall_taken: list[np.ndarray]
+) -> tuple[float, np.ndarray] | None:
     """(yaw, position) of a free spot for the object, recording the space it takes; None if the room has none."""
     for _attempt in range(20):
         yaw, position = _random_placement(rng, kind, parts, room)
@@ -433,8 +550,9 @@ def _build_scene(rng) -> _Scene:
                 center = rotation @ ((lo + hi) / 2) + position
                 boxes.append((center, (hi - lo) / 2, yaw, kind.label, instance, accent if part.accent else main))
     center, half, yaw, label, instance, color = (np.array(column) for column in zip(*boxes))
-    return _Scene(room, center, half, yaw.astype(float), label.astype(np.int64), instance.astype(np.int64),
-                  color, room_color)
+    return _Scene(
+        room, center, half, yaw.astype(float), label.astype(np.int64), instance.astype(np.int64), color, room_color
+    )
 
 
 def _shade(color: np.ndarray, normal: np.ndarray) -> np.ndarray:
@@ -444,8 +562,9 @@ def _shade(color: np.ndarray, normal: np.ndarray) -> np.ndarray:
 
 def _scene_faces(scene: _Scene) -> _Faces:
     w, d, h = scene.room
-    room_center = np.array([[0, d / 2, h / 2], [w, d / 2, h / 2], [w / 2, 0, h / 2], [w / 2, d, h / 2],
-                            [w / 2, d / 2, 0]])
+    room_center = np.array(
+        [[0, d / 2, h / 2], [w, d / 2, h / 2], [w / 2, 0, h / 2], [w / 2, d, h / 2], [w / 2, d / 2, 0]]
+    )
     room_u = np.array([[0, d / 2, 0], [0, d / 2, 0], [w / 2, 0, 0], [w / 2, 0, 0], [w / 2, 0, 0]])
     room_v = np.array([[0, 0, h / 2]] * 4 + [[0, d / 2, 0]])
     room_normal = np.array([[1.0, 0, 0], [-1.0, 0, 0], [0, 1.0, 0], [0, -1.0, 0], [0, 0, 1.0]])
@@ -459,9 +578,9 @@ def _scene_faces(scene: _Scene) -> _Faces:
         other_u, other_v = (axis + 1) % 3, (axis + 2) % 3
         for sign in (-1.0, 1.0):
             normal = sign * axes[:, axis]
-            centers.append(scene.center + normal * scene.half[:, axis:axis + 1])
-            us.append(axes[:, other_u] * scene.half[:, other_u:other_u + 1])
-            vs.append(axes[:, other_v] * scene.half[:, other_v:other_v + 1])
+            centers.append(scene.center + normal * scene.half[:, axis : axis + 1])
+            us.append(axes[:, other_u] * scene.half[:, other_u : other_u + 1])
+            vs.append(axes[:, other_v] * scene.half[:, other_v : other_v + 1])
             normals.append(normal)
 
     def per_box(arrays):  # (6, B, ...) in face order -> (B * 6, ...) grouped by box
@@ -483,6 +602,7 @@ def _scene_faces(scene: _Scene) -> _Faces:
 
 # --------------------------------------------------------------------------------------------------
 # Point cloud
+
 
 def _exposed(scene: _Scene, points: np.ndarray, owner: np.ndarray, normal: np.ndarray) -> np.ndarray:
     """Which surface samples are exposed: inside the room, not on an object's underside, not inside another box."""
@@ -521,10 +641,12 @@ def _sample_points(scene: _Scene, faces: _Faces, count: int, rng) -> tuple[np.nd
 # --------------------------------------------------------------------------------------------------
 # Cameras, ray casting, correspondences
 
+
 def _intrinsic(width: int, height: int) -> np.ndarray:
     focal = 0.9 * width
-    return np.array([[focal, 0, (width - 1) / 2, 0], [0, focal, (height - 1) / 2, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
-                    dtype=np.float32)
+    return np.array(
+        [[focal, 0, (width - 1) / 2, 0], [0, focal, (height - 1) / 2, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float32
+    )
 
 
 def _look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -600,8 +722,9 @@ def _render(scene: _Scene, intrinsic: np.ndarray, pose: np.ndarray, width: int, 
     return face.reshape(height, width), depth.reshape(height, width)
 
 
-def _box_pixels(scene: _Scene, box: int, world_to_camera: np.ndarray, intrinsic: np.ndarray,
-                width: int, height: int) -> np.ndarray | None:
+def _box_pixels(
+    scene: _Scene, box: int, world_to_camera: np.ndarray, intrinsic: np.ndarray, width: int, height: int
+) -> np.ndarray | None:
     """Flat indices of the pixels whose rays may hit `box`: its projection's bounding rectangle."""
     corners = _BOX_CORNER_SIGNS * scene.half[box] @ _rotation_z(scene.yaw[box]).T + scene.center[box]
     camera = corners @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
@@ -647,6 +770,7 @@ def correspondences(coord: np.ndarray, depth_mm: np.ndarray, intrinsic: np.ndarr
 # --------------------------------------------------------------------------------------------------
 # One synthetic scene, before it is written in a flavour's files
 
+
 @dataclass
 class _View:
     rgb: np.ndarray  # (H, W, 3) uint8
@@ -687,10 +811,13 @@ def _generate(config: SynthConfig, rng, lifted: bool) -> _Synthetic:
         rendered.append((pose, pixel_face, rgb, depth_mm))
     if lifted:
         return _lift(faces, intrinsic, rendered)
-    views = [_View(rgb, depth_mm, pose, correspondences(coord, depth_mm, intrinsic, pose))
-             for pose, _face, rgb, depth_mm in rendered]
-    return _Synthetic(coord, color, faces.normal[face].astype(np.float32), faces.label[face], faces.instance[face],
-                      intrinsic, views)
+    views = [
+        _View(rgb, depth_mm, pose, correspondences(coord, depth_mm, intrinsic, pose))
+        for pose, _face, rgb, depth_mm in rendered
+    ]
+    return _Synthetic(
+        coord, color, faces.normal[face].astype(np.float32), faces.label[face], faces.instance[face], intrinsic, views
+    )
 
 
 def _lift(faces: _Faces, intrinsic: np.ndarray, rendered: list) -> _Synthetic:
@@ -698,8 +825,9 @@ def _lift(faces: _Faces, intrinsic: np.ndarray, rendered: list) -> _Synthetic:
     for pose, pixel_face, rgb, depth_mm in rendered:
         row, column = np.nonzero(depth_mm > 0)
         z = depth_mm[row, column] / 1000.0
-        camera = np.stack([(column - intrinsic[0, 2]) * z / intrinsic[0, 0],
-                           (row - intrinsic[1, 2]) * z / intrinsic[1, 1], z], axis=1)
+        camera = np.stack(
+            [(column - intrinsic[0, 2]) * z / intrinsic[0, 0], (row - intrinsic[1, 2]) * z / intrinsic[1, 1], z], axis=1
+        )
         coords.append(camera @ pose[:3, :3].T.astype(np.float64) + pose[:3, 3])
         colors.append(rgb[row, column])
         face_ids.append(pixel_face[row, column])
@@ -708,8 +836,15 @@ def _lift(faces: _Faces, intrinsic: np.ndarray, rendered: list) -> _Synthetic:
         table = np.stack([column, row, index], axis=1).astype(np.float64) if len(row) else -np.ones((1, 3))
         views.append(_View(rgb, depth_mm, pose, table))
     face = np.concatenate(face_ids)
-    return _Synthetic(np.concatenate(coords), np.concatenate(colors), faces.normal[face], faces.label[face],
-                      faces.instance[face], intrinsic, views)
+    return _Synthetic(
+        np.concatenate(coords),
+        np.concatenate(colors),
+        faces.normal[face],
+        faces.label[face],
+        faces.instance[face],
+        intrinsic,
+        views,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -755,9 +890,14 @@ def _entries(key: str, pointclouds: str, images: list[str], corrs: list[str], gr
     """Split-file entries: the frames in groups of `group` (Pointcept's splits.py uses 4), or all in one."""
     if group is None:
         return {key: {"pointclouds": pointclouds, "images": images, "correspondences": corrs}}
-    return {f"{key}_{k}": {"pointclouds": pointclouds, "images": images[i:i + group],
-                           "correspondences": corrs[i:i + group]}
-            for k, i in enumerate(range(0, len(images), group))}
+    return {
+        f"{key}_{k}": {
+            "pointclouds": pointclouds,
+            "images": images[i : i + group],
+            "correspondences": corrs[i : i + group],
+        }
+        for k, i in enumerate(range(0, len(images), group))
+    }
 
 
 def _points(root: Path, cloud: str, **arrays: np.ndarray) -> None:
@@ -775,9 +915,13 @@ def _scannet(root: Path, split: str, index: int, scene: _Synthetic, config: Synt
     cloud, images = f"{split}/{name}", f"images/{split}/{name}"
     _points(root, cloud, coord=scene.coord, color=scene.color, normal=scene.normal)
     if _labelled(config, split):
-        _points(root, cloud, segment20=scene.label.astype(np.int64),
-                segment200=_labels("scannet200", scene.label).astype(np.int64),
-                instance=scene.instance.astype(np.int64))
+        _points(
+            root,
+            cloud,
+            segment20=scene.label.astype(np.int64),
+            segment200=_labels("scannet200", scene.label).astype(np.int64),
+            instance=scene.instance.astype(np.int64),
+        )
     _npy(root, f"{images}/intrinsic/intrinsic.npy", scene.intrinsic)
     colors, corrs = [], []
     for i, view in enumerate(scene.views):
@@ -803,8 +947,12 @@ def _scannetpp(root: Path, split: str, index: int, scene: _Synthetic, config: Sy
         segment[on_wall, 1], instance[on_wall, 1] = _labels("scannetpp", np.array([class_id("wall")]))[0], 0
         _points(root, cloud, segment=segment, instance=instance)
         if split == "train":
-            _chunks(root, name, dict(coord=scene.coord, color=scene.color, normal=scene.normal, segment=segment,
-                                     instance=instance), min_points=min(10000, config.points_per_scene // 2))
+            _chunks(
+                root,
+                name,
+                dict(coord=scene.coord, color=scene.color, normal=scene.normal, segment=segment, instance=instance),
+                min_points=min(10000, config.points_per_scene // 2),
+            )
     colors, corrs = [], []
     for i, view in enumerate(scene.views):
         frame = f"DSC{1000 + 20 * i:05d}"  # the preprocessing keeps every 20th image
@@ -829,7 +977,7 @@ def _chunks(root: Path, name: str, arrays: dict[str, np.ndarray], min_points: in
     k = 0
     for x0 in starts:
         for y0 in starts:
-            inside = ((local[:, 0] >= x0) & (local[:, 0] < x0 + 6) & (local[:, 1] >= y0) & (local[:, 1] < y0 + 6))
+            inside = (local[:, 0] >= x0) & (local[:, 0] < x0 + 6) & (local[:, 1] >= y0) & (local[:, 1] < y0 + 6)
             if inside.sum() < min_points:
                 continue
             _points(root, f"{SCANNETPP_CHUNK_SPLIT}/{name}_{k}", **{key: v[inside] for key, v in arrays.items()})
@@ -844,9 +992,15 @@ def _s3dis(root: Path, split: str, index: int, scene: _Synthetic, config: SynthC
     unlabelled points; per-frame float64 intrinsics (3x3) and world-to-camera poses, numbered by position."""
     room = f"{_S3DIS_ROOMS[index % len(_S3DIS_ROOMS)]}_{index // len(_S3DIS_ROOMS) + 1}"
     cloud = f"{split}/{room}"
-    _points(root, cloud, coord=scene.coord, color=scene.color,
-            segment=_labels("s3dis", scene.label).astype(np.int16)[:, None],
-            instance=scene.instance.astype(np.int16)[:, None], normal=scene.normal)
+    _points(
+        root,
+        cloud,
+        coord=scene.coord,
+        color=scene.color,
+        segment=_labels("s3dis", scene.label).astype(np.int16)[:, None],
+        instance=scene.instance.astype(np.int16)[:, None],
+        normal=scene.normal,
+    )
     entries = {}
     cameras = min(2, len(scene.views))
     for c in range(cameras):
@@ -888,8 +1042,15 @@ def _hm3d(root: Path, split: str, index: int, scene: _Synthetic, config: SynthCo
     """HM3D: one folder per room of a scene; int16 (N,) mpcat40 labels; one intrinsic for the whole dataset."""
     name = f"{index:05d}_synthHM3D{index % 100:02d}_0_0"
     cloud, images = f"{split}/{name}", f"images/{split}/{name}"
-    _points(root, cloud, coord=scene.coord, color=scene.color, normal=scene.normal,
-            instance=scene.instance.astype(np.int16), segment=_labels("hm3d", scene.label).astype(np.int16))
+    _points(
+        root,
+        cloud,
+        coord=scene.coord,
+        color=scene.color,
+        normal=scene.normal,
+        instance=scene.instance.astype(np.int16),
+        segment=_labels("hm3d", scene.label).astype(np.int16),
+    )
     _npy(root, "images/intrinsic/K.npy", scene.intrinsic[:3, :3].astype(np.float64))
     colors, corrs = [], []
     for i, view in enumerate(scene.views):
@@ -907,8 +1068,14 @@ def _structured3d(root: Path, split: str, index: int, scene: _Synthetic, config:
     also writes is not in its split files, and not written here.)"""
     scene_dir, room = f"scene_{index:05d}", f"room_{index % 7}"
     cloud, images = f"{split}/{scene_dir}/{room}", f"images/{split}/{scene_dir}/{room}"
-    _points(root, cloud, coord=scene.coord, color=scene.color, normal=scene.normal,
-            segment=_labels("structured3d", scene.label).astype(np.int16)[:, None])
+    _points(
+        root,
+        cloud,
+        coord=scene.coord,
+        color=scene.color,
+        normal=scene.normal,
+        segment=_labels("structured3d", scene.label).astype(np.int16)[:, None],
+    )
     colors, corrs = [], []
     for i, view in enumerate(scene.views):
         colors.append(_image(root, f"{images}/color/prsp/{i}.png", view.rgb))
@@ -916,8 +1083,9 @@ def _structured3d(root: Path, split: str, index: int, scene: _Synthetic, config:
             _depth(root, f"{images}/depth/prsp/{i}.png", view.depth_mm, none_mm=65535)
         _npy(root, f"{images}/intrinsic/{i}.npy", scene.intrinsic[:3, :3].astype(np.float64))
         _npy(root, f"{images}/pose/{i}.npy", view.pose.astype(np.float64))
-        corrs.append(_npy(root, f"{images}/correspondence/prsp_correspondence/{i}.npy",
-                          view.correspondence.astype(np.int64)))
+        corrs.append(
+            _npy(root, f"{images}/correspondence/prsp_correspondence/{i}.npy", view.correspondence.astype(np.int64))
+        )
     return _entries(f"{scene_dir}_{room}", cloud, colors, corrs, None)
 
 
@@ -938,8 +1106,16 @@ def _re10k(root: Path, split: str, index: int, scene: _Synthetic, config: SynthC
     return _entries(name, cloud, colors, corrs, None)
 
 
-_WRITERS = {"scannet": _scannet, "scannet200": _scannet, "scannetpp": _scannetpp, "s3dis": _s3dis,
-            "arkitscenes": _arkitscenes, "hm3d": _hm3d, "structured3d": _structured3d, "re10k": _re10k}
+_WRITERS = {
+    "scannet": _scannet,
+    "scannet200": _scannet,
+    "scannetpp": _scannetpp,
+    "s3dis": _s3dis,
+    "arkitscenes": _arkitscenes,
+    "hm3d": _hm3d,
+    "structured3d": _structured3d,
+    "re10k": _re10k,
+}
 
 
 def _assign_splits(config: SynthConfig) -> list[str]:
@@ -958,13 +1134,17 @@ def _prepare_output(root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
         return
     if not (root / MARKER_FILE).is_file():
-        raise FileExistsError(f"output directory {str(root)!r} is not empty and holds no {MARKER_FILE}, so it is "
-                              "not an earlier synthetic dataset; refusing to write into it")
+        raise FileExistsError(
+            f"output directory {str(root)!r} is not empty and holds no {MARKER_FILE}, so it is "
+            "not an earlier synthetic dataset; refusing to write into it"
+        )
     ours = {*(s for f in FLAVORS.values() for s in f.splits), SCANNETPP_CHUNK_SPLIT, "images", "splits", MARKER_FILE}
     foreign = sorted(p.name for p in root.iterdir() if p.name not in ours)
     if foreign:
-        raise FileExistsError(f"output directory {str(root)!r} holds a synthetic dataset plus other entries "
-                              f"({', '.join(foreign)}); refusing to overwrite it")
+        raise FileExistsError(
+            f"output directory {str(root)!r} holds a synthetic dataset plus other entries "
+            f"({', '.join(foreign)}); refusing to overwrite it"
+        )
     for entry in root.iterdir():
         if entry.is_dir():
             shutil.rmtree(entry)

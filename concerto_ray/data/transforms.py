@@ -91,8 +91,9 @@ class CenterShift:
     def __call__(self, data: dict, rng: np.random.Generator) -> dict:
         coord = data["coord"]
         low, high = coord.min(axis=0), coord.max(axis=0)
-        shift = np.array([(low[0] + high[0]) / 2, (low[1] + high[1]) / 2, low[2] if self.apply_z else 0],
-                         dtype=coord.dtype)
+        shift = np.array(
+            [(low[0] + high[0]) / 2, (low[1] + high[1]) / 2, low[2] if self.apply_z else 0], dtype=coord.dtype
+        )
         return {**data, "coord": coord - shift}
 
 
@@ -346,8 +347,7 @@ class RandomDropNormal:
         return _drop_rows(data, "normal", self.drop_ratio, self.application_ratio, rng)
 
 
-def _drop_rows(data: dict, key: str, drop_ratio: float, application_ratio: float,
-               rng: np.random.Generator) -> dict:
+def _drop_rows(data: dict, key: str, drop_ratio: float, application_ratio: float, rng: np.random.Generator) -> dict:
     if key not in data or rng.random() >= application_ratio:
         return data
     if drop_ratio >= 1.0:  # every row: no need to draw which (Pointcept's draws come from np.random anyway)
@@ -424,8 +424,10 @@ class RandomColorJitter:
 
     def __call__(self, data: dict, rng: np.random.Generator) -> dict:
         order = rng.permutation(4)
-        factors = [None if x == 0 else rng.uniform(max(1 - x, 0.0), 1 + x)
-                   for x in (self.brightness, self.contrast, self.saturation)]
+        factors = [
+            None if x == 0 else rng.uniform(max(1 - x, 0.0), 1 + x)
+            for x in (self.brightness, self.contrast, self.saturation)
+        ]
         factors.append(None if self.hue == 0 else rng.uniform(-self.hue, self.hue))
         adjustments = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
         color = data["color"]

@@ -42,14 +42,21 @@ class MultiViewGenerator:
 
         major_index = nearest_indices(coord, self._major_center(data, rng), self.enc2d_max_size)
         seen_frames = np.flatnonzero(np.any(data["correspondence"][major_index] != -1, axis=(0, 2)))
-        data = {**data, "images": data["images"][seen_frames], "img_num": len(seen_frames),
-                "correspondence": data["correspondence"][:, seen_frames]}
+        data = {
+            **data,
+            "images": data["images"][seen_frames],
+            "img_num": len(seen_frames),
+            "correspondence": data["correspondence"][:, seen_frames],
+        }
         shared = {**shared, "correspondence": data["correspondence"]}
         major_coord = coord[major_index]
 
         global_indices = [major_index] + [
-            nearest_indices(coord, major_coord[rng.integers(len(major_coord))],
-                            self._random_size(len(coord), rng, self.global_view_scale))
+            nearest_indices(
+                coord,
+                major_coord[rng.integers(len(major_coord))],
+                self._random_size(len(coord), rng, self.global_view_scale),
+            )
             for _ in range(self.global_view_num - 1)
         ]
         local_indices = []

@@ -25,14 +25,24 @@ def finetune_command(args: argparse.Namespace) -> None:
     print(f"finished; best val mIoU {metrics['val_miou']:.4f} at {storage_root.uri_of_path(checkpoint.path)}")
     final = result.metrics
     if "test_miou" in final:  # the full test protocol on that model, after the last round
-        print(f"test protocol on the best model: mIoU {final['test_miou']:.4f}, mAcc {final['test_macc']:.4f}, "
-              f"allAcc {final['test_all_acc']:.4f}")
+        print(
+            f"test protocol on the best model: mIoU {final['test_miou']:.4f}, mAcc {final['test_macc']:.4f}, "
+            f"allAcc {final['test_all_acc']:.4f}"
+        )
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweep-semseg-tiny.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a sweep config value, read as YAML (repeatable), e.g. data.shards=s3://bucket/x")
+    p.add_argument(
+        "--config", required=True, help="sweep config: a shipped name (e.g. sweep-semseg-tiny) or a YAML path"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a sweep config value, read as YAML (repeatable), e.g. data.shards=s3://bucket/x",
+    )
 
 
 def sweep_command(args: argparse.Namespace) -> None:

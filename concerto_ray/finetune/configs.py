@@ -14,17 +14,14 @@ Four modes, as in Pointcept's `configs/concerto/semseg-ptv3-*`:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from concerto_ray.config import load_yaml
+from concerto_ray.config import find_config, load_yaml, shipped_config_names
 from concerto_ray.data.presets import SemsegTransformConfig
 from concerto_ray.errors import ConfigError
 from concerto_ray.model.ptv3 import PTv3Config
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 Mode = Literal["lin", "dec", "ft", "lora"]
 
@@ -38,8 +35,10 @@ class CriteriaConfig:
 
     def __post_init__(self):
         if self.ce_weight < 0 or self.lovasz_weight < 0 or self.ce_weight + self.lovasz_weight == 0:
-            raise ConfigError(f"criteria weights must be >= 0 and not both 0, got ce_weight={self.ce_weight}, "
-                             f"lovasz_weight={self.lovasz_weight}")
+            raise ConfigError(
+                f"criteria weights must be >= 0 and not both 0, got ce_weight={self.ce_weight}, "
+                f"lovasz_weight={self.lovasz_weight}"
+            )
 
 
 @dataclass
@@ -53,8 +52,10 @@ class LoraSettings:
 
     def __post_init__(self):
         if self.r < 1 or self.alpha < 1 or not 0 <= self.dropout < 1 or not self.target_modules:
-            raise ConfigError(f"lora needs r >= 1, alpha >= 1, 0 <= dropout < 1 and target modules; got r={self.r}, "
-                             f"alpha={self.alpha}, dropout={self.dropout}, target_modules={self.target_modules}")
+            raise ConfigError(
+                f"lora needs r >= 1, alpha >= 1, 0 <= dropout < 1 and target modules; got r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, target_modules={self.target_modules}"
+            )
 
 
 @dataclass
@@ -145,29 +146,25 @@ class FinetuneConfig:
         if self.transform.num_classes is None:  # the transforms check labels against the model's classes
             self.transform = dataclasses.replace(self.transform, num_classes=self.num_classes)
         elif self.transform.num_classes != self.num_classes:
-            raise ConfigError(f"transform.num_classes is {self.transform.num_classes} but num_classes is "
-                              f"{self.num_classes}")
+            raise ConfigError(
+                f"transform.num_classes is {self.transform.num_classes} but num_classes is {self.num_classes}"
+            )
         if min(self.lr, self.block_lr) <= 0 or self.weight_decay < 0:
-            raise ConfigError(f"lr and block_lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
-                             f"block_lr={self.block_lr}, weight_decay={self.weight_decay}")
+            raise ConfigError(
+                f"lr and block_lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
+                f"block_lr={self.block_lr}, weight_decay={self.weight_decay}"
+            )
         if self.epochs < 1 or self.batch_size < 1 or not 1 <= self.eval_epochs <= self.epochs:
-            raise ConfigError(f"need epochs >= 1, batch_size >= 1 and 1 <= eval_epochs <= epochs; got "
-                             f"epochs={self.epochs}, batch_size={self.batch_size}, eval_epochs={self.eval_epochs}")
+            raise ConfigError(
+                f"need epochs >= 1, batch_size >= 1 and 1 <= eval_epochs <= epochs; got "
+                f"epochs={self.epochs}, batch_size={self.batch_size}, eval_epochs={self.eval_epochs}"
+            )
 
 
 def finetune_config_names() -> list[str]:
-    return sorted(path.stem for path in CONFIG_DIR.glob("semseg-*.yaml"))
+    return shipped_config_names("semseg")
 
 
 def load_finetune_config(name_or_path: str | Path) -> FinetuneConfig:
-    """A config by name (`configs/<name>.yaml`, e.g. "semseg-ptv3-base-v1m1-0a-scannet-lin") or by file path."""
-    text = str(name_or_path)
-    if text.endswith((".yaml", ".yml")) or "/" in text:
-        return load_yaml(FinetuneConfig, text)
-    path = CONFIG_DIR / f"{text}.yaml"
-    if not path.is_file():
-        names = finetune_config_names()
-        close = difflib.get_close_matches(text, names, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown fine-tuning config {text!r}{hint}; configs in {CONFIG_DIR}: {', '.join(names)}")
-    return load_yaml(FinetuneConfig, path)
+    """A shipped config by name (e.g. "semseg-ptv3-base-v1m1-0a-scannet-lin") or a YAML file by path."""
+    return load_yaml(FinetuneConfig, find_config(name_or_path, "semseg"))

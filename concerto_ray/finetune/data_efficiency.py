@@ -32,8 +32,9 @@ def _scene_rng(seed: int, scene: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(scene.encode())])
 
 
-def sample_labelled_points(segment: np.ndarray, budget: int, seed: int, scene: str,
-                           ignore_index: int = -1) -> np.ndarray:
+def sample_labelled_points(
+    segment: np.ndarray, budget: int, seed: int, scene: str, ignore_index: int = -1
+) -> np.ndarray:
     """Sorted indices of min(budget, labelled points) labelled points of the scene."""
     labelled = np.flatnonzero(np.asarray(segment) != ignore_index)
     if len(labelled) <= budget:
@@ -46,8 +47,11 @@ def keep_labels(data: dict, keep: np.ndarray, ignore_index: int = -1) -> dict:
     segment = np.asarray(data["segment"])
     keep = np.asarray(keep, dtype=np.int64)
     if keep.size and (keep.min() < 0 or keep.max() >= len(segment)):
-        raise DataError(f"labelled point indices reach {int(keep.max())} but the scene has {len(segment)} points",
-                        sample=str(data.get("name", "?")), field="segment")
+        raise DataError(
+            f"labelled point indices reach {int(keep.max())} but the scene has {len(segment)} points",
+            sample=str(data.get("name", "?")),
+            field="segment",
+        )
     limited = np.full_like(segment, ignore_index)
     limited[keep] = segment[keep]
     # Pointcept's `sampled_index`: voxelisation and dropout keep these points (concerto_ray.data.transforms).
@@ -136,7 +140,9 @@ def training_scenes(scenes: Sequence[str], cfg: DataEfficiencyConfig) -> list[st
         listed = load_scene_list(cfg.scene_list_file)
         unknown = sorted(set(listed) - set(scenes))
         if unknown:
-            raise DataError(f"{len(unknown)} listed scenes are not in the training split, e.g. {unknown[:5]}",
-                            file=cfg.scene_list_file)
+            raise DataError(
+                f"{len(unknown)} listed scenes are not in the training split, e.g. {unknown[:5]}",
+                file=cfg.scene_list_file,
+            )
         return listed
     return list(scenes)

@@ -71,8 +71,9 @@ def protocol_confusion(model: nn.Module, scenes: Iterable[dict], cfg: FinetuneCo
     """The test protocol's confusion matrix over decoded full-resolution `scenes`."""
     confusion = np.zeros((cfg.num_classes, cfg.num_classes), dtype=np.int64)
     for data in scenes:
-        confusion += confusion_matrix(evaluate_scene(model, data, cfg), data["segment"], cfg.num_classes,
-                                      cfg.ignore_index)
+        confusion += confusion_matrix(
+            evaluate_scene(model, data, cfg), data["segment"], cfg.num_classes, cfg.ignore_index
+        )
     return confusion
 
 
@@ -92,11 +93,14 @@ def validation_confusion(model: nn.Module, samples: Iterable[dict], cfg: Finetun
     try:
         for sample in samples:
             inputs = {key: value for key, value in sample.items() if key not in LABEL_KEYS}
-            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                     for key, value in collate_semseg([inputs]).items()}
+            batch = {
+                key: value.to(device) if isinstance(value, torch.Tensor) else value
+                for key, value in collate_semseg([inputs]).items()
+            }
             pred = model(batch)["seg_logits"].argmax(dim=1).cpu().numpy()
-            confusion += confusion_matrix(pred[np.asarray(sample["inverse"])], sample["origin_segment"],
-                                          cfg.num_classes, cfg.ignore_index)
+            confusion += confusion_matrix(
+                pred[np.asarray(sample["inverse"])], sample["origin_segment"], cfg.num_classes, cfg.ignore_index
+            )
     finally:
         model.train(was_training)
     return confusion

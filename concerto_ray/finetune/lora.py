@@ -17,8 +17,13 @@ ADAPTER_MARK = "lora_"  # peft names every adapter parameter lora_A / lora_B / l
 
 def add_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """Wrap `model.backbone.enc` in place with LoRA adapters and freeze the rest of the backbone."""
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.target_modules), bias="none")
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+    )
     model.backbone.enc = get_peft_model(model.backbone.enc, config)
     for name, param in model.backbone.named_parameters():
         param.requires_grad = ADAPTER_MARK in name

@@ -36,9 +36,11 @@ def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_classes: int, ign
     pred, target = pred[keep].astype(np.int64), target[keep].astype(np.int64)
     for name, values in (("segment", target), ("prediction", pred)):
         if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise DataError(f"holds class ids outside [0, {num_classes}) other than ignore_index={ignore_index}: "
-                            f"{sorted(set(values[(values < 0) | (values >= num_classes)].tolist()))[:5]}",
-                            field=name)
+            raise DataError(
+                f"holds class ids outside [0, {num_classes}) other than ignore_index={ignore_index}: "
+                f"{sorted(set(values[(values < 0) | (values >= num_classes)].tolist()))[:5]}",
+                field=name,
+            )
     counts = np.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 
@@ -50,9 +52,14 @@ def segmentation_metrics(confusion: np.ndarray) -> SegMetrics:
     union = target + confusion.sum(axis=0) - intersection
     iou = intersection / (union + EPS)
     acc = intersection / (target + EPS)
-    return SegMetrics(miou=float(iou.mean()), macc=float(acc.mean()),
-                      all_acc=float(intersection.sum() / (target.sum() + EPS)), iou=iou, acc=acc,
-                      confusion=confusion)
+    return SegMetrics(
+        miou=float(iou.mean()),
+        macc=float(acc.mean()),
+        all_acc=float(intersection.sum() / (target.sum() + EPS)),
+        iou=iou,
+        acc=acc,
+        confusion=confusion,
+    )
 
 
 def per_class_table(metrics: SegMetrics, class_names: tuple[str, ...] | list[str]) -> str:

@@ -6,7 +6,8 @@
     FinetuneRun.mlflow     tracking URI and experiment
 
 Overrides are `dotted.key=value` (value read as YAML): keys under `data.`, `run.` and `mlflow.` set the run's
-sections, every other key a field of the fine-tuning config (`lr=0.001`, `lora.r=16`, `data_efficiency.label_budget=20`).
+sections, every other key a field of the fine-tuning config (`lr=0.001`, `lora.r=16`,
+`data_efficiency.label_budget=20`).
 `plan_finetune` checks the whole run against the shards before any Ray resource is taken.
 """
 
@@ -57,10 +58,16 @@ class FinetuneRun:
         """The Ray Data stream of one round: the training split `loop` times in one shuffled epoch, as the
         reference's repeated dataset, batched per worker."""
         source = SourceConfig(shards=self.data.shards, splits=list(self.finetune.train_split), loop=round_plan.loop)
-        return StreamConfig(sources=[source], mode="semseg_train", endpoint_url=self.data.endpoint_url,
-                            batch_size=round_plan.worker_batch_size, seed=self.run.seed,
-                            verify_checksums=self.data.verify_checksums, segment_asset=self.data.segment_asset,
-                            semseg=self.finetune.transform)
+        return StreamConfig(
+            sources=[source],
+            mode="semseg_train",
+            endpoint_url=self.data.endpoint_url,
+            batch_size=round_plan.worker_batch_size,
+            seed=self.run.seed,
+            verify_checksums=self.data.verify_checksums,
+            segment_asset=self.data.segment_asset,
+            semseg=self.finetune.transform,
+        )
 
 
 @dataclass(frozen=True)
@@ -138,14 +145,20 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
     """Check the run against its shards, storage and files; the numbers it will train with."""
     cfg = run.finetune
     if run.data.shards.startswith(SHARDS_PLACEHOLDER):
-        raise ConfigError(f"data.shards is still the placeholder {run.data.shards!r}: set it to the shards written "
-                          f"by `concerto-ray prepare`, e.g. --set data.shards=s3://my-bucket/scannet-shards")
+        raise ConfigError(
+            f"data.shards is still the placeholder {run.data.shards!r}: set it to the shards written "
+            f"by `concerto-ray prepare`, e.g. --set data.shards=s3://my-bucket/scannet-shards"
+        )
     if cfg.epochs % cfg.eval_epochs:
-        raise ConfigError(f"finetune.epochs ({cfg.epochs}) must be a multiple of finetune.eval_epochs "
-                          f"({cfg.eval_epochs}): the epochs are cut into that many equal evaluation rounds")
+        raise ConfigError(
+            f"finetune.epochs ({cfg.epochs}) must be a multiple of finetune.eval_epochs "
+            f"({cfg.eval_epochs}): the epochs are cut into that many equal evaluation rounds"
+        )
     if cfg.batch_size % run.run.num_workers:
-        raise ConfigError(f"finetune.batch_size ({cfg.batch_size}, over all workers) must be a multiple of "
-                          f"run.num_workers ({run.run.num_workers})")
+        raise ConfigError(
+            f"finetune.batch_size ({cfg.batch_size}, over all workers) must be a multiple of "
+            f"run.num_workers ({run.run.num_workers})"
+        )
     if cfg.pretrained.path is not None:
         try:
             locate_checkpoint(cfg.pretrained.path, run.run.endpoint_url)
@@ -162,10 +175,19 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
         raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
     if not selected:
         raise ConfigError(f"finetune.train_split {list(cfg.train_split)} has no samples to train on")
-    round_plan = RoundPlan(samples=len(selected), loop=cfg.epochs // cfg.eval_epochs,
-                           num_workers=run.run.num_workers, batch_size=cfg.batch_size)
-    return FinetunePlan(train_scenes=selected, limited_scenes=len(selected) < len(scenes), val_scenes=val_scenes,
-                        round=round_plan, rounds=cfg.eval_epochs)
+    round_plan = RoundPlan(
+        samples=len(selected),
+        loop=cfg.epochs // cfg.eval_epochs,
+        num_workers=run.run.num_workers,
+        batch_size=cfg.batch_size,
+    )
+    return FinetunePlan(
+        train_scenes=selected,
+        limited_scenes=len(selected) < len(scenes),
+        val_scenes=val_scenes,
+        round=round_plan,
+        rounds=cfg.eval_epochs,
+    )
 
 
 def _split_samples(run: FinetuneRun, splits: tuple[str, ...], where: str) -> list[str]:
@@ -175,6 +197,8 @@ def _split_samples(run: FinetuneRun, splits: tuple[str, ...], where: str) -> lis
         raise ConfigError(f"data.shards: {exc}") from exc
     unknown = [s for s in splits if s not in manifest.splits]
     if unknown:
-        raise ConfigError(f"{where}: {unknown[0]!r} is not in the manifest of {run.data.shards} "
-                          f"(it has: {', '.join(manifest.splits)})")
+        raise ConfigError(
+            f"{where}: {unknown[0]!r} is not in the manifest of {run.data.shards} "
+            f"(it has: {', '.join(manifest.splits)})"
+        )
     return [name for split in splits for shard in manifest.splits[split].shards for name in shard.samples]

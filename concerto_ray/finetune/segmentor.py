@@ -43,8 +43,13 @@ class Segmentor(nn.Module):
     `freeze_backbone` (linear probing) the backbone gets no gradients but follows the segmentor's train/eval
     mode, as in the reference: drop path stays active while the head trains."""
 
-    def __init__(self, backbone: PTv3Config, num_classes: int, criteria: SegmentationLoss | None = None,
-                 freeze_backbone: bool = False):
+    def __init__(
+        self,
+        backbone: PTv3Config,
+        num_classes: int,
+        criteria: SegmentationLoss | None = None,
+        freeze_backbone: bool = False,
+    ):
         super().__init__()
         self.seg_head = nn.Linear(head_in_channels(backbone), num_classes)
         self.backbone = PointTransformerV3(backbone)
@@ -71,8 +76,9 @@ def build_segmentor(cfg: FinetuneConfig, endpoint_url: str | None = None) -> Seg
     criteria = SegmentationLoss(cfg.criteria.ce_weight, cfg.criteria.lovasz_weight, cfg.ignore_index)
     model = Segmentor(cfg.backbone, cfg.num_classes, criteria, freeze_backbone=cfg.mode == "lin")
     if cfg.pretrained.path is not None:
-        load_pretrained_backbone(model, cfg.pretrained.path, cfg.pretrained.keyword, cfg.pretrained.replacement,
-                                 endpoint_url)
+        load_pretrained_backbone(
+            model, cfg.pretrained.path, cfg.pretrained.keyword, cfg.pretrained.replacement, endpoint_url
+        )
     if cfg.mode == "lora":
         add_lora(model, cfg.lora)
     return model
@@ -85,8 +91,13 @@ class PretrainedLoad:
     new: list[str]  # model keys the checkpoint does not have (a fresh decoder)
 
 
-def load_pretrained_backbone(model: Segmentor, path: str, keyword: str = "module.student.backbone",
-                             replacement: str = "module.backbone", endpoint_url: str | None = None) -> PretrainedLoad:
+def load_pretrained_backbone(
+    model: Segmentor,
+    path: str,
+    keyword: str = "module.student.backbone",
+    replacement: str = "module.backbone",
+    endpoint_url: str | None = None,
+) -> PretrainedLoad:
     """Copy pre-trained backbone weights into `model.backbone`.
 
     `path` is a checkpoint file holding {"state_dict": ...} (Pointcept's .pth, our model.pt) or a concerto-ray
@@ -102,18 +113,25 @@ def load_pretrained_backbone(model: Segmentor, path: str, keyword: str = "module
         if key.startswith(BACKBONE_PREFIX):
             weights[key.removeprefix(BACKBONE_PREFIX)] = value
     if not weights:
-        raise ConfigError(f"{path}: no key becomes 'backbone.*' after replacing {keyword!r} with {replacement!r}; "
-                          f"the checkpoint's first keys are {list(state_dict)[:5]}")
+        raise ConfigError(
+            f"{path}: no key becomes 'backbone.*' after replacing {keyword!r} with {replacement!r}; "
+            f"the checkpoint's first keys are {list(state_dict)[:5]}"
+        )
     try:
         result = model.backbone.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
         raise ConfigError(f"{path}: backbone weights do not fit the configured backbone: {exc}") from exc
     missing = [key for key in result.missing_keys if not key.startswith(DECODER_PREFIX)]
     if missing:
-        raise ConfigError(f"{path}: {len(missing)} encoder weights are missing from the checkpoint, e.g. "
-                          f"{missing[:5]}; check pretrained.keyword/replacement and the backbone config")
-    return PretrainedLoad(loaded=len(weights) - len(result.unexpected_keys), ignored=list(result.unexpected_keys),
-                          new=list(result.missing_keys))
+        raise ConfigError(
+            f"{path}: {len(missing)} encoder weights are missing from the checkpoint, e.g. "
+            f"{missing[:5]}; check pretrained.keyword/replacement and the backbone config"
+        )
+    return PretrainedLoad(
+        loaded=len(weights) - len(result.unexpected_keys),
+        ignored=list(result.unexpected_keys),
+        new=list(result.missing_keys),
+    )
 
 
 def locate_checkpoint(path: str, endpoint_url: str | None = None) -> tuple[storage.Location, str]:
@@ -132,16 +150,19 @@ def _read_state_dict(path: str, endpoint_url: str | None) -> dict[str, torch.Ten
     folder, name = locate_checkpoint(path, endpoint_url)
     checkpoint = torch.load(io.BytesIO(folder.read_bytes(name)), map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise ConfigError(f"{folder.uri_of(name)}: expected a dict with a 'state_dict' entry, as Pointcept and "
-                          f"concerto-ray save")
+        raise ConfigError(
+            f"{folder.uri_of(name)}: expected a dict with a 'state_dict' entry, as Pointcept and concerto-ray save"
+        )
     return checkpoint["state_dict"]
 
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
     """Trainable parameters in AdamW groups, each with its `name` and peak `lr` (for OneCycleLR's max_lr):
     names containing "block" at `cfg.block_lr`, all others at `cfg.lr`. Empty groups are left out."""
-    groups = {"default": {"name": "default", "params": [], "lr": cfg.lr},
-              BLOCK_KEYWORD: {"name": BLOCK_KEYWORD, "params": [], "lr": cfg.block_lr}}
+    groups = {
+        "default": {"name": "default", "params": [], "lr": cfg.lr},
+        BLOCK_KEYWORD: {"name": BLOCK_KEYWORD, "params": [], "lr": cfg.block_lr},
+    }
     for name, param in model.named_parameters():
         if param.requires_grad:
             groups[BLOCK_KEYWORD if BLOCK_KEYWORD in name else "default"]["params"].append(param)

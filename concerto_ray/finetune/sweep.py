@@ -31,7 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from concerto_ray.config import from_dict, to_dict
+from concerto_ray.config import find_config, from_dict, to_dict
 from concerto_ray.console import TrialBar
 from concerto_ray.data import storage
 from concerto_ray.data.shards import read_shards
@@ -108,8 +108,10 @@ class AshaSettings:
 
     def __post_init__(self):
         if self.grace_period < 1 or self.reduction_factor <= 1:
-            raise ConfigError(f"asha needs grace_period >= 1 and reduction_factor > 1, got {self.grace_period} and "
-                              f"{self.reduction_factor}")
+            raise ConfigError(
+                f"asha needs grace_period >= 1 and reduction_factor > 1, got {self.grace_period} and "
+                f"{self.reduction_factor}"
+            )
 
 
 @dataclass
@@ -128,8 +130,10 @@ class SweepConfig:
         if not self.configs:
             raise ConfigError("configs: name at least one fine-tuning config")
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
-            raise ConfigError(f"num_samples and max_concurrent_trials must be >= 1, got {self.num_samples} and "
-                              f"{self.max_concurrent_trials}")
+            raise ConfigError(
+                f"num_samples and max_concurrent_trials must be >= 1, got {self.num_samples} and "
+                f"{self.max_concurrent_trials}"
+            )
         reserved = [key for key in (*self.overrides, *self.space) if key == CONFIG_KEY]
         if reserved:
             raise ConfigError(f"{CONFIG_KEY!r} is not a field path; list starting configs under `configs`")
@@ -155,9 +159,7 @@ class SweepResult:
 
 def load_sweep_config(path: str | Path, overrides: list[str] = ()) -> SweepConfig:
     """A sweep YAML with `dotted.key=value` overrides, every trial config it can produce checked (no Ray yet)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config file not found: {path}")
+    path = find_config(path, "sweep")
     try:
         sweep = from_dict(SweepConfig, apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides))
     except (ConfigError, yaml.YAMLError) as exc:
@@ -208,20 +210,35 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = False) -> SweepResult:
     param_space[CONFIG_KEY] = ray.tune.grid_search(sweep.configs)
     # max_t one round past the last: a trial that runs all its rounds then ends by itself (its TorchTrainer shuts
     # down and its MLflow run is closed) instead of being stopped by the scheduler at its last report.
-    scheduler = (ASHAScheduler(time_attr="training_iteration", grace_period=sweep.asha.grace_period,
-                               reduction_factor=sweep.asha.reduction_factor, max_t=_max_rounds(sweep) + 1)
-                 if sweep.asha is not None else FIFOScheduler())
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            grace_period=sweep.asha.grace_period,
+            reduction_factor=sweep.asha.reduction_factor,
+            max_t=_max_rounds(sweep) + 1,
+        )
+        if sweep.asha is not None
+        else FIFOScheduler()
+    )
     sweep_dir = storage.resolve(sweep.run.run_uri, sweep.run.endpoint_url)
     trainable = ray.tune.with_parameters(run_trial, sweep=to_dict(sweep), parent_run_id=tracked.mlflow_run_id)
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(trainable, on_demand_placement(TRIAL_DRIVER_CPUS)),  # not on spot nodes
         param_space=param_space,
-        tune_config=ray.tune.TuneConfig(metric=SCORE, mode="max", scheduler=scheduler,
-                                        num_samples=sweep.num_samples,
-                                        max_concurrent_trials=sweep.max_concurrent_trials),
-        run_config=ray.tune.RunConfig(name="tune", storage_path=sweep_dir.root,
-                                      storage_filesystem=sweep_dir.filesystem, verbose=0,
-                                      callbacks=[TrialBar(SCORE)] if show_progress else None),
+        tune_config=ray.tune.TuneConfig(
+            metric=SCORE,
+            mode="max",
+            scheduler=scheduler,
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+        ),
+        run_config=ray.tune.RunConfig(
+            name="tune",
+            storage_path=sweep_dir.root,
+            storage_filesystem=sweep_dir.filesystem,
+            verbose=0,
+            callbacks=[TrialBar(SCORE)] if show_progress else None,
+        ),
     )
     try:
         grid = tuner.fit()
@@ -273,15 +290,23 @@ def _best(grid: ray.tune.ResultGrid, sweep: SweepConfig, parent_run_id: str) -> 
             rows += [(row, trial) for _, row in trial.metrics_dataframe.iterrows()]
     if not rows:
         errors = [str(trial.error) for trial in grid if trial.error is not None]
-        raise RuntimeError(f"no trial of sweep {sweep.run.name!r} finished an evaluation round"
-                           + (f"; first error: {errors[0]}" if errors else ""))
+        raise RuntimeError(
+            f"no trial of sweep {sweep.run.name!r} finished an evaluation round"
+            + (f"; first error: {errors[0]}" if errors else "")
+        )
     row, trial = max(rows, key=lambda pair: pair[0][SCORE])
     values = {key: trial.config[key] for key in (CONFIG_KEY, *sweep.space)}
     metrics = {key: float(row[key]) for key in ("val_miou", "val_macc", "val_all_acc")}
     # Ray reports filesystem paths (bucket/prefix on S3); users get URIs.
     checkpoint = storage.resolve(sweep.run.storage_path, sweep.run.endpoint_url).uri_of_path(row[CHECKPOINT_PATH_KEY])
-    return SweepResult(best_trial=trial.metrics["trial_id"], best_values=values, best_metrics=metrics,
-                       best_checkpoint=checkpoint, parent_run_id=parent_run_id, trials=len(grid))
+    return SweepResult(
+        best_trial=trial.metrics["trial_id"],
+        best_values=values,
+        best_metrics=metrics,
+        best_checkpoint=checkpoint,
+        parent_run_id=parent_run_id,
+        trials=len(grid),
+    )
 
 
 def _trial_run_name(trial_id: str) -> str:
@@ -294,8 +319,10 @@ def _close_trial_runs(tracking_uri: str, parent_run_id: str, stopped: set[str]) 
     trials that Tune saw end without an error)."""
     client = MlflowClient(tracking_uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs([experiment_id], filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_run_id}' "
-                                                                 f"and attributes.status != 'FINISHED'")
+    children = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{MLFLOW_PARENT_RUN_ID} = '{parent_run_id}' and attributes.status != 'FINISHED'",
+    )
     for child in children:
         if child.info.status == "RUNNING" or (child.info.status == "FAILED" and child.info.run_name in stopped):
             client.set_terminated(child.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))

@@ -103,8 +103,14 @@ COLLECTIVE_TIMEOUT_S = 2 * 3600
 METRIC_KEYS = ("miou", "macc", "all_acc")
 
 
-def run_finetune(run: FinetuneRun, resume: bool = False, *, parent_run_id: str | None = None,
-                 callbacks: Sequence[ray.train.UserCallback] = (), show_progress: bool = False) -> ray.train.Result:
+def run_finetune(
+    run: FinetuneRun,
+    resume: bool = False,
+    *,
+    parent_run_id: str | None = None,
+    callbacks: Sequence[ray.train.UserCallback] = (),
+    show_progress: bool = False,
+) -> ray.train.Result:
     """Fine-tune for `finetune.eval_epochs` rounds; with `resume`, continue the stopped run of the same `run.name`.
 
     `parent_run_id` makes the MLflow run a child of that run (sweeps); `callbacks` go to Ray Train's RunConfig
@@ -117,14 +123,20 @@ def run_finetune(run: FinetuneRun, resume: bool = False, *, parent_run_id: str |
         verify = run.data.verify_checksums and rank == 0  # the validation shards once
         datasets[VAL_DATASET.format(rank)] = validation_samples(run, share, verify)
         datasets[TEST_DATASET.format(rank)] = validation_scenes(run, share, verify=False)
-    checkpoints = ray.train.CheckpointConfig(num_to_keep=run.run.checkpoints_to_keep,
-                                             checkpoint_score_attribute=SCORE, checkpoint_score_order="max")
+    checkpoints = ray.train.CheckpointConfig(
+        num_to_keep=run.run.checkpoints_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+    )
     with StageBar(run.run.name, plan.total_steps, enabled=show_progress) as bar:
         trainer = ray.train.torch.TorchTrainer(
             finetune_loop_per_worker,
-            train_loop_config={"run": to_dict(run), "round": dataclasses.asdict(plan.round), "rounds": plan.rounds,
-                               "tracking_uri": tracked.tracking_uri, "mlflow_run_id": tracked.mlflow_run_id,
-                               "progress": bar.board},
+            train_loop_config={
+                "run": to_dict(run),
+                "round": dataclasses.asdict(plan.round),
+                "rounds": plan.rounds,
+                "tracking_uri": tracked.tracking_uri,
+                "mlflow_run_id": tracked.mlflow_run_id,
+                "progress": bar.board,
+            },
             torch_config=ray.train.torch.TorchConfig(timeout_s=COLLECTIVE_TIMEOUT_S),
             scaling_config=scaling_config(run.run),
             run_config=ray_run_config(run.run, checkpoints, callbacks),
@@ -150,8 +162,9 @@ def training_dataset(run: FinetuneRun, plan: FinetunePlan) -> ray.data.Dataset:
     if not plan.round.padding:
         return samples
     # The padding: the first samples of a further single pass (its shards are checked already).
-    one_pass = dataclasses.replace(stream, sources=[dataclasses.replace(stream.sources[0], loop=1)],
-                                   verify_checksums=False)
+    one_pass = dataclasses.replace(
+        stream, sources=[dataclasses.replace(stream.sources[0], loop=1)], verify_checksums=False
+    )
     return samples.union(build_dataset(one_pass, scenes=scenes, scene_hook=limiter).limit(plan.round.padding))
 
 
@@ -163,18 +176,30 @@ def scene_shares(scenes: Sequence[str], workers: int) -> list[list[str]]:
 
 def validation_samples(run: FinetuneRun, scenes: Sequence[str], verify: bool) -> ray.data.Dataset:
     """The validation transform's samples (voxelised, with `inverse` and `origin_segment`) of `scenes`."""
-    stream = StreamConfig(shards=run.data.shards, mode="semseg_val", splits=list(run.finetune.val_split),
-                          endpoint_url=run.data.endpoint_url, batch_size=1, verify_checksums=verify,
-                          segment_asset=run.data.segment_asset, semseg=run.finetune.transform)
+    stream = StreamConfig(
+        shards=run.data.shards,
+        mode="semseg_val",
+        splits=list(run.finetune.val_split),
+        endpoint_url=run.data.endpoint_url,
+        batch_size=1,
+        verify_checksums=verify,
+        segment_asset=run.data.segment_asset,
+        semseg=run.finetune.transform,
+    )
     return build_dataset(stream, scenes=scenes)
 
 
-def validation_scenes(run: FinetuneRun, scenes: Sequence[str] | None = None,
-                      verify: bool | None = None) -> ray.data.Dataset:
+def validation_scenes(
+    run: FinetuneRun, scenes: Sequence[str] | None = None, verify: bool | None = None
+) -> ray.data.Dataset:
     """Decoded full-resolution validation scenes (name, coord, color, normal, segment), one per row; only those
     named in `scenes` when given."""
-    ds = read_shards(run.data.shards, splits=list(run.finetune.val_split), endpoint_url=run.data.endpoint_url,
-                     verify=run.data.verify_checksums if verify is None else verify)
+    ds = read_shards(
+        run.data.shards,
+        splits=list(run.finetune.val_split),
+        endpoint_url=run.data.endpoint_url,
+        verify=run.data.verify_checksums if verify is None else verify,
+    )
     if scenes is not None:
         ds = ds.filter(NamedScenes(scenes))
     return ds.map(DecodeScene(run.data.segment_asset))
@@ -199,8 +224,9 @@ class DecodeScene:
         self.segment_asset = segment_asset
 
     def __call__(self, row: dict) -> dict:
-        data = decode_record(row_to_record(row), segment_asset=self.segment_asset, with_frames=False,
-                             require_labels=True)
+        data = decode_record(
+            row_to_record(row), segment_asset=self.segment_asset, with_frames=False, require_labels=True
+        )
         return {key: data[key] for key in self.KEYS if key in data}
 
 
@@ -231,8 +257,14 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     """`loop_config`: {"run": the FinetuneRun as a dict, "round": the RoundPlan as a dict, "rounds",
     "tracking_uri", "mlflow_run_id", "progress": the driver's ProgressBoard or None}."""
     run = from_dict(FinetuneRun, loop_config["run"])
-    FinetuneWorker(run, RoundPlan(**loop_config["round"]), loop_config["rounds"], loop_config["tracking_uri"],
-                   loop_config["mlflow_run_id"], loop_config.get("progress")).run()
+    FinetuneWorker(
+        run,
+        RoundPlan(**loop_config["round"]),
+        loop_config["rounds"],
+        loop_config["tracking_uri"],
+        loop_config["mlflow_run_id"],
+        loop_config.get("progress"),
+    ).run()
 
 
 @dataclasses.dataclass
@@ -242,8 +274,15 @@ class BestRound:
 
 
 class FinetuneWorker:
-    def __init__(self, run: FinetuneRun, round_plan: RoundPlan, rounds: int, tracking_uri: str, mlflow_run_id: str,
-                 board: ray.actor.ActorHandle | None = None):
+    def __init__(
+        self,
+        run: FinetuneRun,
+        round_plan: RoundPlan,
+        rounds: int,
+        tracking_uri: str,
+        mlflow_run_id: str,
+        board: ray.actor.ActorHandle | None = None,
+    ):
         self.run_config = run
         self.cfg = cfg = run.finetune
         self.round = round_plan
@@ -256,9 +295,14 @@ class FinetuneWorker:
         self.model = ray.train.torch.prepare_model(self.segmentor)
         schedule = cfg.schedule
         self.optimizer, self.scheduler = adamw_one_cycle(
-            param_groups(self.segmentor, cfg), cfg.weight_decay, round_plan.steps * rounds,
-            pct_start=schedule.pct_start, anneal_strategy=schedule.anneal_strategy,
-            div_factor=schedule.div_factor, final_div_factor=schedule.final_div_factor)
+            param_groups(self.segmentor, cfg),
+            cfg.weight_decay,
+            round_plan.steps * rounds,
+            pct_start=schedule.pct_start,
+            anneal_strategy=schedule.anneal_strategy,
+            div_factor=schedule.div_factor,
+            final_div_factor=schedule.final_div_factor,
+        )
         self.amp = cfg.enable_amp and self.device.type == "cuda"
         self.amp_dtype = getattr(torch, cfg.amp_dtype)
         # float16 needs loss scaling (its range underflows small gradients); bfloat16 does not.
@@ -280,8 +324,9 @@ class FinetuneWorker:
         self.guard = NonFiniteGuard(run.run.max_nonfinite_steps)
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
         # One fixed validation scene's feature picture at every evaluation, so a run can be judged by eye in MLflow.
-        self.feature_images = FeatureImages(run.data.shards, cfg.val_split[0], run.data.endpoint_url,
-                                            up_cast_levels=self.segmentor.up_cast_levels)
+        self.feature_images = FeatureImages(
+            run.data.shards, cfg.val_split[0], run.data.endpoint_url, up_cast_levels=self.segmentor.up_cast_levels
+        )
         self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(run.run.run_uri, run.run.endpoint_url)
 
@@ -340,8 +385,13 @@ class FinetuneWorker:
         lrs = {f"lr_{group['name']}": group["lr"] for group in self.optimizer.param_groups}
         if schedule_step:
             self.scheduler.step()
-        values = dict(lrs, loss=total_loss / world_size(), grad_norm=float(grad_norm),
-                      skipped_steps=self.progress.skipped_steps, epoch=self.progress.epoch)
+        values = dict(
+            lrs,
+            loss=total_loss / world_size(),
+            grad_norm=float(grad_norm),
+            skipped_steps=self.progress.skipped_steps,
+            epoch=self.progress.epoch,
+        )
         if scaler is not None:
             values["loss_scale"] = scaler.get_scale()
         return values
@@ -355,10 +405,10 @@ class FinetuneWorker:
             self.best = BestRound(round_index, val.miou)
         values = self.log_evaluation(f"eval/round-{round_index:04d}", val, "val")
         if self.metrics is not None:
-            self.feature_images.log(self.metrics.client, self.metrics.run_id, self.segmentor.backbone,
-                                    f"eval/round-{round_index:04d}")
-        values.update(epoch=round_index, round=round_index, step=self.progress.global_step,
-                      best_round=self.best.round)
+            self.feature_images.log(
+                self.metrics.client, self.metrics.run_id, self.segmentor.backbone, f"eval/round-{round_index:04d}"
+            )
+        values.update(epoch=round_index, round=round_index, step=self.progress.global_step, best_round=self.best.round)
         if round_index == self.rounds:
             values.update(self.log_evaluation("eval/test", self.test_best_model(), "test"))
         name = CHECKPOINT_DIR_FORMAT.format(round_index)

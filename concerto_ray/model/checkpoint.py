@@ -41,8 +41,9 @@ def ray_to_pointcept(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {key if key.startswith(DDP_PREFIX) else DDP_PREFIX + key: value for key, value in state_dict.items()}
 
 
-def backbone_state_dict(state_dict: dict[str, torch.Tensor],
-                        source: Literal["student", "teacher"] = "student") -> dict[str, torch.Tensor]:
+def backbone_state_dict(
+    state_dict: dict[str, torch.Tensor], source: Literal["student", "teacher"] = "student"
+) -> dict[str, torch.Tensor]:
     """Backbone weights without prefix, from a pre-training, fine-tuning or backbone-only state dict."""
     keys = pointcept_to_ray(state_dict)
     for prefix in (BACKBONE_PREFIXES[source], "backbone."):
@@ -59,7 +60,8 @@ def load_pointcept_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
         raise ConfigError(
             f"checkpoint does not match {type(model).__name__}: {len(result.missing_keys)} missing keys "
             f"{result.missing_keys[:5]}, {len(result.unexpected_keys)} unexpected keys "
-            f"{result.unexpected_keys[:5]}")
+            f"{result.unexpected_keys[:5]}"
+        )
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, direction: Direction) -> int:

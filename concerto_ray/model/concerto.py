@@ -35,16 +35,20 @@ class Concerto(Sonata):
         self.config: ConcertoConfig = config
         if config.enc2d_loss_weight > 0:
             if image_encoder.config.hidden_size != config.enc2d_head_in_channels:
-                raise ConfigError(f"the image encoder is {image_encoder.config.hidden_size} wide but "
-                                 f"enc2d_head_in_channels is {config.enc2d_head_in_channels}")
+                raise ConfigError(
+                    f"the image encoder is {image_encoder.config.hidden_size} wide but "
+                    f"enc2d_head_in_channels is {config.enc2d_head_in_channels}"
+                )
             # Attribute names follow the reference so that its checkpoints load strictly.
             self.enc2d_model = image_encoder
             self.patch_proj = nn.Linear(config.backbone_out_channels, config.enc2d_head_in_channels)
             width = config.enc2d_head_in_channels
-            self.enc2d_head_student = PrototypeHead(width, config.enc2d_head_hidden_channels, width,
-                                                    config.enc2d_head_num_prototypes)
-            self.enc2d_head_teacher = PrototypeHead(width, config.enc2d_head_hidden_channels, width,
-                                                    config.enc2d_head_num_prototypes, with_mlp=False)
+            self.enc2d_head_student = PrototypeHead(
+                width, config.enc2d_head_hidden_channels, width, config.enc2d_head_num_prototypes
+            )
+            self.enc2d_head_teacher = PrototypeHead(
+                width, config.enc2d_head_hidden_channels, width, config.enc2d_head_num_prototypes, with_mlp=False
+            )
             self.enc2d_head_teacher.prototype.load_state_dict(self.enc2d_head_student.prototype.state_dict())
             self.enc2d_head_student.requires_grad_(False)
             self.enc2d_head_teacher.requires_grad_(False)
@@ -111,8 +115,7 @@ class Concerto(Sonata):
 
         row, view = torch.nonzero((correspondence != -1).any(dim=-1), as_tuple=True)
         if len(row) == 0:
-            raise DataError("no point of the first global views projects into any image",
-                            field="global_correspondence")
+            raise DataError("no point of the first global views projects into any image", field="global_correspondence")
         patch = correspondence[row, view].long()  # pooled coordinates are truncated, as in the reference
         img_num = batch["img_num"].to(point.feat.device).long()
         first_image = torch.cumsum(img_num, dim=0) - img_num
@@ -166,28 +169,41 @@ def validate_image_batch(batch: dict, num_global_view: int, patch_h: int, patch_
     images, img_num, corr = batch["images"], batch["img_num"], batch["global_correspondence"]
     num_scenes = len(batch["global_offset"]) // num_global_view
     if img_num.dim() != 1 or len(img_num) != num_scenes:
-        raise DataError(f"must hold one image count per scene ({num_scenes}), got shape {tuple(img_num.shape)}",
-                        field="img_num")
+        raise DataError(
+            f"must hold one image count per scene ({num_scenes}), got shape {tuple(img_num.shape)}", field="img_num"
+        )
     if images.dim() != 4 or images.shape[0] != int(img_num.sum()):
-        raise DataError(f"has shape {tuple(images.shape)} but img_num {img_num.tolist()} sums to "
-                        f"{int(img_num.sum())} images", field="images")
+        raise DataError(
+            f"has shape {tuple(images.shape)} but img_num {img_num.tolist()} sums to {int(img_num.sum())} images",
+            field="images",
+        )
     num_points = batch["global_coord"].shape[0]
     if corr.dim() != 3 or corr.shape[0] != num_points or corr.shape[2] != 2:
-        raise DataError(f"must have shape ({num_points}, max images per scene, 2), got {tuple(corr.shape)}",
-                        field="global_correspondence")
+        raise DataError(
+            f"must have shape ({num_points}, max images per scene, 2), got {tuple(corr.shape)}",
+            field="global_correspondence",
+        )
     if len(img_num) and int(img_num.max()) > corr.shape[1]:
-        raise DataError(f"has room for {corr.shape[1]} images per point but img_num is {img_num.tolist()}",
-                        field="global_correspondence")
+        raise DataError(
+            f"has room for {corr.shape[1]} images per point but img_num is {img_num.tolist()}",
+            field="global_correspondence",
+        )
     valid = (corr != -1).all(dim=-1)
     scene = offset2batch(batch["global_offset"]) // num_global_view
     view_index = torch.arange(corr.shape[1], device=corr.device)
     beyond = valid & (view_index[None, :] >= img_num.to(corr.device)[scene][:, None])
     if beyond.any():
         point, view = (int(i) for i in torch.nonzero(beyond)[0])
-        raise DataError(f"point {point} (scene {int(scene[point])}) refers to image {view}, but that scene has "
-                        f"only {int(img_num[scene[point]])} images", field="global_correspondence")
+        raise DataError(
+            f"point {point} (scene {int(scene[point])}) refers to image {view}, but that scene has "
+            f"only {int(img_num[scene[point]])} images",
+            field="global_correspondence",
+        )
     rows, cols = corr[..., 0][valid], corr[..., 1][valid]
     if len(rows) and (rows.min() < 0 or rows.max() >= patch_h or cols.min() < 0 or cols.max() >= patch_w):
-        raise DataError(f"valid correspondences must be patch coordinates in [0, {patch_h}) x [0, {patch_w}), "
-                        f"got rows {float(rows.min())}..{float(rows.max())}, columns "
-                        f"{float(cols.min())}..{float(cols.max())}", field="global_correspondence")
+        raise DataError(
+            f"valid correspondences must be patch coordinates in [0, {patch_h}) x [0, {patch_w}), "
+            f"got rows {float(rows.min())}..{float(rows.max())}, columns "
+            f"{float(cols.min())}..{float(cols.max())}",
+            field="global_correspondence",
+        )

@@ -13,8 +13,9 @@ from torch.nn import functional as F
 
 
 class PrototypeHead(nn.Module):
-    def __init__(self, in_channels: int, hidden_channels: int, embed_channels: int, num_prototypes: int,
-                 with_mlp: bool = True):
+    def __init__(
+        self, in_channels: int, hidden_channels: int, embed_channels: int, num_prototypes: int, with_mlp: bool = True
+    ):
         super().__init__()
         if with_mlp:
             self.mlp = nn.Sequential(
@@ -29,8 +30,7 @@ class PrototypeHead(nn.Module):
             self.mlp = None
         # Weight-normalised prototypes with the magnitude frozen at 1: every prototype stays a unit
         # vector, so the scores are cosine similarities.
-        self.prototype = nn.utils.parametrizations.weight_norm(
-            nn.Linear(embed_channels, num_prototypes, bias=False))
+        self.prototype = nn.utils.parametrizations.weight_norm(nn.Linear(embed_channels, num_prototypes, bias=False))
         magnitude = self.prototype.parametrizations.weight.original0
         magnitude.data.fill_(1.0)
         magnitude.requires_grad = False

@@ -39,33 +39,51 @@ class ImageEncoderConfig:
 
     def architecture(self) -> Dinov2WithRegistersConfig:
         return Dinov2WithRegistersConfig(
-            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads, mlp_ratio=self.mlp_ratio,
-            use_swiglu_ffn=self.use_swiglu_ffn, num_register_tokens=self.num_register_tokens,
-            patch_size=self.patch_size, image_size=self.image_size)
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            mlp_ratio=self.mlp_ratio,
+            use_swiglu_ffn=self.use_swiglu_ffn,
+            num_register_tokens=self.num_register_tokens,
+            patch_size=self.patch_size,
+            image_size=self.image_size,
+        )
 
 
-_CHECKED_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "use_swiglu_ffn",
-                   "num_register_tokens", "patch_size")
+_CHECKED_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "mlp_ratio",
+    "use_swiglu_ffn",
+    "num_register_tokens",
+    "patch_size",
+)
 
 
 def load_image_encoder(config: ImageEncoderConfig) -> Dinov2WithRegistersModel:
     """Load the pretrained encoder, check its architecture, and freeze it."""
     if not config.weights:
-        raise ConfigError("image_encoder.weights is empty: give a local directory written by "
-                          "save_pretrained or a hub name such as 'facebook/dinov2-with-registers-giant'")
+        raise ConfigError(
+            "image_encoder.weights is empty: give a local directory written by "
+            "save_pretrained or a hub name such as 'facebook/dinov2-with-registers-giant'"
+        )
     try:
         # An s3:// folder is fetched once per node, by the worker that loads it.
         weights = str(local_copy(config.weights, field="image_encoder.weights"))
         model = Dinov2WithRegistersModel.from_pretrained(weights, local_files_only=config.local_files_only)
     except OSError as exc:
-        raise ConfigError(f"image_encoder.weights: cannot load DINOv2-with-registers from "
-                          f"{config.weights!r} (local_files_only={config.local_files_only}): {exc}") from exc
+        raise ConfigError(
+            f"image_encoder.weights: cannot load DINOv2-with-registers from "
+            f"{config.weights!r} (local_files_only={config.local_files_only}): {exc}"
+        ) from exc
     expected = config.architecture()
     for name in _CHECKED_FIELDS:
         if getattr(model.config, name) != getattr(expected, name):
-            raise ConfigError(f"image_encoder.{name}: the weights at {config.weights!r} have "
-                              f"{getattr(model.config, name)!r}, the config says {getattr(expected, name)!r}")
+            raise ConfigError(
+                f"image_encoder.{name}: the weights at {config.weights!r} have "
+                f"{getattr(model.config, name)!r}, the config says {getattr(expected, name)!r}"
+            )
     return freeze(model)
 
 
@@ -80,8 +98,7 @@ def freeze(model: Dinov2WithRegistersModel) -> Dinov2WithRegistersModel:
 
 
 @torch.no_grad()
-def patch_features(model: Dinov2WithRegistersModel, images: torch.Tensor, patch_h: int,
-                   patch_w: int) -> torch.Tensor:
+def patch_features(model: Dinov2WithRegistersModel, images: torch.Tensor, patch_h: int, patch_w: int) -> torch.Tensor:
     """(num_images, patch_h * patch_w, hidden) patch-token features, row-major over the patch grid.
 
     The last hidden state is [CLS, registers..., patches...]; the patch tokens are its last
@@ -90,6 +107,8 @@ def patch_features(model: Dinov2WithRegistersModel, images: torch.Tensor, patch_
     num_patches = patch_h * patch_w
     hidden = model(pixel_values=images).last_hidden_state
     if hidden.shape[1] < num_patches:
-        raise ValueError(f"image encoder returned {hidden.shape[1]} tokens for images of shape "
-                         f"{tuple(images.shape)}, fewer than the {patch_h}x{patch_w} patch grid")
+        raise ValueError(
+            f"image encoder returned {hidden.shape[1]} tokens for images of shape "
+            f"{tuple(images.shape)}, fewer than the {patch_h}x{patch_w} patch grid"
+        )
     return hidden[:, -num_patches:, :]

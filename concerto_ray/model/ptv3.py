@@ -77,15 +77,16 @@ class PTv3Config:
         if unknown or not self.order:
             raise ConfigError(f"order: {list(self.order)} must be a non-empty list of {', '.join(ORDERS)}")
         stages = len(self.enc_depths)
-        per_stage = {"stride": stages - 1, "enc_channels": stages, "enc_num_head": stages,
-                     "enc_patch_size": stages}
+        per_stage = {"stride": stages - 1, "enc_channels": stages, "enc_num_head": stages, "enc_patch_size": stages}
         if not self.enc_mode:
-            per_stage.update(dec_depths=stages - 1, dec_channels=stages - 1, dec_num_head=stages - 1,
-                             dec_patch_size=stages - 1)
+            per_stage.update(
+                dec_depths=stages - 1, dec_channels=stages - 1, dec_num_head=stages - 1, dec_patch_size=stages - 1
+            )
         for name, expected in per_stage.items():
             if len(getattr(self, name)) != expected:
-                raise ConfigError(f"{name}: expected {expected} values for {stages} encoder stages, "
-                                  f"got {len(getattr(self, name))}")
+                raise ConfigError(
+                    f"{name}: expected {expected} values for {stages} encoder stages, got {len(getattr(self, name))}"
+                )
         heads = [("enc", c, h) for c, h in zip(self.enc_channels, self.enc_num_head)]
         if not self.enc_mode:
             heads += [("dec", c, h) for c, h in zip(self.dec_channels, self.dec_num_head)]
@@ -155,8 +156,11 @@ def patch_layout(offset: torch.Tensor, patch_size: int):
     count_of_slot = counts[sample_of_slot]
     is_point = slot_in_sample < count_of_slot
     long_sample = count_of_slot > patch_size
-    source = torch.where(is_point, slot_in_sample,
-                         torch.where(long_sample, slot_in_sample - patch_size, torch.zeros_like(slot_in_sample)))
+    source = torch.where(
+        is_point,
+        slot_in_sample,
+        torch.where(long_sample, slot_in_sample - patch_size, torch.zeros_like(slot_in_sample)),
+    )
     pad = start[sample_of_slot] + source
     position_in_sample = torch.arange(int(offset[-1]), device=offset.device) - start.repeat_interleave(counts)
     unpad = padded_start.repeat_interleave(counts) + position_in_sample
@@ -167,10 +171,21 @@ def patch_layout(offset: torch.Tensor, patch_size: int):
 class SerializedAttention(nn.Module):
     """Multi-head self-attention inside patches of consecutive points along one serialization order."""
 
-    def __init__(self, channels: int, num_heads: int, patch_size: int, qkv_bias: bool = True,
-                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 order_index: int = 0, enable_rpe: bool = False, enable_flash: bool = True,
-                 upcast_attention: bool = False, upcast_softmax: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        patch_size: int,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        order_index: int = 0,
+        enable_rpe: bool = False,
+        enable_flash: bool = True,
+        upcast_attention: bool = False,
+        upcast_softmax: bool = False,
+    ):
         super().__init__()
         self.channels = channels
         self.num_heads = num_heads
@@ -220,8 +235,9 @@ class SerializedAttention(nn.Module):
             # Pointcept's upcast flags make the logits and softmax fp32; SDPA in fp32 covers both.
             q, k, v = q.float(), k.float(), v.float()
             bias = bias.float() if bias is not None and bias.is_floating_point() else bias
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, scale=self.scale, dropout_p=self.attn_drop if self.training else 0.0
+        )
         out = out.to(qkv.dtype).transpose(1, 2).reshape(-1, c)[inverse]
         return self.proj_drop(self.proj(out))
 
@@ -245,23 +261,51 @@ def _maybe_layer_scale(channels: int, init_value: float | None) -> nn.Sequential
 class Block(nn.Module):
     """xCPE (sparse conv positional encoding) + serialized attention + MLP, each with a residual."""
 
-    def __init__(self, channels: int, num_heads: int, patch_size: int, mlp_ratio: float, qkv_bias: bool,
-                 qk_scale: float | None, attn_drop: float, proj_drop: float, drop_path: float,
-                 layer_scale: float | None, pre_norm: bool, order_index: int, cpe_indice_key: str,
-                 enable_rpe: bool, enable_flash: bool, upcast_attention: bool, upcast_softmax: bool):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        patch_size: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: float | None,
+        attn_drop: float,
+        proj_drop: float,
+        drop_path: float,
+        layer_scale: float | None,
+        pre_norm: bool,
+        order_index: int,
+        cpe_indice_key: str,
+        enable_rpe: bool,
+        enable_flash: bool,
+        upcast_attention: bool,
+        upcast_softmax: bool,
+    ):
         super().__init__()
         self.pre_norm = pre_norm
-        self.cpe = nn.ModuleList([
-            SubMConv3d(channels, channels, kernel_size=3, bias=True, indice_key=cpe_indice_key),
-            nn.Linear(channels, channels),
-            nn.LayerNorm(channels),
-        ])
+        self.cpe = nn.ModuleList(
+            [
+                SubMConv3d(channels, channels, kernel_size=3, bias=True, indice_key=cpe_indice_key),
+                nn.Linear(channels, channels),
+                nn.LayerNorm(channels),
+            ]
+        )
         self.norm1 = nn.Sequential(nn.LayerNorm(channels))
         self.ls1 = _maybe_layer_scale(channels, layer_scale)
-        self.attn = SerializedAttention(channels, num_heads, patch_size, qkv_bias=qkv_bias, qk_scale=qk_scale,
-                                        attn_drop=attn_drop, proj_drop=proj_drop, order_index=order_index,
-                                        enable_rpe=enable_rpe, enable_flash=enable_flash,
-                                        upcast_attention=upcast_attention, upcast_softmax=upcast_softmax)
+        self.attn = SerializedAttention(
+            channels,
+            num_heads,
+            patch_size,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+            order_index=order_index,
+            enable_rpe=enable_rpe,
+            enable_flash=enable_flash,
+            upcast_attention=upcast_attention,
+            upcast_softmax=upcast_softmax,
+        )
         self.norm2 = nn.Sequential(nn.LayerNorm(channels))
         self.ls2 = _maybe_layer_scale(channels, layer_scale)
         self.mlp = nn.Sequential(MLP(channels, int(channels * mlp_ratio), drop=proj_drop))
@@ -274,8 +318,7 @@ class Block(nn.Module):
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Only the block's inputs are kept; the rest is recomputed in backward (RNG state preserved, so
             # drop path draws the same rows). The conv stays outside: spconv keeps its own state.
-            feat = checkpoint(self._residuals, point.feat, point.sparse_conv_feat.features, point,
-                              use_reentrant=False)
+            feat = checkpoint(self._residuals, point.feat, point.sparse_conv_feat.features, point, use_reentrant=False)
         else:
             feat = self._residuals(point.feat, point.sparse_conv_feat.features, point)
         point.feat = feat
@@ -336,8 +379,9 @@ class GridPooling(nn.Module):
 
         pooled = Point(
             feat=_segment_reduce(self.proj(point.feat)[indices], counts, "max"),
-            grid_coord=torch.stack([(unique_key >> 32) & 0xFFFF, (unique_key >> 16) & 0xFFFF,
-                                    unique_key & 0xFFFF], dim=1),
+            grid_coord=torch.stack(
+                [(unique_key >> 32) & 0xFFFF, (unique_key >> 16) & 0xFFFF, unique_key & 0xFFFF], dim=1
+            ),
             batch=point.batch[head],
             pooling_inverse=cluster,
             pooling_parent=point,
@@ -363,8 +407,7 @@ class GridUnpooling(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, traceable: bool = False):
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(in_channels, out_channels), nn.LayerNorm(out_channels), nn.GELU())
-        self.proj_skip = nn.Sequential(nn.Linear(skip_channels, out_channels), nn.LayerNorm(out_channels),
-                                       nn.GELU())
+        self.proj_skip = nn.Sequential(nn.Linear(skip_channels, out_channels), nn.LayerNorm(out_channels), nn.GELU())
         self.traceable = traceable
 
     def forward(self, point: Point) -> Point:
@@ -383,16 +426,16 @@ class Embedding(nn.Module):
 
     def __init__(self, in_channels: int, embed_channels: int, mask_token: bool = False):
         super().__init__()
-        self.stem = nn.Sequential(OrderedDict(linear=nn.Linear(in_channels, embed_channels),
-                                              norm=nn.LayerNorm(embed_channels), act=nn.GELU()))
+        self.stem = nn.Sequential(
+            OrderedDict(linear=nn.Linear(in_channels, embed_channels), norm=nn.LayerNorm(embed_channels), act=nn.GELU())
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, embed_channels)) if mask_token else None
 
     def forward(self, point: Point) -> Point:
         point.feat = self.stem(point.feat)
         if "mask" in point:
             if self.mask_token is None:
-                raise DataError("the input has a 'mask' but the backbone was built with mask_token=False",
-                                field="mask")
+                raise DataError("the input has a 'mask' but the backbone was built with mask_token=False", field="mask")
             point.feat = torch.where(point.mask.unsqueeze(-1), self.mask_token.to(point.feat.dtype), point.feat)
         return point
 
@@ -408,10 +451,19 @@ class PointTransformerV3(nn.Module):
         self.config = cfg
         self.shuffle_orders = cfg.shuffle_orders
         stages = len(cfg.enc_depths)
-        block_args = dict(mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_scale=cfg.qk_scale,
-                          attn_drop=cfg.attn_drop, proj_drop=cfg.proj_drop, layer_scale=cfg.layer_scale,
-                          pre_norm=cfg.pre_norm, enable_rpe=cfg.enable_rpe, enable_flash=cfg.enable_flash,
-                          upcast_attention=cfg.upcast_attention, upcast_softmax=cfg.upcast_softmax)
+        block_args = dict(
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=cfg.qkv_bias,
+            qk_scale=cfg.qk_scale,
+            attn_drop=cfg.attn_drop,
+            proj_drop=cfg.proj_drop,
+            layer_scale=cfg.layer_scale,
+            pre_norm=cfg.pre_norm,
+            enable_rpe=cfg.enable_rpe,
+            enable_flash=cfg.enable_flash,
+            upcast_attention=cfg.upcast_attention,
+            upcast_softmax=cfg.upcast_softmax,
+        )
 
         self.embedding = Embedding(cfg.in_channels, cfg.enc_channels[0], mask_token=cfg.mask_token)
 
@@ -421,15 +473,29 @@ class PointTransformerV3(nn.Module):
         for s in range(stages):
             stage = nn.Sequential()
             if s > 0:
-                stage.add_module("down", GridPooling(cfg.enc_channels[s - 1], cfg.enc_channels[s],
-                                                     stride=cfg.stride[s - 1],
-                                                     shuffle_orders=cfg.pooling_shuffle_orders))
+                stage.add_module(
+                    "down",
+                    GridPooling(
+                        cfg.enc_channels[s - 1],
+                        cfg.enc_channels[s],
+                        stride=cfg.stride[s - 1],
+                        shuffle_orders=cfg.pooling_shuffle_orders,
+                    ),
+                )
             first = sum(cfg.enc_depths[:s])
             for i in range(cfg.enc_depths[s]):
-                stage.add_module(f"block{i}", Block(
-                    cfg.enc_channels[s], cfg.enc_num_head[s], cfg.enc_patch_size[s],
-                    drop_path=enc_drop_path[first + i], order_index=i % len(cfg.order),
-                    cpe_indice_key=f"stage{s}", **block_args))
+                stage.add_module(
+                    f"block{i}",
+                    Block(
+                        cfg.enc_channels[s],
+                        cfg.enc_num_head[s],
+                        cfg.enc_patch_size[s],
+                        drop_path=enc_drop_path[first + i],
+                        order_index=i % len(cfg.order),
+                        cpe_indice_key=f"stage{s}",
+                        **block_args,
+                    ),
+                )
             if len(stage):
                 self.enc.add_module(f"enc{s}", stage)
 
@@ -438,15 +504,25 @@ class PointTransformerV3(nn.Module):
             dec_channels = list(cfg.dec_channels) + [cfg.enc_channels[-1]]
             self.dec = nn.Sequential()
             for s in reversed(range(stages - 1)):
-                stage_drop_path = dec_drop_path[sum(cfg.dec_depths[:s]):sum(cfg.dec_depths[:s + 1])][::-1]
+                stage_drop_path = dec_drop_path[sum(cfg.dec_depths[:s]) : sum(cfg.dec_depths[: s + 1])][::-1]
                 stage = nn.Sequential()
-                stage.add_module("up", GridUnpooling(dec_channels[s + 1], cfg.enc_channels[s], dec_channels[s],
-                                                     traceable=cfg.traceable))
+                stage.add_module(
+                    "up",
+                    GridUnpooling(dec_channels[s + 1], cfg.enc_channels[s], dec_channels[s], traceable=cfg.traceable),
+                )
                 for i in range(cfg.dec_depths[s]):
-                    stage.add_module(f"block{i}", Block(
-                        dec_channels[s], cfg.dec_num_head[s], cfg.dec_patch_size[s],
-                        drop_path=stage_drop_path[i], order_index=i % len(cfg.order),
-                        cpe_indice_key=f"stage{s}", **block_args))
+                    stage.add_module(
+                        f"block{i}",
+                        Block(
+                            dec_channels[s],
+                            cfg.dec_num_head[s],
+                            cfg.dec_patch_size[s],
+                            drop_path=stage_drop_path[i],
+                            order_index=i % len(cfg.order),
+                            cpe_indice_key=f"stage{s}",
+                            **block_args,
+                        ),
+                    )
                 self.dec.add_module(f"dec{s}", stage)
 
         self.apply(self._init_weights)
@@ -482,14 +558,18 @@ class PointTransformerV3(nn.Module):
             raise DataError("the input has no 'feat'", field="feat")
         feat = data["feat"]
         if feat.dim() != 2 or feat.shape[1] != self.config.in_channels:
-            raise DataError(f"has shape {tuple(feat.shape)} but the backbone expects "
-                            f"(N, in_channels={self.config.in_channels})", field="feat")
+            raise DataError(
+                f"has shape {tuple(feat.shape)} but the backbone expects (N, in_channels={self.config.in_channels})",
+                field="feat",
+            )
         num_points = feat.shape[0]
         if "offset" not in data and "batch" not in data:
             raise DataError("the input needs 'offset' or 'batch'", field="offset")
         if "batch" in data and data["batch"].shape != (num_points,):
-            raise DataError(f"has shape {tuple(data['batch'].shape)}, expected ({num_points},): one sample index "
-                            f"per point", field="batch")
+            raise DataError(
+                f"has shape {tuple(data['batch'].shape)}, expected ({num_points},): one sample index per point",
+                field="batch",
+            )
         for name in ("coord", "grid_coord"):
             if name in data and data[name].shape != (num_points, 3):
                 raise DataError(f"has shape {tuple(data[name].shape)}, expected ({num_points}, 3)", field=name)

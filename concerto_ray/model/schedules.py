@@ -64,19 +64,27 @@ class SslSchedules:
 
         def warmed_up(start: float, base: float, warmup_ratio: float) -> CosineSchedule:
             # Warm-up, then constant at `base`: the reference passes final == base for these three.
-            return CosineSchedule(base=base, final=base, total_steps=total_steps, start=start,
-                                  warmup_steps=int(total_steps * warmup_ratio))
+            return CosineSchedule(
+                base=base,
+                final=base,
+                total_steps=total_steps,
+                start=start,
+                warmup_steps=int(total_steps * warmup_ratio),
+            )
 
         return cls(
             mask_size=warmed_up(config.mask_size_start, config.mask_size_base, config.mask_size_warmup_ratio),
-            mask_ratio=warmed_up(config.mask_ratio_start, config.mask_ratio_base,
-                                 config.mask_ratio_warmup_ratio),
-            teacher_temp=warmed_up(config.teacher_temp_start, config.teacher_temp_base,
-                                   config.teacher_temp_warmup_ratio),
-            momentum=CosineSchedule(base=config.momentum_base, final=config.momentum_final,
-                                    total_steps=total_steps),
+            mask_ratio=warmed_up(config.mask_ratio_start, config.mask_ratio_base, config.mask_ratio_warmup_ratio),
+            teacher_temp=warmed_up(
+                config.teacher_temp_start, config.teacher_temp_base, config.teacher_temp_warmup_ratio
+            ),
+            momentum=CosineSchedule(base=config.momentum_base, final=config.momentum_final, total_steps=total_steps),
         )
 
     def at(self, step: int) -> ScheduleValues:
-        return ScheduleValues(mask_size=self.mask_size(step), mask_ratio=self.mask_ratio(step),
-                              teacher_temp=self.teacher_temp(step), momentum=self.momentum(step))
+        return ScheduleValues(
+            mask_size=self.mask_size(step),
+            mask_ratio=self.mask_ratio(step),
+            teacher_temp=self.teacher_temp(step),
+            momentum=self.momentum(step),
+        )

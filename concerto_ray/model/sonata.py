@@ -50,8 +50,12 @@ class Sonata(nn.Module):
         self.teacher = nn.ModuleDict(teacher)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.schedule = ScheduleValues(mask_size=config.mask_size_start, mask_ratio=config.mask_ratio_start,
-                                       teacher_temp=config.teacher_temp_start, momentum=config.momentum_base)
+        self.schedule = ScheduleValues(
+            mask_size=config.mask_size_start,
+            mask_ratio=config.mask_ratio_start,
+            teacher_temp=config.teacher_temp_start,
+            momentum=config.momentum_base,
+        )
 
     def _head_names(self) -> list[str]:
         names = []
@@ -63,8 +67,7 @@ class Sonata(nn.Module):
 
     def _point_head(self) -> PrototypeHead:
         c = self.config
-        return PrototypeHead(c.head_in_channels, c.head_hidden_channels, c.head_embed_channels,
-                             c.head_num_prototypes)
+        return PrototypeHead(c.head_in_channels, c.head_hidden_channels, c.head_embed_channels, c.head_num_prototypes)
 
     def set_schedule(self, values: ScheduleValues) -> None:
         """Mask size/ratio, teacher temperature and momentum for the coming step."""
@@ -102,22 +105,36 @@ class Sonata(nn.Module):
         c = self.config
         validate_point_batch(batch, c.num_global_view, c.num_local_view)
         grid_size = batch["grid_size"][0]
-        global_point = Point(feat=batch["global_feat"], coord=batch["global_coord"],
-                             origin_coord=batch["global_origin_coord"], offset=batch["global_offset"],
-                             grid_size=grid_size)
-        mask = grid_patch_mask(global_point.coord, global_point.offset, self.schedule.mask_size,
-                               self.schedule.mask_ratio)
+        global_point = Point(
+            feat=batch["global_feat"],
+            coord=batch["global_coord"],
+            origin_coord=batch["global_origin_coord"],
+            offset=batch["global_offset"],
+            grid_size=grid_size,
+        )
+        mask = grid_patch_mask(
+            global_point.coord, global_point.offset, self.schedule.mask_size, self.schedule.mask_ratio
+        )
         masked_coord = global_point.coord.clone()
         if c.mask_jitter is not None:
             noise = torch.randn_like(masked_coord[mask]).mul(c.mask_jitter)
             # Only the upper side is clipped, as in the reference.
             masked_coord[mask] += torch.clamp(noise, max=2 * c.mask_jitter)
-        masked_point = Point(feat=batch["global_feat"], coord=masked_coord,
-                             origin_coord=batch["global_origin_coord"], mask=mask,
-                             offset=batch["global_offset"], grid_size=grid_size)
-        local_point = Point(feat=batch["local_feat"], coord=batch["local_coord"],
-                            origin_coord=batch["local_origin_coord"], offset=batch["local_offset"],
-                            grid_size=grid_size)
+        masked_point = Point(
+            feat=batch["global_feat"],
+            coord=masked_coord,
+            origin_coord=batch["global_origin_coord"],
+            mask=mask,
+            offset=batch["global_offset"],
+            grid_size=grid_size,
+        )
+        local_point = Point(
+            feat=batch["local_feat"],
+            coord=batch["local_coord"],
+            origin_coord=batch["local_origin_coord"],
+            offset=batch["local_offset"],
+            grid_size=grid_size,
+        )
         return Views(global_point, masked_point, local_point)
 
     @torch.no_grad()
@@ -132,8 +149,9 @@ class Sonata(nn.Module):
         """Teacher prototype scores per point term ("mask", "unmask"): each term has its own head."""
         return {name.removesuffix("_head"): self.teacher[name](teacher.feat) for name in self._head_names()}
 
-    def _point_losses(self, teacher: Point, student_masked: Point | None,
-                      local_point: Point) -> dict[str, tuple[torch.Tensor, float]]:
+    def _point_losses(
+        self, teacher: Point, student_masked: Point | None, local_point: Point
+    ) -> dict[str, tuple[torch.Tensor, float]]:
         c = self.config
         temp = self.schedule.teacher_temp
         teacher_logits = self._teacher_logits(teacher)
@@ -142,15 +160,36 @@ class Sonata(nn.Module):
             targets = teacher_logits["mask"]
             pred = self.student["mask_head"](student_masked.feat)
             if c.mask_loss_weight > 0:
-                losses["mask_loss"] = (self._matched_loss(
-                    pred, student_masked.origin_coord, student_masked.offset, student_masked.batch,
-                    targets, teacher.origin_coord, teacher.offset, temp, "mask"), c.mask_loss_weight)
+                losses["mask_loss"] = (
+                    self._matched_loss(
+                        pred,
+                        student_masked.origin_coord,
+                        student_masked.offset,
+                        student_masked.batch,
+                        targets,
+                        teacher.origin_coord,
+                        teacher.offset,
+                        temp,
+                        "mask",
+                    ),
+                    c.mask_loss_weight,
+                )
             if c.roll_mask_loss_weight > 0:
                 order = swap_view_pairs(teacher.offset, teacher.batch, c.num_global_view)
-                losses["roll_mask_loss"] = (self._matched_loss(
-                    pred, student_masked.origin_coord, student_masked.offset, student_masked.batch,
-                    targets[order.index], teacher.origin_coord[order.index], order.offset, temp, "roll_mask"),
-                    c.roll_mask_loss_weight)
+                losses["roll_mask_loss"] = (
+                    self._matched_loss(
+                        pred,
+                        student_masked.origin_coord,
+                        student_masked.offset,
+                        student_masked.batch,
+                        targets[order.index],
+                        teacher.origin_coord[order.index],
+                        order.offset,
+                        temp,
+                        "roll_mask",
+                    ),
+                    c.roll_mask_loss_weight,
+                )
         if c.unmask_loss_weight > 0:
             targets = teacher_logits["unmask"]
             local = self._student_forward(local_point)
@@ -158,22 +197,44 @@ class Sonata(nn.Module):
             # All local views of a scene are matched against the scene's first global view.
             principal = first_view_rows(teacher.batch, c.num_global_view)
             principal_offset = batch2offset(teacher.batch[principal] // c.num_global_view)
-            losses["unmask_loss"] = (self._matched_loss(
-                pred, local.origin_coord, local.offset[c.num_local_view - 1::c.num_local_view], local.batch,
-                targets[principal], teacher.origin_coord[principal], principal_offset, temp, "unmask"),
-                c.unmask_loss_weight)
+            losses["unmask_loss"] = (
+                self._matched_loss(
+                    pred,
+                    local.origin_coord,
+                    local.offset[c.num_local_view - 1 :: c.num_local_view],
+                    local.batch,
+                    targets[principal],
+                    teacher.origin_coord[principal],
+                    principal_offset,
+                    temp,
+                    "unmask",
+                ),
+                c.unmask_loss_weight,
+            )
         return losses
 
-    def _matched_loss(self, pred: torch.Tensor, pred_coord: torch.Tensor, pred_offset: torch.Tensor,
-                      pred_batch: torch.Tensor, target: torch.Tensor, target_coord: torch.Tensor,
-                      target_offset: torch.Tensor, teacher_temp: float, term: str) -> torch.Tensor:
+    def _matched_loss(
+        self,
+        pred: torch.Tensor,
+        pred_coord: torch.Tensor,
+        pred_offset: torch.Tensor,
+        pred_batch: torch.Tensor,
+        target: torch.Tensor,
+        target_coord: torch.Tensor,
+        target_offset: torch.Tensor,
+        teacher_temp: float,
+        term: str,
+    ) -> torch.Tensor:
         """Cross-entropy between balanced teacher assignments and student scores of matched points,
         averaged per view and then over views."""
         with torch.no_grad():
             match = match_nearest(pred_coord, pred_offset, target_coord, target_offset, self.config.match_max_r)
             if len(match) == 0:
-                raise DataError(f"no student point lies within match_max_r={self.config.match_max_r} of a "
-                                f"teacher point; the views of this batch do not overlap", field=term)
+                raise DataError(
+                    f"no student point lies within match_max_r={self.config.match_max_r} of a "
+                    f"teacher point; the views of this batch do not overlap",
+                    field=term,
+                )
             target = sinkhorn_knopp(target[match[:, 1]], teacher_temp)
         log_prob = F.log_softmax(pred[match[:, 0]].float() / self.config.student_temp, dim=-1)
         per_point = -torch.sum(target * log_prob, dim=-1)
@@ -207,16 +268,24 @@ def finish_losses(weighted: dict[str, tuple[torch.Tensor, float]]) -> dict[str, 
 
 def validate_point_batch(batch: dict, num_global_view: int, num_local_view: int) -> None:
     """Raise DataError naming the field when the batch does not have the reference's layout."""
-    for key in ("global_coord", "global_feat", "global_origin_coord", "global_offset", "local_coord",
-                "local_feat", "local_origin_coord", "local_offset", "grid_size"):
+    for key in (
+        "global_coord",
+        "global_feat",
+        "global_origin_coord",
+        "global_offset",
+        "local_coord",
+        "local_feat",
+        "local_origin_coord",
+        "local_offset",
+        "grid_size",
+    ):
         if key not in batch:
             raise DataError("missing from the batch", field=key)
     for prefix in ("global", "local"):
         coord = batch[f"{prefix}_coord"]
         for key in (f"{prefix}_feat", f"{prefix}_origin_coord"):
             if batch[key].shape[0] != coord.shape[0]:
-                raise DataError(f"has {batch[key].shape[0]} rows but {prefix}_coord has {coord.shape[0]}",
-                                field=key)
+                raise DataError(f"has {batch[key].shape[0]} rows but {prefix}_coord has {coord.shape[0]}", field=key)
         offset = batch[f"{prefix}_offset"]
         if offset.device.type == "cpu":  # reads values: on an accelerator, collate has checked it on the CPU
             try:
@@ -225,17 +294,20 @@ def validate_point_batch(batch: dict, num_global_view: int, num_local_view: int)
                 raise DataError(exc.problem, field=f"{prefix}_offset") from exc
     num_global = len(batch["global_offset"])
     if num_global % num_global_view:
-        raise DataError(f"has {num_global} views, not a multiple of num_global_view={num_global_view}",
-                        field="global_offset")
+        raise DataError(
+            f"has {num_global} views, not a multiple of num_global_view={num_global_view}", field="global_offset"
+        )
     num_scenes = num_global // num_global_view
     if len(batch["local_offset"]) != num_scenes * num_local_view:
-        raise DataError(f"has {len(batch['local_offset'])} views but {num_scenes} scenes x "
-                        f"num_local_view={num_local_view} were expected", field="local_offset")
+        raise DataError(
+            f"has {len(batch['local_offset'])} views but {num_scenes} scenes x "
+            f"num_local_view={num_local_view} were expected",
+            field="local_offset",
+        )
 
 
 @torch.no_grad()
-def grid_patch_mask(coord: torch.Tensor, offset: torch.Tensor, patch_size: float,
-                    ratio: float) -> torch.Tensor:
+def grid_patch_mask(coord: torch.Tensor, offset: torch.Tensor, patch_size: float, ratio: float) -> torch.Tensor:
     """Boolean mask over points: each view is cut into cubes of `patch_size` (from its own minimum
     corner) and a random `ratio` share of all cubes of the batch is masked."""
     batch = offset2batch(offset)
@@ -250,8 +322,13 @@ def grid_patch_mask(coord: torch.Tensor, offset: torch.Tensor, patch_size: float
 
 
 @torch.no_grad()
-def match_nearest(query_coord: torch.Tensor, query_offset: torch.Tensor, ref_coord: torch.Tensor,
-                  ref_offset: torch.Tensor, max_distance: float) -> torch.Tensor:
+def match_nearest(
+    query_coord: torch.Tensor,
+    query_offset: torch.Tensor,
+    ref_coord: torch.Tensor,
+    ref_offset: torch.Tensor,
+    max_distance: float,
+) -> torch.Tensor:
     """(M, 2) pairs [query index, index of its nearest reference point of the same segment], kept when
     closer than `max_distance`."""
     query_coord, ref_coord = query_coord.float(), ref_coord.float()
@@ -329,8 +406,10 @@ def up_cast(point: Point, levels: int) -> Point:
     Consumes the pooling links it follows (as the reference does)."""
     for _ in range(levels):
         if "pooling_parent" not in point or "pooling_inverse" not in point:
-            raise ValueError("cannot up-cast: the backbone output has no pooling trace "
-                             "(the backbone must be built with traceable=True)")
+            raise ValueError(
+                "cannot up-cast: the backbone output has no pooling trace "
+                "(the backbone must be built with traceable=True)"
+            )
         parent = point.pop("pooling_parent")
         inverse = point.pop("pooling_inverse")
         parent.feat = torch.cat([parent.feat, point.feat[inverse]], dim=-1)

@@ -28,10 +28,10 @@ class SubMConv3d(spconv.SubMConv3d):
     requires for its shared neighbour maps. The output is fp32; the next Linear is autocast again.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True,
-                 indice_key: str | None = None):
-        super().__init__(in_channels, out_channels, kernel_size, bias=bias, indice_key=indice_key,
-                         algo=ConvAlgo.Native)
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True, indice_key: str | None = None
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, bias=bias, indice_key=indice_key, algo=ConvAlgo.Native)
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         device = x.features.device
@@ -39,8 +39,14 @@ class SubMConv3d(spconv.SubMConv3d):
         self.algo = ConvAlgo.MaskImplicitGemm if on_gpu else ConvAlgo.Native
         dtype = torch.float16 if on_gpu and torch.is_autocast_enabled(device.type) else torch.float32
         with torch.autocast(device_type=device.type, enabled=False):
-            out = self._conv_forward(self.training, x.replace_feature(x.features.to(dtype)), self.weight.to(dtype),
-                                     None, name=self.name, sparse_unique_name=self._sparse_unique_name)
+            out = self._conv_forward(
+                self.training,
+                x.replace_feature(x.features.to(dtype)),
+                self.weight.to(dtype),
+                None,
+                name=self.name,
+                sparse_unique_name=self._sparse_unique_name,
+            )
             features = out.features.float()
             if self.bias is not None:
                 features = features + self.bias.float()

@@ -47,8 +47,10 @@ def validate_offset(offset: torch.Tensor, num_points: int) -> None:
     counts = offset2bincount(offset)
     empty = torch.nonzero(counts <= 0).flatten().tolist()
     if empty:
-        raise DataError(f"must be strictly increasing; batch element(s) {empty} have no points "
-                        f"(offset={offset.tolist()})", field="offset")
+        raise DataError(
+            f"must be strictly increasing; batch element(s) {empty} have no points (offset={offset.tolist()})",
+            field="offset",
+        )
 
 
 def validate_point_layout(data: dict, num_points: int) -> None:
@@ -60,8 +62,10 @@ def validate_point_layout(data: dict, num_points: int) -> None:
     if "batch" in data:
         batch = data["batch"]
         if len(batch) and (torch.any(batch[1:] < batch[:-1]) or int(batch[0]) != 0):
-            raise DataError("must give each point's sample index, starting at 0, with points grouped by "
-                            "sample in sample order", field="batch")
+            raise DataError(
+                "must give each point's sample index, starting at 0, with points grouped by sample in sample order",
+                field="batch",
+            )
         validate_offset(batch2offset(batch), num_points)
         if "offset" in data and not torch.equal(batch, offset2batch(data["offset"])):
             raise DataError("does not match 'offset'", field="batch")
@@ -94,12 +98,14 @@ class Point(dict):
         if "grid_coord" not in self:
             if "coord" not in self or "grid_size" not in self:
                 raise DataError("a Point needs 'grid_coord', or 'coord' and 'grid_size'", field="grid_coord")
-            self["grid_coord"] = torch.div(self.coord - self.coord.min(0)[0], self.grid_size,
-                                           rounding_mode="trunc").int()
+            self["grid_coord"] = torch.div(
+                self.coord - self.coord.min(0)[0], self.grid_size, rounding_mode="trunc"
+            ).int()
         return self["grid_coord"]
 
-    def serialization(self, order: Sequence[str] = ("z",), depth: int | None = None,
-                      shuffle_orders: bool = False) -> None:
+    def serialization(
+        self, order: Sequence[str] = ("z",), depth: int | None = None, shuffle_orders: bool = False
+    ) -> None:
         """Sort the points along each space-filling curve in `order`.
 
         Codes put the batch index above the coordinate bits, so each sample stays contiguous. With
@@ -111,8 +117,11 @@ class Point(dict):
         if depth is None:
             depth = int(grid_coord.max() + 1).bit_length()
         if depth > MAX_DEPTH or 3 * depth + len(self.offset).bit_length() > 63:
-            raise DataError(f"grid coordinates up to {int(grid_coord.max())} need {depth} bits per axis; "
-                            f"at most {MAX_DEPTH} fit a 64-bit serialization code", field="grid_coord")
+            raise DataError(
+                f"grid coordinates up to {int(grid_coord.max())} need {depth} bits per axis; "
+                f"at most {MAX_DEPTH} fit a 64-bit serialization code",
+                field="grid_coord",
+            )
         self["serialized_depth"] = depth
         code = torch.stack([encode(grid_coord, self.batch, depth, name) for name in order])
         sort_order = torch.argsort(code)
@@ -134,6 +143,6 @@ class Point(dict):
             sparse_shape = torch.add(torch.max(grid_coord, dim=0).values, pad).tolist()
         indices = torch.cat([self.batch.unsqueeze(-1).int(), grid_coord.int()], dim=1).contiguous()
         self["sparse_shape"] = sparse_shape
-        self["sparse_conv_feat"] = SparseConvTensor(features=self.feat, indices=indices,
-                                                    spatial_shape=sparse_shape,
-                                                    batch_size=int(self.batch[-1]) + 1)
+        self["sparse_conv_feat"] = SparseConvTensor(
+            features=self.feat, indices=indices, spatial_shape=sparse_shape, batch_size=int(self.batch[-1]) + 1
+        )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from concerto_ray.config import from_dict
+from concerto_ray.config import find_config, from_dict
 from concerto_ray.data.pipeline import StreamConfig
 from concerto_ray.data.sources import EpochPlan, field_name, load_sources
 from concerto_ray.data.storage import S3_SCHEME
@@ -149,10 +149,9 @@ class PretrainConfig:
 
 
 def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
-    """Read the YAML at `path`, apply `a.b.c=value` overrides (values parsed as YAML), validate everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """Read the YAML at `path` (or the shipped config of that name, e.g. "pretrain-tiny"), apply `a.b.c=value`
+    overrides (values parsed as YAML), validate everything."""
+    path = find_config(path, "pretrain")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -196,7 +195,7 @@ def set_value(data: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parents):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {'.'.join(parents[:i + 1])} is not a section")
+            raise ConfigError(f"{key}: {'.'.join(parents[: i + 1])} is not a section")
     node[leaf] = value
 
 
@@ -206,11 +205,14 @@ def validate(config: PretrainConfig) -> None:
     if data.mode != "pretrain":
         raise ConfigError(f"data.mode must be 'pretrain' for pre-training, got {data.mode!r}")
     placeholders = [("data.sources_root", data.sources_root)] + [
-        (field_name(data.where(), i, "shards"), s.shards) for i, s in enumerate(data.source_configs())]
+        (field_name(data.where(), i, "shards"), s.shards) for i, s in enumerate(data.source_configs())
+    ]
     for name, value in placeholders:
         if value is not None and value.startswith(SHARDS_PLACEHOLDER):
-            raise ConfigError(f"{name} is still the placeholder {value!r}: set it to the shards written by "
-                              f"`concerto-ray prepare`, e.g. --set {name}=s3://my-bucket/concerto-shards")
+            raise ConfigError(
+                f"{name} is still the placeholder {value!r}: set it to the shards written by "
+                f"`concerto-ray prepare`, e.g. --set {name}=s3://my-bucket/concerto-shards"
+            )
     # Workers do not share the driver's working directory: local paths become absolute here.
     if data.shards is not None:
         data.shards = absolute_uri(data.shards)
@@ -235,9 +237,11 @@ def validate(config: PretrainConfig) -> None:
     check_storage(config.run, config.mlflow)
     steps = steps_per_epoch(config)
     if steps < 1:
-        raise ConfigError(f"one epoch gives no optimizer step: {_train_samples(config)} samples of "
-                          f"{data.where()} for {config.run.num_workers} workers x data.batch_size "
-                          f"{data.batch_size} x optim.grad_accumulation {config.optim.grad_accumulation}")
+        raise ConfigError(
+            f"one epoch gives no optimizer step: {_train_samples(config)} samples of "
+            f"{data.where()} for {config.run.num_workers} workers x data.batch_size "
+            f"{data.batch_size} x optim.grad_accumulation {config.optim.grad_accumulation}"
+        )
 
 
 def steps_per_epoch(config: PretrainConfig) -> int:
@@ -252,8 +256,10 @@ def resolve_tracking_uri(mlflow: MlflowSection, local_run_dir: str | None) -> st
     if uri:
         return uri
     if local_run_dir is None:
-        raise ConfigError("mlflow.tracking_uri: set it (or MLFLOW_TRACKING_URI) when run.storage_path is on S3; "
-                          "the SQLite default only works in a local run folder")
+        raise ConfigError(
+            "mlflow.tracking_uri: set it (or MLFLOW_TRACKING_URI) when run.storage_path is on S3; "
+            "the SQLite default only works in a local run folder"
+        )
     return f"sqlite:///{local_run_dir}/mlflow.db"
 
 
@@ -264,18 +270,24 @@ def absolute_uri(uri: str) -> str:
 
 def _check_views(config: PretrainConfig, model_config: SonataConfig) -> None:
     transform = config.data.pretrain
-    if (transform.global_view_num, transform.local_view_num) != (model_config.num_global_view,
-                                                                 model_config.num_local_view):
-        raise ConfigError(f"data.pretrain makes {transform.global_view_num} global and {transform.local_view_num} "
-                          f"local views but model {config.model.name!r} expects {model_config.num_global_view} "
-                          f"and {model_config.num_local_view}")
+    if (transform.global_view_num, transform.local_view_num) != (
+        model_config.num_global_view,
+        model_config.num_local_view,
+    ):
+        raise ConfigError(
+            f"data.pretrain makes {transform.global_view_num} global and {transform.local_view_num} "
+            f"local views but model {config.model.name!r} expects {model_config.num_global_view} "
+            f"and {model_config.num_local_view}"
+        )
 
 
 def _check_image_encoder_weights(model_config: ConcertoConfig) -> None:
     encoder = model_config.image_encoder
     if not encoder.weights:
-        raise ConfigError("model.image_encoder_weights: the Concerto image encoder needs DINOv2 weights "
-                          "(a directory written by save_pretrained)")
+        raise ConfigError(
+            "model.image_encoder_weights: the Concerto image encoder needs DINOv2 weights "
+            "(a directory written by save_pretrained)"
+        )
     # An s3:// folder is fetched and checked where it is read: on each worker's node (concerto_ray.node_cache).
     if Path(encoder.weights).is_dir() or "://" in encoder.weights or not encoder.local_files_only:
         return
@@ -286,8 +298,10 @@ def _check_image_encoder_weights(model_config: ConcertoConfig) -> None:
     except ValueError:  # not even a valid hub name
         cached = None
     if not isinstance(cached, str):
-        raise ConfigError(f"model.image_encoder_weights: {encoder.weights!r} is neither a local directory nor a "
-                          f"model in the Hugging Face cache (nothing is downloaded at run time)")
+        raise ConfigError(
+            f"model.image_encoder_weights: {encoder.weights!r} is neither a local directory nor a "
+            f"model in the Hugging Face cache (nothing is downloaded at run time)"
+        )
 
 
 def check_storage(run: RunSettings, mlflow: MlflowSection) -> None:

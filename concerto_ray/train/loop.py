@@ -18,8 +18,8 @@ import itertools
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import ray.train
@@ -32,9 +32,9 @@ from concerto_ray.config import from_dict
 from concerto_ray.console import post_progress
 from concerto_ray.data import storage
 from concerto_ray.data.pipeline import EpochReadAhead, batch_points, batch_to_device
+from concerto_ray.errors import TrainingError
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.schedules import SslSchedules
-from concerto_ray.errors import TrainingError
 from concerto_ray.train.config import PretrainConfig
 from concerto_ray.train.optim import build_optimizer, set_weight_decay, weight_decay_schedule
 from concerto_ray.train.state import CheckpointError, Progress, checkpoint_uri, load_checkpoint, save_checkpoint
@@ -52,13 +52,24 @@ def train_loop_per_worker(config_dict: dict) -> None:
     """`config_dict`: {"config": the PretrainConfig as a dict, "steps_per_epoch", "tracking_uri", "mlflow_run_id",
     "progress": the driver's ProgressBoard or None}."""
     config = from_dict(PretrainConfig, config_dict["config"])
-    Worker(config, config_dict["steps_per_epoch"], config_dict["tracking_uri"], config_dict["mlflow_run_id"],
-           config_dict.get("progress")).run()
+    Worker(
+        config,
+        config_dict["steps_per_epoch"],
+        config_dict["tracking_uri"],
+        config_dict["mlflow_run_id"],
+        config_dict.get("progress"),
+    ).run()
 
 
 class Worker:
-    def __init__(self, config: PretrainConfig, steps_per_epoch: int, tracking_uri: str, mlflow_run_id: str,
-                 board: ray.actor.ActorHandle | None = None):
+    def __init__(
+        self,
+        config: PretrainConfig,
+        steps_per_epoch: int,
+        tracking_uri: str,
+        mlflow_run_id: str,
+        board: ray.actor.ActorHandle | None = None,
+    ):
         self.config = config
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * config.run.epochs
@@ -69,10 +80,12 @@ class Worker:
         torch.manual_seed(config.run.seed)  # the same initial weights on every worker
         ssl_model = build_ssl_model(model_config)
         self.model = ray.train.torch.prepare_model(
-            ssl_model, parallel_strategy_kwargs={"find_unused_parameters": config.run.find_unused_parameters})
+            ssl_model, parallel_strategy_kwargs={"find_unused_parameters": config.run.find_unused_parameters}
+        )
         self.ssl_model = ssl_model  # the unwrapped module: schedules, EMA, state dict
-        self.optimizer, self.scheduler = build_optimizer(ssl_model, config.optim, model_config.backbone.enc_depths,
-                                                         self.total_steps)
+        self.optimizer, self.scheduler = build_optimizer(
+            ssl_model, config.optim, model_config.backbone.enc_depths, self.total_steps
+        )
         self.weight_decay = weight_decay_schedule(config.optim, self.total_steps)
         self.schedules = SslSchedules.from_config(model_config, self.total_steps)
 
@@ -84,12 +97,17 @@ class Worker:
                 raise CheckpointError(
                     f"checkpoint {checkpoint_uri(checkpoint)} belongs to a run of {self.scheduler.total_steps} "
                     f"optimizer steps but this config plans {self.total_steps}: keep run.epochs, run.num_workers, "
-                    f"data.batch_size and optim.grad_accumulation as they were when resuming")
+                    f"data.batch_size and optim.grad_accumulation as they were when resuming"
+                )
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
         # The teacher's features of one fixed scene at every checkpoint, so a run can be judged by eye in MLflow.
         source = config.data.source_configs()[0]
-        self.feature_images = FeatureImages(source.shards, source.splits[0] if source.splits else None,
-                                            config.data.endpoint_url, up_cast_levels=model_config.up_cast_level)
+        self.feature_images = FeatureImages(
+            source.shards,
+            source.splits[0] if source.splits else None,
+            config.data.endpoint_url,
+            up_cast_levels=model_config.up_cast_level,
+        )
         self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(config.run.run_uri, config.run.endpoint_url)
         self.nonfinite_guard = NonFiniteGuard(config.run.max_nonfinite_steps)
@@ -103,20 +121,26 @@ class Worker:
         with EpochReadAhead(shard, self.config.data, self.config.run.epochs - self.progress.epoch) as reader:
             while self.progress.epoch < self.config.run.epochs:
                 epoch = self.progress.epoch
-                steps = epoch_steps(reader.next_epoch(), accumulation, self.progress.step_in_epoch,
-                                    self.steps_per_epoch)
+                steps = epoch_steps(
+                    reader.next_epoch(), accumulation, self.progress.step_in_epoch, self.steps_per_epoch
+                )
                 for micro_batches, data_wait in steps:
                     values = self.optimizer_step(micro_batches)
                     step_seconds = time.perf_counter() - step_started
                     step_started = time.perf_counter()
-                    values.update(points_per_s=values.pop("points") / step_seconds, step_time_s=step_seconds,
-                                  data_wait_s=data_wait, data_wait_fraction=data_wait / step_seconds)
+                    values.update(
+                        points_per_s=values.pop("points") / step_seconds,
+                        step_time_s=step_seconds,
+                        data_wait_s=data_wait,
+                        data_wait_fraction=data_wait / step_seconds,
+                    )
                     self.progress.advance(self.steps_per_epoch)
                     last_metrics = values
                     if self.metrics is not None:
                         self.metrics.add(self.progress.global_step, values)
-                    post_progress(self.board, self.progress.global_step, loss=values["loss"],
-                                  points_per_s=values["points_per_s"])
+                    post_progress(
+                        self.board, self.progress.global_step, loss=values["loss"], points_per_s=values["points_per_s"]
+                    )
                     if self.progress.global_step % self.config.run.checkpoint_every == 0:
                         self.save_and_report(values)
                 if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
@@ -168,10 +192,20 @@ class Worker:
             self.ssl_model.update_teacher()
         self.nonfinite_guard.record(nonfinite, step + 1)
         group = self.optimizer.param_groups[0]  # the parameters outside the encoder blocks, at the peak lr
-        values = dict(terms, lr=group["lr"], weight_decay=weight_decay, adam_beta1=group["betas"][0],
-                      teacher_momentum=schedule.momentum, teacher_temp=schedule.teacher_temp,
-                      mask_size=schedule.mask_size, mask_ratio=schedule.mask_ratio, grad_norm=float(grad_norm),
-                      skipped_steps=self.progress.skipped_steps, epoch=self.progress.epoch, points=points)
+        values = dict(
+            terms,
+            lr=group["lr"],
+            weight_decay=weight_decay,
+            adam_beta1=group["betas"][0],
+            teacher_momentum=schedule.momentum,
+            teacher_temp=schedule.teacher_temp,
+            mask_size=schedule.mask_size,
+            mask_ratio=schedule.mask_ratio,
+            grad_norm=float(grad_norm),
+            skipped_steps=self.progress.skipped_steps,
+            epoch=self.progress.epoch,
+            points=points,
+        )
         self.scheduler.step()
         return values
 
@@ -183,14 +217,17 @@ class Worker:
 
     def save_and_report(self, values: dict[str, float]) -> None:
         name = CHECKPOINT_DIR_FORMAT.format(self.progress.global_step)
-        report_checkpoint(name, dict(values, step=self.progress.global_step),
-                          lambda folder: save_checkpoint(folder, self.ssl_model, self.optimizer, self.scheduler,
-                                                         self.progress))
+        report_checkpoint(
+            name,
+            dict(values, step=self.progress.global_step),
+            lambda folder: save_checkpoint(folder, self.ssl_model, self.optimizer, self.scheduler, self.progress),
+        )
         self.last_saved_step = self.progress.global_step
         if self.metrics is not None:
             self.metrics.commit(self.run_dir.uri_of(name))
-            self.feature_images.log(self.metrics.client, self.metrics.run_id, self.ssl_model.teacher["backbone"],
-                                    f"features/{name}")
+            self.feature_images.log(
+                self.metrics.client, self.metrics.run_id, self.ssl_model.teacher["backbone"], f"features/{name}"
+            )
 
 
 class NonFiniteGuard:
@@ -204,9 +241,11 @@ class NonFiniteGuard:
         self.consecutive = self.consecutive + 1 if nonfinite else 0
         if self.consecutive >= self.limit:
             first = step_number - self.consecutive + 1
-            raise NonFiniteLossError(f"stopping: {self.consecutive} optimizer steps in a row "
-                                     f"({first}..{step_number}) had a non-finite loss or gradient "
-                                     f"(max_nonfinite_steps = {self.limit}); lower the lr or check the data")
+            raise NonFiniteLossError(
+                f"stopping: {self.consecutive} optimizer steps in a row "
+                f"({first}..{step_number}) had a non-finite loss or gradient "
+                f"(max_nonfinite_steps = {self.limit}); lower the lr or check the data"
+            )
 
 
 def world_size() -> int:
@@ -233,8 +272,9 @@ def report_checkpoint(name: str, metrics: dict[str, float], save: Callable[[Path
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
-def epoch_steps(batches: Iterator[dict], accumulation: int, first_step: int,
-                steps_per_epoch: int) -> Iterator[tuple[list[dict], float]]:
+def epoch_steps(
+    batches: Iterator[dict], accumulation: int, first_step: int, steps_per_epoch: int
+) -> Iterator[tuple[list[dict], float]]:
     """(micro-batches, seconds spent waiting for them) of optimizer steps `first_step`.. of one epoch's `batches`.
 
     The batches of the steps before `first_step`, trained on before an interruption, are read and dropped.

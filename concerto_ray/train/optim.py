@@ -39,21 +39,41 @@ def param_groups(model: nn.Module, optim: OptimConfig, enc_depths: tuple[int, ..
     return [group for group in groups.values() if group["params"]]
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig, enc_depths: tuple[int, ...],
-                    total_steps: int) -> tuple[torch.optim.AdamW, OneCycleLR]:
-    return adamw_one_cycle(param_groups(model, optim, enc_depths), optim.weight_decay, total_steps,
-                           pct_start=optim.pct_start, anneal_strategy=optim.anneal_strategy,
-                           div_factor=optim.div_factor, final_div_factor=optim.final_div_factor)
+def build_optimizer(
+    model: nn.Module, optim: OptimConfig, enc_depths: tuple[int, ...], total_steps: int
+) -> tuple[torch.optim.AdamW, OneCycleLR]:
+    return adamw_one_cycle(
+        param_groups(model, optim, enc_depths),
+        optim.weight_decay,
+        total_steps,
+        pct_start=optim.pct_start,
+        anneal_strategy=optim.anneal_strategy,
+        div_factor=optim.div_factor,
+        final_div_factor=optim.final_div_factor,
+    )
 
 
-def adamw_one_cycle(groups: list[dict], weight_decay: float, total_steps: int, *, pct_start: float,
-                    anneal_strategy: str, div_factor: float,
-                    final_div_factor: float) -> tuple[torch.optim.AdamW, OneCycleLR]:
+def adamw_one_cycle(
+    groups: list[dict],
+    weight_decay: float,
+    total_steps: int,
+    *,
+    pct_start: float,
+    anneal_strategy: str,
+    div_factor: float,
+    final_div_factor: float,
+) -> tuple[torch.optim.AdamW, OneCycleLR]:
     """AdamW over parameter `groups` and a OneCycleLR peaking at each group's `lr` (pre-training and fine-tuning)."""
     optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
-    scheduler = OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups], total_steps=total_steps,
-                           pct_start=pct_start, anneal_strategy=anneal_strategy, div_factor=div_factor,
-                           final_div_factor=final_div_factor)
+    scheduler = OneCycleLR(
+        optimizer,
+        max_lr=[g["lr"] for g in groups],
+        total_steps=total_steps,
+        pct_start=pct_start,
+        anneal_strategy=anneal_strategy,
+        div_factor=div_factor,
+        final_div_factor=final_div_factor,
+    )
     return optimizer, scheduler
 
 

@@ -1,10 +1,10 @@
 """The training state in a checkpoint folder: what is saved, and loading it back with clear errors.
 
-    model.pt       {"state_dict": ...}  student, teacher and heads (concerto-ray's checkpoint layout, so fine-tuning
-                                        and `concerto-ray model convert` read it); the frozen image encoder is left
-                                        out, since it comes from its own weights and would dwarf the rest
-    optimizer.pt   {"optimizer": ..., "scheduler": ...}  AdamW moments and the OneCycleLR position
-    progress.json  global step, epoch, optimizer steps done in that epoch, skipped non-finite steps
+model.pt       {"state_dict": ...}  student, teacher and heads (concerto-ray's checkpoint layout, so fine-tuning
+                                    and `concerto-ray model convert` read it); the frozen image encoder is left
+                                    out, since it comes from its own weights and would dwarf the rest
+optimizer.pt   {"optimizer": ..., "scheduler": ...}  AdamW moments and the OneCycleLR position
+progress.json  global step, epoch, optimizer steps done in that epoch, skipped non-finite steps
 """
 
 from __future__ import annotations
@@ -47,16 +47,25 @@ class Progress:
             self.step_in_epoch = 0
 
 
-def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress) -> None:
+def save_checkpoint(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+) -> None:
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
     torch.save({"state_dict": state}, directory / MODEL_FILE)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIMIZER_FILE)
     (directory / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
 
 
-def load_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
+def load_checkpoint(
+    checkpoint: ray.train.Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Progress:
     """Restore model, optimizer and scheduler in place; returns where training stopped."""
     where = checkpoint_uri(checkpoint)
     with checkpoint.as_directory() as folder:
@@ -75,8 +84,10 @@ def load_checkpoint(checkpoint: ray.train.Checkpoint, model: nn.Module, optimize
         raise CheckpointError(f"checkpoint {where} does not fit this model and optimizer: {exc}") from exc
     missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIX)]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"checkpoint {where} does not fit this model: missing {missing[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}")
+        raise CheckpointError(
+            f"checkpoint {where} does not fit this model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     return progress
 
 

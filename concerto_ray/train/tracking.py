@@ -38,16 +38,25 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def open_run(config: Any, run_name: str, experiment: str, tracking_uri: str, run_dir: Location, resume: bool,
-             artifact_location: str | None = None, parent_run_id: str | None = None) -> str:
+def open_run(
+    config: Any,
+    run_name: str,
+    experiment: str,
+    tracking_uri: str,
+    run_dir: Location,
+    resume: bool,
+    artifact_location: str | None = None,
+    parent_run_id: str | None = None,
+) -> str:
     """The id of the MLflow run of the training run in `run_dir`: a new one (a child of `parent_run_id` if given),
     or with `resume` the one it started with. `config` (a config dataclass) becomes its params and config.yaml."""
     client = MlflowClient(tracking_uri)
     logged = redact(to_dict(config))  # whoever reads the tracking server must not read credentials from it
     if resume:
         if not run_dir.exists(RUN_ID_FILE):
-            raise ConfigError(f"cannot resume: {run_dir.uri_of(RUN_ID_FILE)} is missing, so the MLflow run of "
-                              f"{run_name!r} is unknown")
+            raise ConfigError(
+                f"cannot resume: {run_dir.uri_of(RUN_ID_FILE)} is missing, so the MLflow run of {run_name!r} is unknown"
+            )
         run_id = json.loads(run_dir.read_bytes(RUN_ID_FILE))["run_id"]
         client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
@@ -64,8 +73,11 @@ def open_run(config: Any, run_name: str, experiment: str, tracking_uri: str, run
 def experiment_id_of(client: MlflowClient, experiment: str, artifact_location: str | None = None) -> str:
     """The id of the named experiment, created if it does not exist yet."""
     found = client.get_experiment_by_name(experiment)
-    return found.experiment_id if found is not None else client.create_experiment(
-        experiment, artifact_location=artifact_location)
+    return (
+        found.experiment_id
+        if found is not None
+        else client.create_experiment(experiment, artifact_location=artifact_location)
+    )
 
 
 def close_run(tracking_uri: str, run_id: str, succeeded: bool) -> None:
@@ -81,8 +93,12 @@ def log_skipped_samples(tracking_uri: str, run_id: str, messages: list[str]) -> 
 
 def log_samples_per_epoch(tracking_uri: str, run_id: str, counts: dict[str, int]) -> None:
     """Each data source's samples per epoch, as metrics `samples_per_epoch/<source>` (the same every epoch)."""
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=[
-        Metric(f"samples_per_epoch/{name}", float(n), int(time.time() * 1000), 0) for name, n in counts.items()])
+    MlflowClient(tracking_uri).log_batch(
+        run_id,
+        metrics=[
+            Metric(f"samples_per_epoch/{name}", float(n), int(time.time() * 1000), 0) for name, n in counts.items()
+        ],
+    )
 
 
 class StepMetrics:

@@ -48,9 +48,13 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
     with StageBar("pre-training", total_steps, enabled=show_progress) as bar:
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"config": to_dict(config), "steps_per_epoch": steps_per_epoch(config),
-                               "tracking_uri": tracked.tracking_uri, "mlflow_run_id": tracked.mlflow_run_id,
-                               "progress": bar.board},
+            train_loop_config={
+                "config": to_dict(config),
+                "steps_per_epoch": steps_per_epoch(config),
+                "tracking_uri": tracked.tracking_uri,
+                "mlflow_run_id": tracked.mlflow_run_id,
+                "progress": bar.board,
+            },
             scaling_config=scaling_config(run),
             run_config=ray_run_config(run, ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep)),
             datasets={"train": build_dataset(config.data, bad_log)},
@@ -71,8 +75,9 @@ class TrackedRun:
     mlflow_run_id: str
 
 
-def start_tracked_run(config: Any, run: RunSettings, mlflow: MlflowSection, resume: bool,
-                      parent_run_id: str | None = None) -> TrackedRun:
+def start_tracked_run(
+    config: Any, run: RunSettings, mlflow: MlflowSection, resume: bool, parent_run_id: str | None = None
+) -> TrackedRun:
     """Check that the run folder is new (or, with `resume`, started) and open the run's MLflow run in it."""
     check_config_reachable(to_dict(config))  # on a multi-node cluster, workers cannot read the driver's local paths
     run_dir = storage.resolve(run.run_uri, run.endpoint_url)
@@ -80,37 +85,54 @@ def start_tracked_run(config: Any, run: RunSettings, mlflow: MlflowSection, resu
     if resume and not started:
         raise ConfigError(f"cannot resume run {run.name!r}: nothing was started at {run_dir.uri}")
     if started and not resume:
-        raise ConfigError(f"run {run.name!r} already exists at {run_dir.uri}: resume it (--resume) or choose "
-                          f"another run name")
+        raise ConfigError(
+            f"run {run.name!r} already exists at {run_dir.uri}: resume it (--resume) or choose another run name"
+        )
     local = isinstance(run_dir.filesystem, pafs.LocalFileSystem)
     if local:
         run_dir.filesystem.create_dir(run_dir.root, recursive=True)
     tracking_uri = resolve_tracking_uri(mlflow, run_dir.root if local else None)
     uses_default_store = local and tracking_uri.startswith(f"sqlite:///{run_dir.root}")
-    run_id = open_run(config, run.name, mlflow.experiment, tracking_uri, run_dir, resume,
-                      artifact_location=run_dir.path("mlflow-artifacts") if uses_default_store else None,
-                      parent_run_id=parent_run_id)
+    run_id = open_run(
+        config,
+        run.name,
+        mlflow.experiment,
+        tracking_uri,
+        run_dir,
+        resume,
+        artifact_location=run_dir.path("mlflow-artifacts") if uses_default_store else None,
+        parent_run_id=parent_run_id,
+    )
     return TrackedRun(run_dir, tracking_uri, run_id)
 
 
 def scaling_config(run: RunSettings) -> ray.train.ScalingConfig:
-    return ray.train.ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu,
-                                   accelerator_type=run.accelerator_type,
-                                   resources_per_worker={"CPU": run.cpus_per_worker})
+    return ray.train.ScalingConfig(
+        num_workers=run.num_workers,
+        use_gpu=run.use_gpu,
+        accelerator_type=run.accelerator_type,
+        resources_per_worker={"CPU": run.cpus_per_worker},
+    )
 
 
-def ray_run_config(run: RunSettings, checkpoint_config: ray.train.CheckpointConfig,
-                   callbacks: Sequence[ray.train.UserCallback] = ()) -> ray.train.RunConfig:
+def ray_run_config(
+    run: RunSettings, checkpoint_config: ray.train.CheckpointConfig, callbacks: Sequence[ray.train.UserCallback] = ()
+) -> ray.train.RunConfig:
     """Ray Train's state and checkpoints in `<storage_path>/<name>/`, on the local filesystem or S3."""
     storage_root = storage.resolve(run.storage_path, run.endpoint_url)
-    return ray.train.RunConfig(name=run.name, storage_path=storage_root.root,
-                               storage_filesystem=storage_root.filesystem, checkpoint_config=checkpoint_config,
-                               failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
-                               callbacks=list(callbacks))
+    return ray.train.RunConfig(
+        name=run.name,
+        storage_path=storage_root.root,
+        storage_filesystem=storage_root.filesystem,
+        checkpoint_config=checkpoint_config,
+        failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+        callbacks=list(callbacks),
+    )
 
 
-def fit(trainer: TorchTrainer, tracked: TrackedRun,
-        clear_errors: tuple[type[BaseException], ...] = _CLEAR_WORKER_ERRORS) -> ray.train.Result:
+def fit(
+    trainer: TorchTrainer, tracked: TrackedRun, clear_errors: tuple[type[BaseException], ...] = _CLEAR_WORKER_ERRORS
+) -> ray.train.Result:
     """`trainer.fit()`, marking the MLflow run failed if it fails. A worker error of a `clear_errors` type is
     raised as it is, instead of inside Ray's wrapper."""
     try:
