@@ -211,6 +211,7 @@ def s3_run(ray_local, s3_server, dinov2_dir, pretrain_shards, mlflow_server):
         *tiny_overrides(pretrain_shards, dinov2_dir, "s3-run", f"s3://{s3_server.bucket}/runs"),
         f"run.endpoint_url={s3_server.endpoint_url}",
         f"mlflow.tracking_uri={mlflow_server}",
+        "mlflow.system_metrics_interval_s=1.0",
     ]
     return overrides, run_pretrain(load_pretrain_config(TINY_CONFIG, overrides))
 
@@ -255,6 +256,10 @@ def test_run_checkpoints_to_s3_and_logs_to_mlflow(s3_run, s3_server, mlflow_serv
     assert run.data.params["data.pretrain.crop_h"] == "28" and run.data.params["model.name"] == "tiny-concerto"
     assert run.data.tags["checkpoint"] == f"s3://{s3_server.bucket}/runs/s3-run/step-{STEPS:08d}"
     assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+    # the node's system metrics, sampled by one of its two workers (one node here: node0)
+    system = {key for key in run.data.metrics if key.startswith("system/")}
+    assert {"system/node0/cpu_utilization_percentage", "system/node0/system_memory_usage_megabytes"} <= system
+    assert all(key.startswith("system/node0/") for key in system)
     # the teacher's feature picture of one fixed scene at each checkpoint
     for step in (2, 4):
         folder = f"features/step-{step:08d}"

@@ -80,7 +80,7 @@ from concerto_ray.train.state import (
     load_checkpoint,
     save_checkpoint,
 )
-from concerto_ray.train.tracking import StepMetrics, close_run
+from concerto_ray.train.tracking import StepMetrics, close_run, node_system_metrics
 from concerto_ray.train.trainer import (
     TrackedRun,
     fit,
@@ -257,14 +257,16 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
     """`loop_config`: {"run": the FinetuneRun as a dict, "round": the RoundPlan as a dict, "rounds",
     "tracking_uri", "mlflow_run_id", "progress": the driver's ProgressBoard or None}."""
     run = from_dict(FinetuneRun, loop_config["run"])
-    FinetuneWorker(
-        run,
-        RoundPlan(**loop_config["round"]),
-        loop_config["rounds"],
-        loop_config["tracking_uri"],
-        loop_config["mlflow_run_id"],
-        loop_config.get("progress"),
-    ).run()
+    tracking_uri, run_id = loop_config["tracking_uri"], loop_config["mlflow_run_id"]
+    with node_system_metrics(tracking_uri, run_id, run.mlflow.system_metrics_interval_s):
+        FinetuneWorker(
+            run,
+            RoundPlan(**loop_config["round"]),
+            loop_config["rounds"],
+            tracking_uri,
+            run_id,
+            loop_config.get("progress"),
+        ).run()
 
 
 @dataclasses.dataclass

@@ -122,6 +122,8 @@ class MlflowSection:
     # None: $MLFLOW_TRACKING_URI, else a SQLite file in the run folder (local storage only).
     tracking_uri: str | None = None
     experiment: str = "concerto-ray-pretrain"
+    # CPU, memory, disk, network and GPU of every node, as system/node<N>/... metrics, sampled this often; 0: off.
+    system_metrics_interval_s: float = 10.0
 
 
 @dataclass

@@ -38,7 +38,7 @@ from concerto_ray.model.schedules import SslSchedules
 from concerto_ray.train.config import PretrainConfig
 from concerto_ray.train.optim import build_optimizer, set_weight_decay, weight_decay_schedule
 from concerto_ray.train.state import CheckpointError, Progress, checkpoint_uri, load_checkpoint, save_checkpoint
-from concerto_ray.train.tracking import StepMetrics
+from concerto_ray.train.tracking import StepMetrics, node_system_metrics
 from concerto_ray.viz import FeatureImages
 
 CHECKPOINT_DIR_FORMAT = "step-{:08d}"
@@ -52,13 +52,9 @@ def train_loop_per_worker(config_dict: dict) -> None:
     """`config_dict`: {"config": the PretrainConfig as a dict, "steps_per_epoch", "tracking_uri", "mlflow_run_id",
     "progress": the driver's ProgressBoard or None}."""
     config = from_dict(PretrainConfig, config_dict["config"])
-    Worker(
-        config,
-        config_dict["steps_per_epoch"],
-        config_dict["tracking_uri"],
-        config_dict["mlflow_run_id"],
-        config_dict.get("progress"),
-    ).run()
+    tracking_uri, run_id = config_dict["tracking_uri"], config_dict["mlflow_run_id"]
+    with node_system_metrics(tracking_uri, run_id, config.mlflow.system_metrics_interval_s):
+        Worker(config, config_dict["steps_per_epoch"], tracking_uri, run_id, config_dict.get("progress")).run()
 
 
 class Worker:

@@ -1,19 +1,23 @@
 """MLflow bookkeeping: one MLflow run per training run, continued by restarts and by `--resume`.
 
 The driver opens the MLflow run (params = the flattened config, the resolved config YAML as an artifact) and keeps
-its id in the run folder (`mlflow_run.json`), where `--resume` finds it again. Rank 0 logs the per-step metrics.
-It holds them until the checkpoint that covers their steps is saved: a restart goes back to that checkpoint, so
-steps logged only after it would otherwise be logged twice.
+its id in the run folder (`mlflow_run.json`), where `--resume` finds it again. Rank 0 logs the per-step metrics
+while training runs; a restart goes back to the last checkpoint and re-runs the steps after it, and those are not
+logged a second time. One worker per node logs that node's system metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import ray.train
 import yaml
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -102,19 +106,62 @@ def log_samples_per_epoch(tracking_uri: str, run_id: str, counts: dict[str, int]
 
 
 class StepMetrics:
-    """Rank 0's per-step metrics on their way to MLflow, sent when a checkpoint covers them."""
+    """Rank 0's per-step metrics, sent to MLflow while training runs (at most every `flush_s` seconds, and at every
+    checkpoint). Each (metric, step) is logged once per run: a worker restarted from a checkpoint re-runs the steps
+    after it, and those an earlier attempt already logged are not logged again."""
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, flush_s: float = 10.0):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self.flush_s = flush_s
         self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+        self.logged_until: dict[str, int] = {}  # per metric, the last step logged by this run (any attempt)
 
     def add(self, step: int, values: dict[str, float]) -> None:
         timestamp = int(time.time() * 1000)
-        self.pending.extend(Metric(key, float(value), timestamp, step) for key, value in values.items())
+        for key, value in values.items():
+            if step > self._logged_until(key):
+                self.pending.append(Metric(key, float(value), timestamp, step))
+                self.logged_until[key] = step
+        if time.monotonic() - self.last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending)
+        self.pending = []
+        self.last_flush = time.monotonic()
 
     def commit(self, checkpoint_uri: str) -> None:
-        """Called once the checkpoint at `checkpoint_uri` is saved: log what it covers and point to it."""
-        self.client.log_batch(self.run_id, metrics=self.pending)
+        """Called once the checkpoint at `checkpoint_uri` is saved: log what is pending and point to it."""
+        self.flush()
         self.client.set_tag(self.run_id, CHECKPOINT_TAG, checkpoint_uri)
-        self.pending = []
+
+    def _logged_until(self, key: str) -> int:
+        if key not in self.logged_until:  # first use in this attempt: what earlier attempts logged
+            history = self.client.get_metric_history(self.run_id, key)
+            self.logged_until[key] = max((m.step for m in history), default=0)
+        return self.logged_until[key]
+
+
+@contextlib.contextmanager
+def node_system_metrics(tracking_uri: str, run_id: str, interval_s: float) -> Iterator[None]:
+    """While the block runs, MLflow's system metrics of this node (CPU, memory, disk, network; GPU where pynvml
+    finds one) as `system/node<N>/...` on the run: one worker per node (local rank 0) samples them."""
+    context = ray.train.get_context()
+    if interval_s <= 0 or context.get_local_rank() != 0:
+        yield
+        return
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=interval_s,
+        node_id=f"node{context.get_node_rank()}",
+        tracking_uri=tracking_uri,
+        resume_logging=True,  # a restarted worker continues the steps of the attempt before it
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
