@@ -257,6 +257,7 @@ def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from concerto_ray.finetune.commands import (
         add_sweep_arguments,
+        evaluate_command,
         finetune_command,
         sweep_command,
     )
@@ -354,6 +355,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_arguments(p, "fine-tuning config: a shipped name (e.g. semseg-tiny-lin) or a YAML path")
     p.set_defaults(func=finetune_command)
+
+    p = sub.add_parser(
+        "evaluate",
+        formatter_class=fmt,
+        help="the full test protocol on a fine-tuning checkpoint",
+        description="Fragments and test-time augmentations over the config's validation scenes, on a "
+        "checkpoint folder of a fine-tuning run (local or s3://), e.g. the best round's; prints per-class IoU "
+        "and mIoU / mAcc / allAcc. Runs in this process (on its GPU if it has one).",
+    )
+    p.add_argument("--config", required=True, help="the run's fine-tuning config: a shipped name or a YAML path")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder of that run, e.g. RUN/round-0002")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the run's config overrides (data.shards=..., backbone.*), read as YAML (repeatable)",
+    )
+    p.set_defaults(func=evaluate_command)
 
     p = sub.add_parser(
         "sweep",

@@ -29,6 +29,7 @@ from concerto_ray.finetune.trainer import (
 )
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.sonata import Sonata
+from concerto_ray.train.config import parse_overrides
 from concerto_ray.train.tracking import RUN_ID_FILE
 
 # One test-time pass instead of 13: the protocol is the same, the tests just cannot afford the augmentations.
@@ -240,3 +241,15 @@ def test_decoder_probe_and_full_finetune_start_from_a_pretrained_checkpoint_thro
     moved = [key for key, value in encoder.items() if not torch.equal(value, pretrained[f"student.{key}"])]
     # decoder probing keeps the pre-trained encoder frozen; full fine-tuning trains it
     assert (moved == []) if mode == "dec" else len(moved) > len(encoder) // 2
+
+    if mode == "dec":  # the full test protocol on demand, on that checkpoint
+        set_options = [f"--set={o}" for o in overrides]
+        assert cli_main(["evaluate", "--config", "semseg-tiny-lin", "--checkpoint", str(kept), *set_options]) == 0
+        run = load_finetune_run("semseg-tiny-lin", parse_overrides(overrides))
+        model = load_finetuned(run.finetune, kept)
+        model.backbone.set_order_shuffling(False)
+        expected = evaluate(model, validation_scenes(run).take_all(), run.finetune)
+        assert (
+            f"mIoU {expected.miou:.4f}, mAcc {expected.macc:.4f}, allAcc {expected.all_acc:.4f}"
+            in capsys.readouterr().out
+        )

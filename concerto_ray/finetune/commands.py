@@ -31,6 +31,23 @@ def finetune_command(args: argparse.Namespace) -> None:
         )
 
 
+def evaluate_command(args: argparse.Namespace) -> None:
+    from concerto_ray.console import default_log_file, start_ray
+    from concerto_ray.finetune.metrics import per_class_table
+    from concerto_ray.finetune.run_config import load_finetune_run
+    from concerto_ray.finetune.trainer import evaluate_checkpoint
+    from concerto_ray.train.config import parse_overrides
+
+    run = load_finetune_run(args.config, parse_overrides(args.overrides))
+    start_ray(default_log_file("evaluate"))
+    metrics = evaluate_checkpoint(run, args.checkpoint)
+    print(per_class_table(metrics, run.finetune.class_names))
+    print(
+        f"test protocol on {args.checkpoint} ({', '.join(run.finetune.val_split)}): mIoU {metrics.miou:.4f}, "
+        f"mAcc {metrics.macc:.4f}, allAcc {metrics.all_acc:.4f}"
+    )
+
+
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", required=True, help="sweep config: a shipped name (e.g. sweep-semseg-tiny) or a YAML path"

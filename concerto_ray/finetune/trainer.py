@@ -52,7 +52,7 @@ from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_shards
 from concerto_ray.finetune.configs import FinetuneConfig
 from concerto_ray.finetune.data_efficiency import annotation_limiter
-from concerto_ray.finetune.evaluate import protocol_confusion, validation_confusion
+from concerto_ray.finetune.evaluate import evaluate, protocol_confusion, validation_confusion
 from concerto_ray.finetune.metrics import (
     SegMetrics,
     per_class_table,
@@ -66,6 +66,7 @@ from concerto_ray.finetune.run_config import (
     plan_finetune,
 )
 from concerto_ray.finetune.segmentor import build_segmentor, param_groups
+from concerto_ray.node_cache import local_copy
 from concerto_ray.train.loop import (
     NonFiniteGuard,
     agree_across_workers,
@@ -248,6 +249,15 @@ def load_finetuned(config: FinetuneConfig, checkpoint: str | Path) -> torch.nn.M
     state = torch.load(Path(checkpoint) / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"]
     model.load_state_dict(state)
     return model.eval()
+
+
+def evaluate_checkpoint(run: FinetuneRun, checkpoint: str) -> SegMetrics:
+    """The full test protocol on demand: the model of a fine-tuning checkpoint folder (local or `s3://`) over the
+    run's validation scenes, in this process, with order shuffling off so that a rerun gives the same numbers."""
+    model = load_finetuned(run.finetune, local_copy(checkpoint, run.run.endpoint_url, field="--checkpoint"))
+    model.backbone.set_order_shuffling(False)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate(model, validation_scenes(run).iter_rows(), run.finetune)
 
 
 # ------------------------------------------------------------------------------------------------ the workers
