@@ -171,7 +171,9 @@ class SampleTransform:
             if self.bad_log is None:
                 raise
             log.warning("skipping bad sample: %s", exc)
-            self.bad_log.add.remote(str(exc))
+            # Waited for: calls from different processes reach an actor in no set order, and the driver's final
+            # `get` must not overtake this one (a skipped sample would then vanish from the report).
+            ray.get(self.bad_log.add.remote(str(exc)))
             return []
 
 
