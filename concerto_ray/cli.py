@@ -244,14 +244,12 @@ def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
     """The options of a training run (shared with jobs/*.py)."""
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--resume", action="store_true", help="continue the stopped run of the config's run.name")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, read as YAML, e.g. --set run.epochs=10 (repeatable)",
-    )
+    add_set_option(p, "override a config value, read as YAML, e.g. --set run.epochs=10 (repeatable)")
+
+
+def add_set_option(p: argparse.ArgumentParser, help: str) -> None:
+    """`--set KEY=VALUE` (repeatable), collected in `args.overrides`: one override syntax for every command."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,14 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, help="the run's fine-tuning config: a shipped name or a YAML path")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder of that run, e.g. RUN/round-0002")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="the run's config overrides (data.shards=..., backbone.*), read as YAML (repeatable)",
-    )
+    add_set_option(p, "the run's config overrides (data.shards=..., backbone.*), read as YAML (repeatable)")
     p.set_defaults(func=evaluate_command)
 
     p = sub.add_parser(

@@ -49,17 +49,12 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    from concerto_ray.cli import add_set_option  # cli imports this module only inside build_parser
+
     p.add_argument(
         "--config", required=True, help="sweep config: a shipped name (e.g. sweep-semseg-tiny) or a YAML path"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a sweep config value, read as YAML (repeatable), e.g. data.shards=s3://bucket/x",
-    )
+    add_set_option(p, "override a sweep config value, read as YAML (repeatable), e.g. data.shards=s3://bucket/x")
 
 
 def sweep_command(args: argparse.Namespace) -> None:
