@@ -12,6 +12,11 @@ counts the waits at epoch starts. With several worker counts it prints the throu
     PYTHONPATH=.:/tmp/site python benchmarks/ray_pretrain_step.py --config configs/pretrain-concerto-v1m1-0-base.yaml \
         --gpu --workers 1,2 --scenes 32 --points 150000 --views 12 --image-size 640x480 --epochs 2 \
         --set data.batch_size=2 --out gpu.json
+    # CPU cores per GPU: one GPU worker at the paper's batch, the local Ray given 4, 8 and 16 CPUs in turn
+    PYTHONPATH=.:/tmp/site python benchmarks/ray_pretrain_step.py --config configs/pretrain-concerto-v1m1-0-base.yaml \
+        --gpu --workers 1 --cpus 16,8,4 --scenes 32 --points 150000 --views 12 --image-size 640x480 --epochs 2 \
+        --set data.sources=[] --set data.sources_root=null --set data.splits=[train] --set run.cpus_per_worker=1 \
+        --out cores.json
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: the config's)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument(
+        "--cpus", default=None, help="comma-separated CPU counts for the local Ray, each run in turn (default: all)"
+    )
     parser.add_argument("--scenes", type=int, default=8, help="synthetic scenes, all in the train split")
     parser.add_argument("--points", type=int, default=20000, help="points per scene")
     parser.add_argument("--views", type=int, default=8, help="RGB-D frames per scene")
@@ -76,45 +84,8 @@ def main() -> None:
     torch.manual_seed(0)  # a frozen DINOv2 of the config's architecture with random weights (no downloads)
     Dinov2WithRegistersModel(get_model_config(model_name).image_encoder.architecture()).save_pretrained(work / "dinov2")
 
-    ray.init(address="local", include_dashboard=False)
     counts = [int(n) for n in args.workers.split(",")] if args.workers else [None]
-    results = []
-    for workers in counts:
-        config = load_pretrain_config(
-            args.config,
-            [
-                *args.set,
-                f"data.shards={work / 'shards'}",
-                f"model.image_encoder_weights={work / 'dinov2'}",
-                f"run.storage_path={work / 'runs'}",
-                f"run.name=step-{workers}w",
-                *([f"run.num_workers={workers}"] if workers else []),
-                f"run.use_gpu={args.gpu}",
-                f"run.epochs={args.epochs}",
-                "run.checkpoint_every=1000000",
-                f"mlflow.tracking_uri={tracking_uri}",
-            ],
-        )
-        run_pretrain(config)
-        run_id = json.loads((work / "runs" / config.run.name / RUN_ID_FILE).read_text())["run_id"]
-        results.append(
-            summarise(
-                MlflowClient(tracking_uri),
-                run_id,
-                args.skip_steps,
-                dict(
-                    workers=config.run.num_workers,
-                    gpu=args.gpu,
-                    cpus_per_worker=config.run.cpus_per_worker,
-                    batch_per_worker=config.data.batch_size,
-                    accumulation=config.optim.grad_accumulation,
-                    amp=config.run.amp,
-                ),
-            )
-        )
-        print(json.dumps(results[-1], indent=2))
-    for result in results[1:]:
-        result["throughput_vs_first"] = result["points_per_s_median"] / results[0]["points_per_s_median"]
+    cpu_counts = [int(n) for n in args.cpus.split(",")] if args.cpus else [None]
     report = {
         "config": str(args.config),
         "overrides": args.set,
@@ -124,8 +95,53 @@ def main() -> None:
         "image_size": args.image_size,
         "epochs": args.epochs,
         "gpu_name": torch.cuda.get_device_name(0) if args.gpu else None,
-        "runs": results,
+        "runs": [],
     }
+    results = report["runs"]
+    for cpus in cpu_counts:
+        # A fresh local Ray per CPU count: Ray Data's transform tasks get the CPUs the training workers leave.
+        ray.init(address="local", include_dashboard=False, num_cpus=cpus)
+        for workers in counts:
+            name = f"step-{workers}w" + (f"-{cpus}cpu" if cpus else "")
+            config = load_pretrain_config(
+                args.config,
+                [
+                    *args.set,
+                    f"data.shards={work / 'shards'}",
+                    f"model.image_encoder_weights={work / 'dinov2'}",
+                    f"run.storage_path={work / 'runs'}",
+                    f"run.name={name}",
+                    *([f"run.num_workers={workers}"] if workers else []),
+                    f"run.use_gpu={args.gpu}",
+                    f"run.epochs={args.epochs}",
+                    "run.checkpoint_every=1000000",
+                    f"mlflow.tracking_uri={tracking_uri}",
+                ],
+            )
+            run_pretrain(config)
+            run_id = json.loads((work / "runs" / name / RUN_ID_FILE).read_text())["run_id"]
+            results.append(
+                summarise(
+                    MlflowClient(tracking_uri),
+                    run_id,
+                    args.skip_steps,
+                    dict(
+                        workers=config.run.num_workers,
+                        gpu=args.gpu,
+                        ray_cpus=int(ray.cluster_resources()["CPU"]),
+                        cpus_per_worker=config.run.cpus_per_worker,
+                        batch_per_worker=config.data.batch_size,
+                        accumulation=config.optim.grad_accumulation,
+                        amp=config.run.amp,
+                    ),
+                )
+            )
+            print(json.dumps(results[-1], indent=2))
+            if args.out:  # after each run, so that a run cut short by a time limit keeps the finished ones
+                args.out.write_text(json.dumps(report, indent=2))
+        ray.shutdown()
+    for result in results[1:]:
+        result["throughput_vs_first"] = result["points_per_s_median"] / results[0]["points_per_s_median"]
     print(json.dumps(report, indent=2))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
