@@ -27,7 +27,7 @@ from concerto_ray.finetune.data_efficiency import annotation_limiter, training_s
 from concerto_ray.finetune.run_config import RoundPlan, load_finetune_run, plan_finetune
 from concerto_ray.finetune.sweep import load_sweep_config
 from concerto_ray.finetune.trainer import FinetuneWorker, scene_shares, training_dataset
-from concerto_ray.train.loop import NonFiniteGuard
+from concerto_ray.train.runtime import NonFiniteGuard
 from concerto_ray.train.state import Progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def test_float16_loss_scaling_skips_overflowing_steps_without_moving_the_schedul
     worker.optimizer = torch.optim.AdamW([{"params": [model.weight], "name": "default", "lr": 0.1}])
     worker.scheduler = torch.optim.lr_scheduler.OneCycleLR(worker.optimizer, max_lr=0.1, total_steps=10)
     worker.scaler = torch.amp.GradScaler("cpu")
-    worker.mix_rng, worker.progress, worker.guard = np.random.default_rng(0), Progress(), NonFiniteGuard(1)
+    worker.mix_rng, worker.progress, worker.nonfinite_guard = np.random.default_rng(0), Progress(), NonFiniteGuard(1)
     batch = {"offset": torch.tensor([1])}
 
     model.factor = 1e38

@@ -5,6 +5,7 @@ probing and full fine-tuning start from a pre-trained checkpoint through the CLI
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -73,8 +74,6 @@ def tiny_run(shards: Path, storage: Path, tracking_uri: str, name: str, **overri
 
 
 def mlflow_run_of(run) -> str:
-    import json
-
     return json.loads((Path(run.run.run_uri) / RUN_ID_FILE).read_text())["run_id"]
 
 
@@ -253,3 +252,20 @@ def test_decoder_probe_and_full_finetune_start_from_a_pretrained_checkpoint_thro
             f"mIoU {expected.miou:.4f}, mAcc {expected.macc:.4f}, allAcc {expected.all_acc:.4f}"
             in capsys.readouterr().out
         )
+
+
+def test_time_cadence_checkpoints_inside_rounds(ray_local, semseg_shards, mlflow_server, tmp_path):
+    # 2 rounds of 2 steps (4 scenes, batch 2); 6 ms pass in every step, so every step inside a round checkpoints
+    overrides = {"run.checkpoint_every_minutes": 0.0001, "run.checkpoints_to_keep": 10}
+    run = tiny_run(semseg_shards, tmp_path, mlflow_server, "timed", epochs=2, eval_epochs=2, **overrides)
+    with pytest.raises(ConfigError, match="not available in sweep trials"):
+        run_finetune(run, callbacks=[object()])  # Tune's ASHA would take the extra reports for rounds
+    result = run_finetune(run)
+    names = sorted(p.name for p in Path(run.run.run_uri).glob("*-0*"))
+    assert names == ["round-0001", "round-0002", "step-00000001", "step-00000003"]
+    progress = json.loads((Path(run.run.run_uri) / "step-00000003" / "progress.json").read_text())
+    assert (progress["global_step"], progress["epoch"], progress["step_in_epoch"]) == (3, 1, 1)
+    # the checkpoints inside a round have no score: the best is a round's, and the run ends on the last round
+    assert result.checkpoint.path.endswith("round-0002") and result.metrics["round"] == 2
+    best = MlflowClient(mlflow_server).get_run(mlflow_run_of(run)).data.tags[BEST_CHECKPOINT_TAG]
+    assert re.search(r"/round-000[12]$", best)

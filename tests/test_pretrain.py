@@ -24,9 +24,10 @@ from concerto_ray.errors import ConfigError
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.train.config import OptimConfig, PretrainConfig, load_pretrain_config
-from concerto_ray.train.loop import CHECKPOINT_DIR_FORMAT, NonFiniteLossError, Worker
+from concerto_ray.train.loop import CHECKPOINT_DIR_FORMAT, Worker, train_loop_per_worker
 from concerto_ray.train.optim import build_optimizer, param_groups, weight_decay_schedule
-from concerto_ray.train.state import CheckpointError
+from concerto_ray.train.runtime import NonFiniteLossError
+from concerto_ray.train.state import CheckpointError, load_checkpoint
 from concerto_ray.train.tracking import RUN_ID_FILE
 from concerto_ray.train.trainer import run_pretrain
 
@@ -344,3 +345,74 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, tiny, mlflow_s
     assert progress_of(run_dir / "step-00000004")["skipped_steps"] == 2
     history = MlflowClient(mlflow_server).get_metric_history(mlflow_run_id(config), "skipped_steps")
     assert [(m.step, m.value) for m in history] == [(1, 0), (2, 1), (3, 1), (4, 2)]
+
+
+@pytest.fixture(scope="module")
+def timed_run(ray_local, dinov2_dir, pretrain_shards, mlflow_server, tmp_path_factory):
+    """A tiny run checkpointing by time only (a step cadence it never reaches, a time cadence every step passes),
+    its workers recording each checkpoint they report: upload mode, local folder, checkpoint name."""
+    tmp_path = tmp_path_factory.mktemp("timed")
+    reports = tmp_path / "reports.jsonl"
+
+    def spied_loop(loop_config: dict) -> None:  # a closure: Ray ships it to the workers by value
+        real_report = ray.train.report
+
+        def report(metrics, checkpoint=None, **kwargs):
+            if checkpoint is not None:
+                mode = kwargs.get("checkpoint_upload_mode", ray.train.CheckpointUploadMode.SYNC)
+                record = {"mode": mode.value, "folder": checkpoint.path, "name": kwargs["checkpoint_dir_name"]}
+                with open(reports, "a") as file:
+                    file.write(json.dumps(record) + "\n")
+            return real_report(metrics, checkpoint=checkpoint, **kwargs)
+
+        ray.train.report = report  # in this worker process only
+        train_loop_per_worker(loop_config)
+
+    config = load_pretrain_config(
+        TINY_CONFIG,
+        [
+            *tiny_overrides(pretrain_shards, dinov2_dir, "timed", str(tmp_path / "runs")),
+            f"mlflow.tracking_uri={mlflow_server}",
+            "run.checkpoint_every=100",
+            "run.checkpoint_every_minutes=0.0001",
+            "run.checkpoints_to_keep=10",
+        ],
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(concerto_ray.train.trainer, "train_loop_per_worker", spied_loop)
+        result = run_pretrain(config)
+    return config, result, [json.loads(line) for line in reports.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_time_cadence_checkpoints_where_the_step_cadence_would_not(timed_run):
+    config, result, _ = timed_run
+    run_dir = Path(config.run.storage_path) / config.run.name
+    # checkpoint_every=100 alone would checkpoint the last step only; 6 ms pass in every step
+    assert sorted(p.name for p in run_dir.glob("step-*")) == [CHECKPOINT_DIR_FORMAT.format(s) for s in (1, 2, 3, 4)]
+    assert [progress_of(run_dir / CHECKPOINT_DIR_FORMAT.format(s))["global_step"] for s in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    assert result.checkpoint.path == str(run_dir / CHECKPOINT_DIR_FORMAT.format(STEPS))
+
+
+@pytest.mark.slow
+def test_checkpoints_upload_asynchronously_complete_and_resumable(timed_run, mlflow_server):
+    config, result, reports = timed_run
+    # rank 0 reported every checkpoint through Ray Train's background upload ...
+    assert [r["name"] for r in reports] == [CHECKPOINT_DIR_FORMAT.format(s) for s in (1, 2, 3, 4)]
+    assert {r["mode"] for r in reports} == {"ASYNC"}
+    # ... from a folder of its own, which Ray Train deleted once uploaded (not before: every upload is complete)
+    assert not any(Path(r["folder"]).exists() for r in reports)
+    run_dir = Path(config.run.storage_path) / config.run.name
+    for step in (1, 2, 3, 4):
+        folder = run_dir / CHECKPOINT_DIR_FORMAT.format(step)
+        assert sorted(p.name for p in folder.iterdir()) == ["model.pt", "optimizer.pt", "progress.json"]
+    # Ray Train's record (what a restart resumes from) and the MLflow run both name the last, complete checkpoint.
+    assert result.checkpoint.path == str(run_dir / CHECKPOINT_DIR_FORMAT.format(STEPS))
+    run = MlflowClient(mlflow_server).get_run(mlflow_run_id(config))
+    assert run.data.tags["checkpoint"] == str(run_dir / CHECKPOINT_DIR_FORMAT.format(STEPS))
+    model_config = config.model_config()
+    model = build_ssl_model(model_config)
+    optimizer, scheduler = build_optimizer(model, config.optim, model_config.backbone.enc_depths, STEPS)
+    progress = load_checkpoint(result.checkpoint, model, optimizer, scheduler)
+    assert (progress.global_step, progress.epoch, progress.step_in_epoch) == (STEPS, 2, 0)
+    assert scheduler.last_epoch == STEPS

@@ -4,11 +4,11 @@ Training is cut into `eval_epochs` rounds as in Pointcept: a round is one pass o
 `epochs // eval_epochs` times (`RoundPlan` has the reference's step count). After each round every worker runs the
 validation pass (`evaluate.py`: the validation transform, one forward per scene) over its share of the validation
 scenes; the confusion matrices are summed over the workers, so all of them report the same val metrics with a
-checkpoint (`round-NNNN/`, the layout of `concerto_ray.train.state`). Ray Train keeps the
-`run.checkpoints_to_keep` best by val mIoU, plus the latest, from which a failure restart or `resume=True`
-continues at the next round. After the last round the best round's model (Pointcept's `model_best`) goes through
-the full test protocol (fragments and test-time augmentations), again spread over the workers; its metrics are
-reported as test_*.
+checkpoint (`round-NNNN/`, the layout of `concerto_ray.train.state`). With `run.checkpoint_every_minutes`, training
+also checkpoints inside a round (`step-NNNNNNNN/`, no val metrics). Ray Train keeps the `run.checkpoints_to_keep`
+best by val mIoU, plus the latest, from which a failure restart or `resume=True` continues where it stopped. After
+the last round the best round's model (Pointcept's `model_best`) goes through the full test protocol (fragments and
+test-time augmentations), again spread over the workers; its metrics are reported as test_*.
 
 MLflow (one run per fine-tuning run, a child run when it is a sweep trial): per-step loss, lr and gradient norm;
 per round val_miou / val_macc / val_all_acc and, as artifacts, the per-class IoU table and the confusion matrix
@@ -50,6 +50,7 @@ from concerto_ray.data.pipeline import (
 )
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_shards
+from concerto_ray.errors import ConfigError
 from concerto_ray.finetune.configs import FinetuneConfig
 from concerto_ray.finetune.data_efficiency import annotation_limiter
 from concerto_ray.finetune.evaluate import evaluate, protocol_confusion, validation_confusion
@@ -67,14 +68,21 @@ from concerto_ray.finetune.run_config import (
 )
 from concerto_ray.finetune.segmentor import build_segmentor, param_groups
 from concerto_ray.node_cache import local_copy
-from concerto_ray.train.loop import (
+from concerto_ray.train.optim import adamw_one_cycle
+from concerto_ray.train.runtime import (
+    CheckpointCadence,
     NonFiniteGuard,
     agree_across_workers,
+    clip_gradients,
+    close_epoch,
+    commit_metrics,
     epoch_steps,
     report_checkpoint,
+    seed_draws,
+    seed_model_init,
+    wait_for_uploads,
     world_size,
 )
-from concerto_ray.train.optim import adamw_one_cycle
 from concerto_ray.train.state import (
     MODEL_FILE,
     Progress,
@@ -92,6 +100,7 @@ from concerto_ray.train.trainer import (
 from concerto_ray.viz import FeatureImages
 
 CHECKPOINT_DIR_FORMAT = "round-{:04d}"
+STEP_CHECKPOINT_DIR_FORMAT = "step-{:08d}"  # a checkpoint inside a round (run.checkpoint_every_minutes)
 SCORE = "val_miou"  # what the best checkpoint, and a sweep, is chosen by (higher is better)
 BEST_CHECKPOINT_TAG = "best_checkpoint"
 VAL_DATASET = "val_{}"  # the validation samples of worker rank i
@@ -117,6 +126,9 @@ def run_finetune(
     `parent_run_id` makes the MLflow run a child of that run (sweeps); `callbacks` go to Ray Train's RunConfig
     (a sweep trial passes Ray Tune's report callback); `show_progress`: a progress bar of the optimizer steps on
     stderr and a summary line (the CLI's, the demo's)."""
+    if callbacks and run.run.checkpoint_every_minutes is not None:
+        # Tune's ASHA counts the reports of a trial as its rounds; a checkpoint inside a round would be one more.
+        raise ConfigError("run.checkpoint_every_minutes: not available in sweep trials, which checkpoint every round")
     plan = plan_finetune(run)
     tracked = start_tracked_run(run, run.run, run.mlflow, resume, parent_run_id)
     datasets = {"train": training_dataset(run, plan)}
@@ -233,9 +245,10 @@ class DecodeScene:
 
 def log_best_checkpoint(tracked: TrackedRun, result: ray.train.Result) -> None:
     """The best round's validation metrics (as best_*) and checkpoint URI on the MLflow run."""
-    if not result.best_checkpoints:
+    rounds = [pair for pair in result.best_checkpoints if not math.isnan(pair[1][SCORE])]  # not those inside a round
+    if not rounds:
         return
-    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
+    checkpoint, metrics = max(rounds, key=lambda pair: pair[1][SCORE])
     client = MlflowClient(tracked.tracking_uri)
     for key in ("val_miou", "val_macc", "val_all_acc"):
         client.log_metric(tracked.mlflow_run_id, f"best_{key}", metrics[key], step=metrics["step"])
@@ -302,7 +315,7 @@ class FinetuneWorker:
         self.rank = ray.train.get_context().get_world_rank()
         self.device = ray.train.torch.get_device()
 
-        torch.manual_seed(run.run.seed)  # the same initial head (and decoder) on every worker
+        seed_model_init(run.run.seed)  # the same initial head (and decoder) too
         self.segmentor = build_segmentor(cfg, run.run.endpoint_url)
         self.model = ray.train.torch.prepare_model(self.segmentor)
         schedule = cfg.schedule
@@ -329,11 +342,11 @@ class FinetuneWorker:
                 if self.scaler is not None and (Path(folder) / SCALER_FILE).is_file():
                     self.scaler.load_state_dict(torch.load(Path(folder) / SCALER_FILE, weights_only=True))
         # Augmentation draws in the model (drop path) and Mix3D differ per worker and per resumption.
-        seed = np.random.SeedSequence([run.run.seed, self.rank, self.progress.global_step])
-        torch.manual_seed(int(seed.generate_state(1)[0]))
-        self.mix_rng = np.random.default_rng(seed)
+        self.mix_rng = np.random.default_rng(seed_draws(run.run.seed, self.rank, self.progress.global_step))
 
-        self.guard = NonFiniteGuard(run.run.max_nonfinite_steps)
+        self.nonfinite_guard = NonFiniteGuard(run.run.max_nonfinite_steps)
+        # Round ends always checkpoint; by time, also inside a round.
+        self.cadence = CheckpointCadence(None, run.run.checkpoint_every_minutes, self.device)
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
         # One fixed validation scene's feature picture at every evaluation, so a run can be judged by eye in MLflow.
         self.feature_images = FeatureImages(
@@ -357,9 +370,10 @@ class FinetuneWorker:
                     if self.metrics is not None:
                         self.metrics.add(self.progress.global_step, values)
                     post_progress(self.board, self.progress.global_step, loss=values["loss"])
-            if self.progress.epoch == round_index:  # the stream ended early: samples were skipped as bad
-                self.progress.epoch += 1
-                self.progress.step_in_epoch = 0
+                    # not at a round's last step: the round's end checkpoints right after
+                    if self.progress.epoch == round_index and self.cadence.due(self.progress.global_step):
+                        self.checkpoint_in_round(values)
+            close_epoch(self.progress, round_index)
             self.end_round()
 
     def optimizer_step(self, batch: dict) -> dict[str, float]:
@@ -372,9 +386,7 @@ class FinetuneWorker:
         (scaler.scale(loss) if scaler is not None else loss).backward()
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        clip = self.cfg.clip_grad
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+        grad_norm = clip_gradients(self.optimizer, self.cfg.clip_grad)
         # Under loss scaling an overflowing gradient is routine: the scaler skips that step and lowers the scale.
         # Only a non-finite loss (or, unscaled, gradient) counts as a bad step.
         nonfinite = not bool(torch.isfinite(loss)) or (scaler is None and not bool(torch.isfinite(grad_norm)))
@@ -393,7 +405,7 @@ class FinetuneWorker:
             schedule_step = scale <= scaler.get_scale()
         else:
             self.optimizer.step()
-        self.guard.record(nonfinite, self.progress.global_step + 1)
+        self.nonfinite_guard.record(nonfinite, self.progress.global_step + 1)
         lrs = {f"lr_{group['name']}": group["lr"] for group in self.optimizer.param_groups}
         if schedule_step:
             self.scheduler.step()
@@ -425,13 +437,26 @@ class FinetuneWorker:
             values.update(self.log_evaluation("eval/test", self.test_best_model(), "test"))
         name = CHECKPOINT_DIR_FORMAT.format(round_index)
         report_checkpoint(name, values, self.save)
+        self.cadence.saved()
         if self.metrics is not None:
-            self.metrics.commit(self.run_dir.uri_of(name))
+            if round_index == self.rounds:  # the MLflow run points at the last round's checkpoint once it is uploaded
+                wait_for_uploads()
+            commit_metrics(self.metrics, self.run_dir)
+
+    def checkpoint_in_round(self, values: dict[str, float]) -> None:
+        """A checkpoint inside a round, with the step's metrics. Its score is NaN (not evaluated): Ray Train ranks it
+        below every round's and keeps it only while it is the latest."""
+        values = dict(values, step=self.progress.global_step, **{SCORE: math.nan})
+        report_checkpoint(STEP_CHECKPOINT_DIR_FORMAT.format(self.progress.global_step), values, self.save)
+        self.cadence.saved()
+        if self.metrics is not None:
+            commit_metrics(self.metrics, self.run_dir)
 
     def test_best_model(self) -> SegMetrics:
         """The full test protocol on this worker's share of the scenes, with the best round's weights."""
         model = self.segmentor
         if self.best.round != self.progress.epoch:  # an earlier round's checkpoint, from the run's storage
+            wait_for_uploads()  # it may still be on its way there
             raw = self.run_dir.read_bytes(f"{CHECKPOINT_DIR_FORMAT.format(self.best.round)}/{MODEL_FILE}")
             model = copy.deepcopy(self.segmentor)
             state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)["state_dict"]

@@ -81,6 +81,10 @@ class RunSettings:
     cpus_per_worker: float = 1.0  # leave CPUs free on the cluster for Ray Data's transform tasks
     seed: int = 0
     checkpoints_to_keep: int = 3
+    # Also checkpoint after the first optimizer step that ends this many minutes after the last checkpoint (None:
+    # off), so that a lost node costs at most about this much training whatever the step time. Fine-tuning then
+    # checkpoints inside evaluation rounds too (not in sweeps, whose ASHA counts reports as rounds).
+    checkpoint_every_minutes: float | None = None
     max_failures: int = 0  # worker failures Ray Train recovers from, each time from the latest checkpoint
     max_nonfinite_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
 
@@ -92,6 +96,8 @@ class RunSettings:
             raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
         if self.accelerator_type is not None and not self.use_gpu:
             raise ValueError(f"accelerator_type {self.accelerator_type!r} needs use_gpu: true")
+        if self.checkpoint_every_minutes is not None and not self.checkpoint_every_minutes > 0:
+            raise ValueError(f"checkpoint_every_minutes must be positive or null, got {self.checkpoint_every_minutes}")
         if self.max_failures < -1:
             raise ValueError(f"max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         if not self.name or "/" in self.name:

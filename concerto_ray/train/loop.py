@@ -5,47 +5,51 @@ the step, run `grad_accumulation` micro-batches (forward under autocast, backwar
 (optimizer, then the EMA teacher) or, if the loss or the gradient is non-finite on any worker, skip the update and
 count it. The lr schedule advances either way, so the schedules stay tied to the data position.
 
-Every `checkpoint_every` steps and at the end, rank 0 saves the state (`state.py`) and every worker calls
-`ray.train.report`. A restarted worker resumes from `ray.train.get_checkpoint()`: the optimizer steps of the
-interrupted epoch that the checkpoint already holds have their batches read and dropped, so no optimizer step is
-repeated or skipped.
+Every `checkpoint_every` steps, every `checkpoint_every_minutes` if set, and at the end, rank 0 saves the state
+(`state.py`) and every worker calls `ray.train.report`; Ray Train uploads the checkpoint in the background
+(`runtime.py`). A restarted worker resumes from `ray.train.get_checkpoint()`: the optimizer steps of the interrupted
+epoch that the checkpoint already holds have their batches read and dropped, so no optimizer step is repeated or
+skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from concerto_ray.config import from_dict
 from concerto_ray.console import post_progress
 from concerto_ray.data import storage
 from concerto_ray.data.pipeline import EpochReadAhead, batch_points, batch_to_device
-from concerto_ray.errors import TrainingError
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.schedules import SslSchedules
 from concerto_ray.train.config import PretrainConfig
 from concerto_ray.train.optim import build_optimizer, set_weight_decay, weight_decay_schedule
+from concerto_ray.train.runtime import (
+    CheckpointCadence,
+    NonFiniteGuard,
+    agree_across_workers,
+    clip_gradients,
+    close_epoch,
+    commit_metrics,
+    epoch_steps,
+    report_checkpoint,
+    seed_draws,
+    seed_model_init,
+    wait_for_uploads,
+    world_size,
+)
 from concerto_ray.train.state import CheckpointError, Progress, checkpoint_uri, load_checkpoint, save_checkpoint
 from concerto_ray.train.tracking import StepMetrics, node_system_metrics
 from concerto_ray.viz import FeatureImages
 
 CHECKPOINT_DIR_FORMAT = "step-{:08d}"
-
-
-class NonFiniteLossError(TrainingError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
@@ -73,7 +77,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
 
         model_config = config.model_config()
-        torch.manual_seed(config.run.seed)  # the same initial weights on every worker
+        seed_model_init(config.run.seed)
         ssl_model = build_ssl_model(model_config)
         self.model = ray.train.torch.prepare_model(
             ssl_model, parallel_strategy_kwargs={"find_unused_parameters": config.run.find_unused_parameters}
@@ -107,6 +111,7 @@ class Worker:
         self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(config.run.run_uri, config.run.endpoint_url)
         self.nonfinite_guard = NonFiniteGuard(config.run.max_nonfinite_steps)
+        self.cadence = CheckpointCadence(config.run.checkpoint_every, config.run.checkpoint_every_minutes, self.device)
         self.last_saved_step = self.progress.global_step
 
     def run(self) -> None:
@@ -137,20 +142,20 @@ class Worker:
                     post_progress(
                         self.board, self.progress.global_step, loss=values["loss"], points_per_s=values["points_per_s"]
                     )
-                    if self.progress.global_step % self.config.run.checkpoint_every == 0:
+                    if self.cadence.due(self.progress.global_step):
                         self.save_and_report(values)
-                if self.progress.epoch == epoch:  # the stream ended early: samples were skipped as bad
-                    self.progress.epoch += 1
-                    self.progress.step_in_epoch = 0
+                close_epoch(self.progress, epoch)
         if self.progress.global_step > self.last_saved_step:
             self.save_and_report(last_metrics)
+        if self.metrics is not None:  # the MLflow run points at the final checkpoint once it is uploaded
+            wait_for_uploads()
+            commit_metrics(self.metrics, self.run_dir)
 
     def optimizer_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over `micro_batches`; returns its metrics (loss terms averaged over workers)."""
         step = self.progress.global_step  # 0-based index of this step
-        # Masks and drop-path differ per worker and step, and derive from (seed, step, rank) alone: a run of a seed,
-        # resumed or not, draws the same ones.
-        torch.manual_seed(int(np.random.SeedSequence([self.config.run.seed, step, self.rank]).generate_state(1)[0]))
+        # Masks and drop-path differ per worker and step, and derive from (seed, step, rank) alone.
+        seed_draws(self.config.run.seed, step, self.rank)
         weight_decay = self.weight_decay(step)
         set_weight_decay(self.optimizer, weight_decay)
         schedule = self.schedules.at(step)
@@ -173,9 +178,7 @@ class Worker:
                 terms[name] = terms.get(name, 0.0) + value / len(micro_batches)
             points += batch_points(batch)
 
-        clip = self.config.optim.clip_grad
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+        grad_norm = clip_gradients(self.optimizer, self.config.optim.clip_grad)
         nonfinite |= not bool(torch.isfinite(grad_norm))
         nonfinite, (points, total_loss) = agree_across_workers(nonfinite, [float(points), terms["loss"]], self.device)
         terms["loss"] = total_loss / world_size()
@@ -219,68 +222,9 @@ class Worker:
             lambda folder: save_checkpoint(folder, self.ssl_model, self.optimizer, self.scheduler, self.progress),
         )
         self.last_saved_step = self.progress.global_step
+        self.cadence.saved()
         if self.metrics is not None:
-            self.metrics.commit(self.run_dir.uri_of(name))
+            commit_metrics(self.metrics, self.run_dir)
             self.feature_images.log(
                 self.metrics.client, self.metrics.run_id, self.ssl_model.teacher["backbone"], f"features/{name}"
             )
-
-
-class NonFiniteGuard:
-    """Counts consecutive optimizer steps skipped for a non-finite loss or gradient; too many stop the run."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.consecutive = 0
-
-    def record(self, nonfinite: bool, step_number: int) -> None:
-        self.consecutive = self.consecutive + 1 if nonfinite else 0
-        if self.consecutive >= self.limit:
-            first = step_number - self.consecutive + 1
-            raise NonFiniteLossError(
-                f"stopping: {self.consecutive} optimizer steps in a row "
-                f"({first}..{step_number}) had a non-finite loss or gradient "
-                f"(max_nonfinite_steps = {self.limit}); lower the lr or check the data"
-            )
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def agree_across_workers(nonfinite: bool, sums: list[float], device: torch.device) -> tuple[bool, list[float]]:
-    """Whether any worker had a non-finite step (so that all of them skip the same steps), and `sums` summed over
-    the workers, in one all-reduce."""
-    shared = torch.tensor([float(nonfinite), *sums], dtype=torch.float64, device=device)
-    if world_size() > 1:
-        dist.all_reduce(shared)
-    return bool(shared[0] > 0), shared[1:].tolist()
-
-
-def report_checkpoint(name: str, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
-    """Every worker reports `metrics`; rank 0 also `save`s a checkpoint into a folder that Ray Train persists as
-    `<run folder>/<name>/`."""
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            save(Path(folder))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-
-def epoch_steps(
-    batches: Iterator[dict], accumulation: int, first_step: int, steps_per_epoch: int
-) -> Iterator[tuple[list[dict], float]]:
-    """(micro-batches, seconds spent waiting for them) of optimizer steps `first_step`.. of one epoch's `batches`.
-
-    The batches of the steps before `first_step`, trained on before an interruption, are read and dropped.
-    """
-    for _ in range(first_step * accumulation):
-        if next(batches, None) is None:
-            return
-    for _ in range(first_step, steps_per_epoch):
-        started = time.perf_counter()
-        group = list(itertools.islice(batches, accumulation))
-        if len(group) < accumulation:
-            return
-        yield group, time.perf_counter() - started

@@ -29,7 +29,8 @@ from concerto_ray.train.config import (
     resolve_tracking_uri,
     steps_per_epoch,
 )
-from concerto_ray.train.loop import NonFiniteLossError, train_loop_per_worker
+from concerto_ray.train.loop import train_loop_per_worker
+from concerto_ray.train.runtime import NonFiniteLossError
 from concerto_ray.train.state import CheckpointError
 from concerto_ray.train.tracking import RUN_ID_FILE, close_run, log_samples_per_epoch, log_skipped_samples, open_run
 

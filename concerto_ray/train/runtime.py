@@ -1,0 +1,206 @@
+"""What every training worker does around its optimizer step, shared by pre-training (`loop.py`) and fine-tuning
+(`concerto_ray.finetune.trainer`). Each piece has one job; a worker's loop is a thin sequence of them:
+
+    seeding            `seed_model_init` (the same initial weights on every worker), `seed_draws` (the random draws
+                       of a step or attempt, derived from the run's seed and where training is)
+    gradients          `clip_gradients`, `agree_across_workers` (one all-reduce: whether any worker's step was
+                       non-finite, plus sums), `NonFiniteGuard` (too many skipped steps in a row stop the run)
+    epochs             `epoch_steps` (an epoch's optimizer steps, skipping those a resumed checkpoint holds),
+                       `close_epoch` (an epoch whose stream ended early still counts as done)
+    checkpoints        `CheckpointCadence` (every N steps and/or every M minutes, the same decision on every
+                       worker), `report_checkpoint` (rank 0 saves, Ray Train uploads in the background),
+                       `wait_for_uploads`, `commit_metrics` (MLflow: pending step metrics, newest checkpoint)
+
+Checkpoints are uploaded with Ray Train's `CheckpointUploadMode.ASYNC`: `ray.train.report` returns as soon as rank 0
+has written the state to a local folder, and Ray Train's upload thread copies it to `run.storage_path` and then
+deletes it. Ray Train records a checkpoint only once its upload is complete, so a restart or `--resume` always
+continues from the last complete one; one still uploading when a worker dies is never resumed from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+from concerto_ray.data.storage import Location
+from concerto_ray.errors import TrainingError
+from concerto_ray.train.state import Progress
+from concerto_ray.train.tracking import StepMetrics
+
+# ------------------------------------------------------------------------------------------------------- seeding
+
+
+def seed_model_init(seed: int) -> None:
+    """Seed torch before the model is built: every worker starts from the same initial weights."""
+    torch.manual_seed(seed)
+
+
+def seed_draws(*entropy: int) -> np.random.SeedSequence:
+    """Seed torch's generator (masks, drop path) from `entropy` (the run's seed and where training is: step, rank),
+    so that a run of a seed, resumed or not, draws the same; the sequence seeds any numpy generator as well."""
+    sequence = np.random.SeedSequence(list(entropy))
+    torch.manual_seed(int(sequence.generate_state(1)[0]))
+    return sequence
+
+
+# ----------------------------------------------------------------------------------------------------- gradients
+
+
+class NonFiniteLossError(TrainingError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+class NonFiniteGuard:
+    """Counts consecutive optimizer steps skipped for a non-finite loss or gradient; too many stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+
+    def record(self, nonfinite: bool, step_number: int) -> None:
+        self.consecutive = self.consecutive + 1 if nonfinite else 0
+        if self.consecutive >= self.limit:
+            first = step_number - self.consecutive + 1
+            raise NonFiniteLossError(
+                f"stopping: {self.consecutive} optimizer steps in a row "
+                f"({first}..{step_number}) had a non-finite loss or gradient "
+                f"(max_nonfinite_steps = {self.limit}); lower the lr or check the data"
+            )
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> torch.Tensor:
+    """Clip the global gradient norm of the optimizer's parameters to `max_norm` (None: no clipping); the norm
+    before clipping, for logging and the finiteness check."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def agree_across_workers(nonfinite: bool, sums: list[float], device: torch.device) -> tuple[bool, list[float]]:
+    """Whether any worker had a non-finite step (so that all of them skip the same steps), and `sums` summed over
+    the workers, in one all-reduce."""
+    shared = torch.tensor([float(nonfinite), *sums], dtype=torch.float64, device=device)
+    if world_size() > 1:
+        dist.all_reduce(shared)
+    return bool(shared[0] > 0), shared[1:].tolist()
+
+
+def rank0_decides(decision: bool, device: torch.device) -> bool:
+    """Rank 0's `decision` on every worker: a choice made on a clock must be the same everywhere, since every worker
+    has to call `ray.train.report` the same number of times."""
+    if world_size() == 1:
+        return decision
+    shared = torch.tensor([float(decision)], device=device)
+    dist.broadcast(shared, src=0)
+    return bool(shared[0] > 0)
+
+
+# -------------------------------------------------------------------------------------------------------- epochs
+
+
+def epoch_steps(
+    batches: Iterator[dict], accumulation: int, first_step: int, steps_per_epoch: int
+) -> Iterator[tuple[list[dict], float]]:
+    """(micro-batches, seconds spent waiting for them) of optimizer steps `first_step`.. of one epoch's `batches`.
+
+    The batches of the steps before `first_step`, trained on before an interruption, are read and dropped.
+    """
+    for _ in range(first_step * accumulation):
+        if next(batches, None) is None:
+            return
+    for _ in range(first_step, steps_per_epoch):
+        started = time.perf_counter()
+        group = list(itertools.islice(batches, accumulation))
+        if len(group) < accumulation:
+            return
+        yield group, time.perf_counter() - started
+
+
+def close_epoch(progress: Progress, epoch: int) -> None:
+    """After the steps of epoch `epoch`: if its stream ended early (samples were skipped as bad), `progress` has not
+    moved on by itself; the epoch counts as done."""
+    if progress.epoch == epoch:
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointCadence:
+    """When to checkpoint: after every `every_steps`-th optimizer step (None: never by steps) and after the first
+    step that ends `every_minutes` or more after the last checkpoint or the start of this attempt (None: never by
+    time). Rank 0's clock decides for every worker."""
+
+    def __init__(
+        self,
+        every_steps: int | None,
+        every_minutes: float | None,
+        device: torch.device,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.every_steps = every_steps
+        self.every_s = every_minutes * 60 if every_minutes is not None else None
+        self.device = device
+        self.clock = clock
+        self.last = clock()
+
+    def due(self, global_step: int) -> bool:
+        """Whether to checkpoint after optimizer step `global_step` (1-based). With a time cadence this is a
+        collective: every worker must ask after every step."""
+        by_steps = self.every_steps is not None and global_step % self.every_steps == 0
+        if self.every_s is None:
+            return by_steps
+        by_time = rank0_decides(self.clock() - self.last >= self.every_s, self.device)
+        return by_steps or by_time
+
+    def saved(self) -> None:
+        """A checkpoint was just taken: the time cadence counts from now."""
+        self.last = self.clock()
+
+
+def report_checkpoint(name: str, metrics: dict[str, float], save: Callable[[Path], None]) -> None:
+    """Every worker reports `metrics`; rank 0 also `save`s a checkpoint, which Ray Train persists as
+    `<run folder>/<name>/` in the background.
+
+    The state is written before this returns, so training may change the model right away. The folder is a fresh
+    one that Ray Train's upload thread deletes once the upload is done: a `with TemporaryDirectory()` here would
+    delete it under the upload."""
+    checkpoint = None
+    if ray.train.get_context().get_world_rank() == 0:
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        save(folder)
+        checkpoint = ray.train.Checkpoint.from_directory(folder)
+    ray.train.report(
+        metrics,
+        checkpoint=checkpoint,
+        checkpoint_dir_name=name,
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+    )
+
+
+def wait_for_uploads() -> None:
+    """Block until every checkpoint this worker has reported is uploaded and recorded by Ray Train."""
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+
+def commit_metrics(metrics: StepMetrics, run_dir: Location) -> None:
+    """After a report: send rank 0's pending step metrics, and point the MLflow run at the newest checkpoint whose
+    upload is complete (the one just reported may still be on its way; `wait_for_uploads` first to name it)."""
+    latest = ray.train.get_checkpoint()  # what a restart would resume from: updated as each upload completes
+    if latest is None:
+        metrics.flush()
+    else:
+        metrics.commit(run_dir.uri_of_path(latest.path))

@@ -1,0 +1,68 @@
+"""The pieces every training worker shares (concerto_ray.train.runtime), without Ray."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from concerto_ray.errors import ConfigError
+from concerto_ray.finetune.run_config import load_finetune_run
+from concerto_ray.train.config import RunSettings
+from concerto_ray.train.runtime import CheckpointCadence, close_epoch, epoch_steps
+from concerto_ray.train.state import Progress
+
+CPU = torch.device("cpu")
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_checkpoint_cadence_by_steps_and_by_time():
+    clock = FakeClock()
+    cadence = CheckpointCadence(every_steps=100, every_minutes=2.0, device=CPU, clock=clock)
+    clock.now = 119.0
+    assert not cadence.due(1)  # neither 100 steps nor 2 minutes yet
+    clock.now = 120.0
+    assert cadence.due(2)  # 2 minutes since the start
+    cadence.saved()
+    clock.now = 200.0
+    assert not cadence.due(3)  # the time counts from the last checkpoint
+    assert cadence.due(100)  # the step cadence holds as before
+    cadence.saved()
+    clock.now = 320.0
+    assert cadence.due(101)
+
+    by_steps_only = CheckpointCadence(every_steps=2, every_minutes=None, device=CPU, clock=clock)
+    clock.now = 10_000.0
+    assert not by_steps_only.due(3) and by_steps_only.due(4)
+    by_time_only = CheckpointCadence(every_steps=None, every_minutes=0.5, device=CPU, clock=clock)
+    assert not by_time_only.due(4)
+    clock.now += 30.0
+    assert by_time_only.due(5)
+
+
+def test_epoch_steps_drop_the_steps_a_checkpoint_holds_and_close_an_epoch_cut_short():
+    batches = iter([{"i": i} for i in range(7)])  # 3 steps of 2 micro-batches, and one left over
+    steps = [[b["i"] for b in group] for group, _ in epoch_steps(batches, 2, first_step=1, steps_per_epoch=4)]
+    assert steps == [[2, 3], [4, 5]]  # step 0 was trained before the interruption; step 3 has no full group
+    progress = Progress(global_step=3, epoch=0, step_in_epoch=3)
+    close_epoch(progress, 0)
+    assert (progress.epoch, progress.step_in_epoch) == (1, 0)
+    close_epoch(progress, 0)  # an epoch that ended by itself is left as it is
+    assert progress.epoch == 1
+
+
+def test_checkpoint_every_minutes_is_checked():
+    with pytest.raises(ValueError, match="checkpoint_every_minutes must be positive"):
+        RunSettings(name="x", storage_path="/tmp", checkpoint_every_minutes=0)
+    assert RunSettings(name="x", storage_path="/tmp", checkpoint_every_minutes=0.5).checkpoint_every_minutes == 0.5
+    with pytest.raises(ConfigError, match="checkpoint_every_minutes"):
+        load_finetune_run(
+            "semseg-tiny-lin",
+            {"data.shards": "/shards", "run.name": "x", "run.storage_path": "/tmp", "run.checkpoint_every_minutes": -1},
+        )
