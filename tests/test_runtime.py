@@ -1,13 +1,17 @@
-"""The pieces every training worker shares (concerto_ray.train.runtime), without Ray."""
+"""The pieces every training worker shares (concerto_ray.train.runtime), without Ray; and the retry budget of the
+shipped configs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
+from concerto_ray.config import CONFIG_DIR, from_dict, shipped_config_names
 from concerto_ray.errors import ConfigError
 from concerto_ray.finetune.run_config import load_finetune_run
-from concerto_ray.train.config import RunSettings
+from concerto_ray.finetune.sweep import SweepConfig, trial_run
+from concerto_ray.train.config import PretrainConfig, RunSettings
 from concerto_ray.train.runtime import CheckpointCadence, close_epoch, epoch_steps
 from concerto_ray.train.state import Progress
 
@@ -66,3 +70,21 @@ def test_checkpoint_every_minutes_is_checked():
             "semseg-tiny-lin",
             {"data.shards": "/shards", "run.name": "x", "run.storage_path": "/tmp", "run.checkpoint_every_minutes": -1},
         )
+
+
+def test_every_shipped_config_retries_failed_workers():
+    """Spot nodes go away: every shipped run recovers from a few worker failures by default."""
+    run_sections = {"data.shards": "/shards", "run.name": "check", "run.storage_path": "/tmp/runs"}
+    budgets = {}
+    for name in shipped_config_names():
+        if name.startswith("pretrain-"):
+            tree = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+            tree["run"].setdefault("storage_path", "/tmp/runs")  # pretrain-tiny-s3 leaves it to the user
+            budgets[name] = from_dict(PretrainConfig, tree).run.max_failures
+        elif name.startswith("semseg-"):  # the fine-tuning config alone; its run section is the schema's
+            budgets[name] = load_finetune_run(name, run_sections).run.max_failures
+        elif name.startswith("sweep-"):
+            sweep = from_dict(SweepConfig, yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text()))
+            budgets[name] = trial_run(sweep, sweep.configs[0], {}, "check").run.max_failures
+    assert len(budgets) == len(shipped_config_names()), "a shipped config of a kind this test does not know"
+    assert {name: n for name, n in budgets.items() if not (n > 0 or n == -1)} == {}

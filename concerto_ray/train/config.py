@@ -85,7 +85,9 @@ class RunSettings:
     # off), so that a lost node costs at most about this much training whatever the step time. Fine-tuning then
     # checkpoints inside evaluation rounds too (not in sweeps, whose ASHA counts reports as rounds).
     checkpoint_every_minutes: float | None = None
-    max_failures: int = 0  # worker failures Ray Train recovers from, each time from the latest checkpoint
+    # Worker failures Ray Train recovers from, each time from the latest checkpoint: a node lost without a spot
+    # notice, a crashed worker. Spot reclaims drained through Ray (spot_watcher) count separately, without limit.
+    max_failures: int = 3
     max_nonfinite_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
 
     def __post_init__(self):
