@@ -19,6 +19,7 @@ from typing import Any
 import ray
 import ray.data
 import ray.tune
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 # Loggers that write to the terminal of their own accord, directly or through the root logger.
@@ -107,7 +108,12 @@ class StageBar:
     def __init__(self, title: str, total_steps: int, enabled: bool = True):
         self.title = title
         self.total_steps = total_steps
-        self.board = ProgressBoard.remote() if enabled else None
+        self.board = None
+        if enabled:
+            # On the driver's node (the head of a cluster): on any other node, losing that node would take the bar,
+            # and with it the driver, down while Ray Train recovers the run.
+            on_driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.board = ProgressBoard.options(scheduling_strategy=on_driver_node).remote()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._bar: tqdm | None = None
@@ -175,6 +181,11 @@ class TrialBar(ray.tune.Callback):
     def __init__(self, metric: str):
         self.metric = metric
         self.best: float | None = None
+        self.bar: tqdm | None = None
+
+    def setup(self, **info) -> None:
+        # The bar starts with the experiment, not in __init__: Tune pickles its callbacks with the experiment (a
+        # resumed sweep unpickles them), and a bar on stderr does not survive that.
         interval = 1.0 if sys.stderr.isatty() else 60.0
         self.bar = tqdm(
             desc="sweep", unit="trial", file=sys.stderr, mininterval=interval, maxinterval=interval, dynamic_ncols=True

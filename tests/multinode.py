@@ -23,7 +23,8 @@ test): `from multinode import multinode_cluster` in a test module makes it avail
 Attributes and methods: `address` (the GCS address, `RAY_ADDRESS` of a driver), `dashboard_url`, `nodes` (the
 worker nodes, `WorkerNode`: `.index`, `.cache`, `.alive`), `driver_env(**extra)` (this process's environment
 pointed at the cluster, for a driver in a subprocess: a process can join only one Ray cluster, and the test process
-holds conftest's local one), `add_node(cpus=None)`, `kill_node(i)`, `shutdown()`.
+holds conftest's local one), `add_node(cpus=None)`, `kill_node(i)`, `nodes_running(title)` (the worker nodes running a
+process of that title, e.g. "RayTrainWorker"), `shutdown()`.
 
 Each node is one `ray start --block` in a process group of its own: Ray starts the node's processes (raylet, agents,
 log monitor) in the group of `ray start` and ties them to its life (kernel fate sharing); the raylet starts its Ray
@@ -188,6 +189,20 @@ class MultiNodeCluster:
         """SIGKILL worker node `index` whole: its raylet, the Ray workers it started, its agents."""
         _kill_node(self.nodes[index].process)
 
+    def nodes_running(self, title: str) -> list[int]:
+        """The alive worker nodes with a process whose title contains `title` (a Ray worker's is `ray::<actor or
+        task name>...`, e.g. "RayTrainWorker" for Ray Train's workers)."""
+        found = []
+        for node in self.nodes:
+            if node.alive:
+                try:
+                    processes = psutil.Process(node.process.pid).children(recursive=True)
+                except psutil.NoSuchProcess:  # it has just died
+                    continue
+                if any(title in " ".join(_cmdline(process)) for process in processes):
+                    found.append(node.index)
+        return found
+
     def driver_env(self, **extra: str) -> dict[str, str]:
         """The environment for a driver in a subprocess that joins this cluster."""
         return {**os.environ, **self._auth, "RAY_ADDRESS": self.address, **extra}
@@ -204,6 +219,13 @@ class MultiNodeCluster:
 
     def __exit__(self, *exc_info) -> None:
         self.shutdown()
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:  # ended while listed
+        return []
 
 
 def _kill_node(process: subprocess.Popen) -> None:

@@ -93,6 +93,8 @@ def start_tracked_run(
     if local:
         run_dir.filesystem.create_dir(run_dir.root, recursive=True)
     tracking_uri = resolve_tracking_uri(mlflow, run_dir.root if local else None)
+    # Also when it comes from $MLFLOW_TRACKING_URI: the workers log to it, and a file there is on one machine only.
+    check_config_reachable({"mlflow": {"tracking_uri": tracking_uri}})
     uses_default_store = local and tracking_uri.startswith(f"sqlite:///{run_dir.root}")
     run_id = open_run(
         config,

@@ -1,0 +1,210 @@
+"""Pre-training on a real multi-node Ray cluster on this machine (tests/multinode.py): a head offering no CPUs and
+worker nodes with caches of their own, everything the workers read in S3 (moto), MLflow on the session's server.
+
+The driver is `concerto-ray pretrain` in a subprocess: this process already belongs to conftest's local Ray.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from mlflow.tracking import MlflowClient
+from multinode import MultiNodeCluster
+
+from concerto_ray.train.tracking import RUN_ID_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "pretrain-tiny.yaml"
+CLI = str(Path(sys.executable).with_name("concerto-ray"))
+EPOCHS = 3
+STEPS = EPOCHS * 2  # 4 train samples // 2 workers // batch 1 per epoch
+LOSS_TERMS = ("loss", "mask_loss", "roll_mask_loss", "unmask_loss", "enc2d_loss")
+RUN_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def s3_inputs(s3_server, pretrain_shards, dinov2_dir):
+    """The session's shards and DINOv2 weights, uploaded to S3: a multi-node run may not read the head's files."""
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    for name, folder in (("shards", pretrain_shards), ("dinov2", dinov2_dir)):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                s3.upload_file(str(path), s3_server.bucket, f"multinode/{name}/{path.relative_to(folder)}")
+    return f"s3://{s3_server.bucket}/multinode"
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    """A head (0 CPUs) and two worker nodes of 2 CPUs. After `s3_server`: the nodes' Ray processes inherit this
+    process's environment, S3 credentials and endpoint included."""
+    with MultiNodeCluster(tmp_path_factory.mktemp("cluster"), workers=2, cpus_per_worker=2, dashboard=False) as nodes:
+        yield nodes
+
+
+def overrides(s3_inputs: str, s3_server, mlflow_server: str, name: str) -> list[str]:
+    """The shipped tiny config with every path in S3, 28-pixel crops, a checkpoint every 2 steps, all kept."""
+    return [
+        f"data.shards={s3_inputs}/shards",
+        f"model.image_encoder_weights={s3_inputs}/dinov2",
+        f"run.storage_path=s3://{s3_server.bucket}/multinode-runs",
+        f"run.endpoint_url={s3_server.endpoint_url}",
+        f"mlflow.tracking_uri={mlflow_server}",
+        f"run.name={name}",
+        f"run.epochs={EPOCHS}",
+        "run.checkpoint_every=2",
+        "run.checkpoints_to_keep=10",
+        "run.max_failures=1",
+        "data.seed=0",
+        "data.pretrain.crop_h=28",
+        "data.pretrain.crop_w=28",
+        "data.pretrain.max_size=1024",
+        "data.pretrain.enc2d_max_size=1024",
+    ]
+
+
+def pretrain(cluster: MultiNodeCluster, sets: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """`concerto-ray pretrain` on the cluster, its output in `log`; `env`: more driver variables. The driver's own
+    cache is the head's."""
+    command = [CLI, "pretrain", "--config", str(TINY_CONFIG)] + [arg for value in sets for arg in ("--set", value)]
+    env = cluster.driver_env(
+        RAY_TRAIN_ENABLE_STATE_TRACKING="1", CONCERTO_RAY_CACHE=str(cluster.root / "head-cache"), **env
+    )
+    return subprocess.Popen(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+
+
+def train_attempts(cluster: MultiNodeCluster, run_name: str) -> list[str]:
+    """The statuses of Ray Train's attempts at `run_name`, from its state actor on the head (kept while
+    RAY_TRAIN_ENABLE_STATE_TRACKING=1), read by a driver of that cluster."""
+    script = textwrap.dedent(f"""
+        import json, ray
+        from ray.train.v2._internal.state.state_actor import get_state_actor
+        ray.init(log_to_driver=False)
+        actor = get_state_actor()
+        runs = [run for run in ray.get(actor.get_train_runs.remote()).values() if run.name == {run_name!r}]
+        assert len(runs) == 1, runs
+        attempts = ray.get(actor.get_train_run_attempts.remote())[runs[0].id].values()
+        print(json.dumps([a.status.value for a in sorted(attempts, key=lambda a: a.start_time_ns)]))
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=cluster.driver_env(), capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def checkpoints(s3, bucket: str, run_prefix: str) -> dict[str, datetime.datetime]:
+    """The run's complete checkpoint folders (progress.json is written last) and when their newest file was written."""
+    files = [item for item in s3.list_objects_v2(Bucket=bucket, Prefix=run_prefix).get("Contents", ())]
+    written: dict[str, datetime.datetime] = {}
+    for item in files:
+        folder = item["Key"].removeprefix(run_prefix).split("/")[0]
+        written[folder] = max(written.get(folder, item["LastModified"]), item["LastModified"])
+    return {
+        folder: when
+        for folder, when in written.items()
+        if folder.startswith("step-") and f"{run_prefix}{folder}/progress.json" in {item["Key"] for item in files}
+    }
+
+
+def test_head_local_paths_are_refused_before_training(
+    cluster, s3_inputs, s3_server, mlflow_server, pretrain_shards, tmp_path
+):
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    client = MlflowClient(mlflow_server)
+    all_s3 = overrides(s3_inputs, s3_server, mlflow_server, "mn-refused")
+    # a field of the config; MLflow's store named by the driver's $MLFLOW_TRACKING_URI, which the workers log to
+    local_mlflow = f"sqlite:///{tmp_path}/mlflow.db"
+    for field, local, sets, env in (
+        ("data.shards", str(pretrain_shards), [*all_s3, f"data.shards={pretrain_shards}"], {}),
+        (
+            "mlflow.tracking_uri",
+            local_mlflow,
+            [value for value in all_s3 if not value.startswith("mlflow.tracking_uri=")],
+            {"MLFLOW_TRACKING_URI": local_mlflow},
+        ),
+    ):
+        log = tmp_path / f"{field}.log"
+        driver = pretrain(cluster, sets, log, **env)
+        assert driver.wait(timeout=RUN_TIMEOUT_S) == 2, log.read_text()[-3000:]
+        assert f"{field}: {local!r} is a path on one machine, but this Ray cluster has 3 nodes" in log.read_text()
+        # refused before anything started: no run folder in storage, no MLflow run
+        assert s3.list_objects_v2(Bucket=s3_server.bucket, Prefix="multinode-runs/mn-refused/")["KeyCount"] == 0
+        experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+        assert not client.search_runs(experiments, filter_string="attributes.run_name = 'mn-refused'")
+        assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_killed_training_node_is_replaced_and_the_run_resumes(
+    cluster, s3_inputs, s3_server, mlflow_server, dinov2_dir, tmp_path
+):
+    name = "mn-killed"
+    run_prefix = f"multinode-runs/{name}/"
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    log = tmp_path / "driver.log"
+    driver = pretrain(cluster, overrides(s3_inputs, s3_server, mlflow_server, name), log)
+
+    # Wait until Ray Train has recorded the first checkpoint: a failure before that restarts from nothing.
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while '"step-00000002"' not in read_object(s3, s3_server.bucket, f"{run_prefix}checkpoint_manager_snapshot.json"):
+        assert driver.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint recorded in {RUN_TIMEOUT_S} s: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    training = cluster.nodes_running("RayTrainWorker")
+    assert training, "no worker node runs a training worker"
+    for index in training:
+        cluster.kill_node(index)
+    killed_at = datetime.datetime.now(datetime.timezone.utc)
+    before_kill = checkpoints(s3, s3_server.bucket, run_prefix)
+    cluster.add_node()  # a fresh node, as the autoscaler would start; the spare node may be used first
+
+    assert driver.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-3000:]
+    # Ray Train saw the lost node fail its first attempt, and finished in a second one.
+    assert train_attempts(cluster, name) == ["ERRORED", "FINISHED"]
+    # The second attempt continued from the latest checkpoint: the ones written before the kill were not written
+    # again, every later one was written after it, and the last is the planned step.
+    after = checkpoints(s3, s3_server.bucket, run_prefix)
+    assert sorted(after) == [f"step-{step:08d}" for step in range(2, STEPS + 1, 2)]
+    assert f"step-{STEPS:08d}" not in before_kill, "the node was killed after the run's last checkpoint"
+    for folder, written in after.items():
+        if folder in before_kill:
+            assert written == before_kill[folder], f"{folder} was written again after the restart"
+        else:
+            assert written >= killed_at.replace(microsecond=0), folder
+    progress = json.loads(read_object(s3, s3_server.bucket, f"{run_prefix}step-{STEPS:08d}/progress.json"))
+    assert progress == {"global_step": STEPS, "epoch": EPOCHS, "step_in_epoch": 0, "skipped_steps": 0}
+    # every optimizer step in MLflow once: none repeated, none skipped
+    run_id = json.loads(read_object(s3, s3_server.bucket, f"{run_prefix}{RUN_ID_FILE}"))["run_id"]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in LOSS_TERMS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, STEPS + 1)), key
+
+    # Each node that ran a training worker fetched the DINOv2 weights into its own cache; the head fetched nothing.
+    weights = sorted(path.relative_to(dinov2_dir) for path in dinov2_dir.rglob("*") if path.is_file())
+    holders = []
+    for node in cluster.nodes:
+        copies = list(node.cache.glob("*-dinov2")) if node.cache.is_dir() else []
+        if copies:
+            (copy,) = copies
+            assert sorted(path.relative_to(copy) for path in copy.rglob("*") if path.is_file()) == weights
+            assert all((copy / path).read_bytes() == (dinov2_dir / path).read_bytes() for path in weights)
+            holders.append(node.index)
+    assert set(training) <= set(holders), (training, holders)
+    assert set(holders) - set(training), "no surviving node fetched the weights for the second attempt"
+    assert not list((cluster.root / "head-cache").glob("*-dinov2"))
+
+
+def read_object(s3, bucket: str, key: str) -> str:
+    """The object's text; empty if it does not exist (yet)."""
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except s3.exceptions.NoSuchKey:
+        return ""
