@@ -5,7 +5,10 @@
         --set data.shards=s3://bucket/scannet --set run.storage_path=s3://bucket/runs \
         --set overrides.pretrained.path=s3://bucket/checkpoints/concerto_large.pth
 
-Every trial config the sweep can produce is validated before connecting to Ray.
+Every trial config the sweep can produce is validated before connecting to Ray. `--resume` continues a stopped sweep
+of the same run.name (its driver was killed or interrupted) without running its ended trials again:
+
+    ray job submit --working-dir . -- python jobs/sweep.py --config configs/sweep-semseg-tiny.yaml --resume
 """
 
 import sys

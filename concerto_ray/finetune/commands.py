@@ -54,13 +54,24 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", required=True, help="sweep config: a shipped name (e.g. sweep-semseg-tiny) or a YAML path"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the stopped sweep of the config's run.name (its driver was killed, interrupted or lost "
+        "with the head node), from Ray Tune's record in <run.storage_path>/<run.name>/tune: trials that ended are "
+        "kept, not run again; unfinished and failed trials continue their own fine-tuning from its latest "
+        "checkpoint; the same MLflow parent run gets the best trial. Give the same --config and --set values as "
+        "the first time (the search space is the recorded one)",
+    )
     add_set_option(p, "override a sweep config value, read as YAML (repeatable), e.g. data.shards=s3://bucket/x")
 
 
 def sweep_command(args: argparse.Namespace) -> None:
     from concerto_ray.console import default_log_file, start_ray
-    from concerto_ray.finetune.sweep import load_sweep_config, run_sweep
+    from concerto_ray.finetune.sweep import check_resumable, load_sweep_config, run_sweep
 
     sweep = load_sweep_config(args.config, args.overrides)
+    if args.resume:
+        check_resumable(sweep)  # before Ray starts, as every other check
     start_ray(default_log_file("sweep"))
-    print(run_sweep(sweep, show_progress=True).summary())
+    print(run_sweep(sweep, resume=args.resume, show_progress=True).summary())

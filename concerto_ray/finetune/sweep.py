@@ -13,6 +13,14 @@ Following Ray's pattern for Tune with Train V2, the Tune trainable is a function
 launches its TorchTrainer, whose reports reach Tune through `TuneReportCallback`; ASHA stops weak trials on val
 mIoU after each evaluation round. MLflow gets one parent run for the sweep and a child run per trial; the best
 trial's values, metrics and checkpoint go on the parent and are returned.
+
+Failures, as Ray documents Train inside Tune: each trial's TorchTrainer restarts its own workers after a worker
+failure (`run.max_failures`), and Tune runs a failed trial again (`max_trial_failures`: its driver died, or its
+fine-tuning failed beyond `run.max_failures`). A trial run again continues its own fine-tuning run: the same
+folder `trial-<id>/`, from which Ray Train restores the latest checkpoint, and the same MLflow child run. A stopped
+sweep (its driver killed, Ctrl+C, a lost head node) continues with `resume=True`: Tune restores the experiment from
+`<storage_path>/<name>/tune/`, keeps the trials that ended, continues the unfinished and errored ones in the same way,
+and the sweep's MLflow parent run goes on.
 """
 
 from __future__ import annotations
@@ -52,13 +60,14 @@ from concerto_ray.train.config import (
     apply_overrides,
     check_storage,
 )
-from concerto_ray.train.tracking import close_run
+from concerto_ray.train.tracking import RUN_ID_FILE, close_run
 from concerto_ray.train.trainer import start_tracked_run
 
-CONFIG_KEY = "config"
+CONFIG_KEY = "config"  # the trial's starting fine-tuning config, next to the searched field paths
 # Tune needs a non-empty resource request per trial; the trial function only waits on its TorchTrainer, whose
 # workers hold the CPUs.
-TRIAL_DRIVER_CPUS = 0.01  # the trial's starting fine-tuning config, next to the searched field paths
+TRIAL_DRIVER_CPUS = 0.01
+TUNE_DIR = "tune"  # Ray Tune's experiment folder inside the sweep's folder
 
 
 @dataclass
@@ -125,10 +134,15 @@ class SweepConfig:
     max_concurrent_trials: int = 1
     asha: AshaSettings | None = field(default_factory=AshaSettings)  # null: every trial runs to the end
     mlflow: MlflowSection = field(default_factory=lambda: MlflowSection(experiment=FINETUNE_EXPERIMENT))
+    # How often Tune runs a failed trial again, each time continuing that trial's fine-tuning from its latest
+    # checkpoint; -1: without limit. A worker failure is first retried inside the trial (run.max_failures).
+    max_trial_failures: int = 2
 
     def __post_init__(self):
         if not self.configs:
             raise ConfigError("configs: name at least one fine-tuning config")
+        if self.max_trial_failures < -1:
+            raise ConfigError(f"max_trial_failures must be >= -1 (-1: unlimited), got {self.max_trial_failures}")
         if self.num_samples < 1 or self.max_concurrent_trials < 1:
             raise ConfigError(
                 f"num_samples and max_concurrent_trials must be >= 1, got {self.num_samples} and "
@@ -197,49 +211,47 @@ def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_sweep(sweep: SweepConfig, show_progress: bool = False) -> SweepResult:
-    """Run every trial of the sweep on the connected Ray cluster; the best trial by val mIoU. `show_progress`: a
-    progress bar of the trials on stderr (the CLI's) instead of Tune's status tables, which are never shown."""
+def check_resumable(sweep: SweepConfig) -> None:
+    """That the sweep's folder holds a Tune experiment to continue. Reads storage only: the CLI checks it before
+    Ray starts."""
+    sweep_dir = storage.resolve(sweep.run.run_uri, sweep.run.endpoint_url)
+    if not ray.tune.Tuner.can_restore(sweep_dir.path(TUNE_DIR), storage_filesystem=sweep_dir.filesystem):
+        raise ConfigError(
+            f"cannot resume sweep {sweep.run.name!r}: no Ray Tune experiment at {sweep_dir.uri_of(TUNE_DIR)}"
+        )
+
+
+def run_sweep(sweep: SweepConfig, resume: bool = False, show_progress: bool = False) -> SweepResult:
+    """Run every trial of the sweep on the connected Ray cluster; the best trial by val mIoU. `resume`: continue
+    the stopped sweep of the same `run.name` (trials that ended are not run again). `show_progress`: a progress
+    bar of the trials on stderr (the CLI's) instead of Tune's status tables, which are never shown; a resumed
+    sweep keeps the choice it was started with (Tune restores its callbacks)."""
+    if resume:
+        check_resumable(sweep)
     if sweep.data.verify_checksums:
         splits = {split for config in sweep.configs for split in _splits(sweep, config)}
         read_shards(sweep.data.shards, splits=sorted(splits), endpoint_url=sweep.data.endpoint_url, verify=True)
-    tracked = start_tracked_run(sweep, sweep.run, sweep.mlflow, resume=False)
+    tracked = start_tracked_run(sweep, sweep.run, sweep.mlflow, resume=resume)
     # Trials log where the parent does, whatever their own default would be.
     sweep.mlflow.tracking_uri = tracked.tracking_uri
-    param_space = {key: dimension.tune_domain() for key, dimension in sweep.space.items()}
-    param_space[CONFIG_KEY] = ray.tune.grid_search(sweep.configs)
-    # max_t one round past the last: a trial that runs all its rounds then ends by itself (its TorchTrainer shuts
-    # down and its MLflow run is closed) instead of being stopped by the scheduler at its last report.
-    scheduler = (
-        ASHAScheduler(
-            time_attr="training_iteration",
-            grace_period=sweep.asha.grace_period,
-            reduction_factor=sweep.asha.reduction_factor,
-            max_t=_max_rounds(sweep) + 1,
-        )
-        if sweep.asha is not None
-        else FIFOScheduler()
-    )
     sweep_dir = storage.resolve(sweep.run.run_uri, sweep.run.endpoint_url)
-    trainable = ray.tune.with_parameters(run_trial, sweep=to_dict(sweep), parent_run_id=tracked.mlflow_run_id)
-    tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trainable, on_demand_placement(TRIAL_DRIVER_CPUS)),  # not on spot nodes
-        param_space=param_space,
-        tune_config=ray.tune.TuneConfig(
-            metric=SCORE,
-            mode="max",
-            scheduler=scheduler,
-            num_samples=sweep.num_samples,
-            max_concurrent_trials=sweep.max_concurrent_trials,
-        ),
-        run_config=ray.tune.RunConfig(
-            name="tune",
-            storage_path=sweep_dir.root,
-            storage_filesystem=sweep_dir.filesystem,
-            verbose=0,
-            callbacks=[TrialBar(SCORE)] if show_progress else None,
-        ),
+    trainable = ray.tune.with_resources(  # not on spot nodes
+        ray.tune.with_parameters(run_trial, sweep=to_dict(sweep), parent_run_id=tracked.mlflow_run_id),
+        on_demand_placement(TRIAL_DRIVER_CPUS),
     )
+    if resume:
+        # The search space, scheduler and callbacks are the ones the sweep started with. Errored trials continue
+        # (resume_errored) rather than restart: a restart would give them new trial ids, hence new fine-tuning
+        # runs from scratch next to the old ones.
+        tuner = ray.tune.Tuner.restore(
+            sweep_dir.path(TUNE_DIR),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=sweep_dir.filesystem,
+        )
+    else:
+        tuner = new_tuner(sweep, trainable, sweep_dir, show_progress)
     try:
         grid = tuner.fit()
         result = _best(grid, sweep, tracked.mlflow_run_id)
@@ -259,6 +271,43 @@ def run_sweep(sweep: SweepConfig, show_progress: bool = False) -> SweepResult:
     return result
 
 
+def new_tuner(sweep: SweepConfig, trainable: Any, sweep_dir: storage.Location, show_progress: bool) -> ray.tune.Tuner:
+    """The sweep's Tuner, its experiment in `<sweep folder>/tune/`."""
+    param_space = {key: dimension.tune_domain() for key, dimension in sweep.space.items()}
+    param_space[CONFIG_KEY] = ray.tune.grid_search(sweep.configs)
+    # max_t one round past the last: a trial that runs all its rounds then ends by itself (its TorchTrainer shuts
+    # down and its MLflow run is closed) instead of being stopped by the scheduler at its last report.
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            grace_period=sweep.asha.grace_period,
+            reduction_factor=sweep.asha.reduction_factor,
+            max_t=_max_rounds(sweep) + 1,
+        )
+        if sweep.asha is not None
+        else FIFOScheduler()
+    )
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(
+            metric=SCORE,
+            mode="max",
+            scheduler=scheduler,
+            num_samples=sweep.num_samples,
+            max_concurrent_trials=sweep.max_concurrent_trials,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=sweep_dir.root,
+            storage_filesystem=sweep_dir.filesystem,
+            failure_config=ray.tune.FailureConfig(max_failures=sweep.max_trial_failures),
+            verbose=0,
+            callbacks=[TrialBar(SCORE)] if show_progress else None,
+        ),
+    )
+
+
 def run_trial(values: dict[str, Any], sweep: dict, parent_run_id: str) -> None:
     """The Tune trainable: one fine-tuning run, reporting each evaluation round to Tune."""
     sweep_config = from_dict(SweepConfig, sweep)
@@ -267,7 +316,10 @@ def run_trial(values: dict[str, Any], sweep: dict, parent_run_id: str) -> None:
     run = trial_run(sweep_config, config, values, _trial_run_name(ray.tune.get_context().get_trial_id()))
     # run_sweep verified the shards once; the check's tasks would not fit this trial's tiny resource request.
     run.data.verify_checksums = False
-    run_finetune(run, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
+    # Tune runs a trial again after a failure, and when a stopped sweep resumes. The trial's fine-tuning run then
+    # exists (it is named by the trial id): continue it, from its latest checkpoint and in its MLflow child run.
+    started = storage.resolve(run.run.run_uri, run.run.endpoint_url).exists(RUN_ID_FILE)
+    run_finetune(run, resume=started, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()])
 
 
 def _splits(sweep: SweepConfig, config: str) -> tuple[str, ...]:
