@@ -19,7 +19,7 @@ from ray.train.torch import TorchTrainer
 from concerto_ray.config import to_dict
 from concerto_ray.console import StageBar
 from concerto_ray.data import storage
-from concerto_ray.data.pipeline import BadSampleLog, build_dataset, samples_per_epoch
+from concerto_ray.data.pipeline import BadSampleLog, StreamConfig, build_dataset, samples_per_epoch
 from concerto_ray.errors import ConfigError
 from concerto_ray.node_cache import check_config_reachable
 from concerto_ray.train.config import (
@@ -59,6 +59,7 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
             scaling_config=scaling_config(run),
             run_config=ray_run_config(run, ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep)),
             datasets={"train": build_dataset(config.data, bad_log)},
+            dataset_config=ray.train.DataConfig(execution_options={"train": ingest_options(config.data)}),
         )
         result = fit(trainer, tracked, _CLEAR_WORKER_ERRORS)
     if show_progress:
@@ -67,6 +68,14 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
         log_skipped_samples(tracked.tracking_uri, tracked.mlflow_run_id, ray.get(bad_log.get.remote()))
     close_run(tracked.tracking_uri, tracked.mlflow_run_id, succeeded=True)
     return result
+
+
+def ingest_options(data: StreamConfig) -> ray.data.ExecutionOptions:
+    """Ray Data's options for a training stream. Ray Train replaces a dataset's own execution options with these
+    (by default: the driver's global ones), so `data.preserve_order` has to be passed here to take effect."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = data.preserve_order
+    return options
 
 
 @dataclass(frozen=True)
