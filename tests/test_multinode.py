@@ -114,6 +114,7 @@ def checkpoints(s3, bucket: str, run_prefix: str) -> dict[str, datetime.datetime
     }
 
 
+@pytest.mark.slow
 def test_head_local_paths_are_refused_before_training(
     cluster, s3_inputs, s3_server, mlflow_server, pretrain_shards, tmp_path
 ):
@@ -142,6 +143,7 @@ def test_head_local_paths_are_refused_before_training(
         assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_training_node_is_replaced_and_the_run_resumes(
     cluster, s3_inputs, s3_server, mlflow_server, dinov2_dir, tmp_path
 ):
