@@ -2,19 +2,22 @@
 
 The encoder is a plain `transformers.Dinov2WithRegistersModel`, registered in Concerto under the
 reference's name `enc2d_model`, so Pointcept's Concerto checkpoints (which do carry the frozen image
-weights, as `module.enc2d_model.*`) load strictly. Weights come from a local directory or a hub
-name; nothing is downloaded unless the caller allows it.
+weights, as `module.enc2d_model.*`) load strictly. Weights come from a local directory written by
+save_pretrained, an s3:// copy of one, or a Hugging Face hub name, fetched on the node that loads them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import is_offline_mode
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from concerto_ray.errors import ConfigError
-from concerto_ray.node_cache import local_copy
+from concerto_ray.node_cache import is_remote, local_copy
 
 
 @dataclass(kw_only=True)
@@ -25,9 +28,9 @@ class ImageEncoderConfig:
     branch) need no download; loaded weights whose architecture differs are rejected.
     """
 
-    weights: str = ""  # local directory written by save_pretrained, or a hub name such as
+    weights: str = ""  # local directory written by save_pretrained, an s3:// copy of one, or a hub name such as
     # "facebook/dinov2-with-registers-giant"
-    local_files_only: bool = True
+    weights_field: str = "image_encoder.weights"  # the config field that named `weights`, for error messages
     hidden_size: int = 1536
     num_hidden_layers: int = 40
     num_attention_heads: int = 24
@@ -62,20 +65,24 @@ _CHECKED_FIELDS = (
 
 
 def load_image_encoder(config: ImageEncoderConfig) -> Dinov2WithRegistersModel:
-    """Load the pretrained encoder, check its architecture, and freeze it."""
+    """Load the pretrained encoder, check its architecture, and freeze it.
+
+    An s3:// folder is copied once per node into concerto-ray's cache (`node_cache`); a hub name is downloaded once
+    per node into Hugging Face's cache ($HF_HOME), whose file locks make a node's other workers wait for the first
+    one's download. With HF_HUB_OFFLINE=1 (air-gapped nodes) only that cache is read.
+    """
+    field = config.weights_field
     if not config.weights:
         raise ConfigError(
-            "image_encoder.weights is empty: give a local directory written by "
+            f"{field} is empty: give a local directory written by "
             "save_pretrained or a hub name such as 'facebook/dinov2-with-registers-giant'"
         )
     try:
-        # An s3:// folder is fetched once per node, by the worker that loads it.
-        weights = str(local_copy(config.weights, field="image_encoder.weights"))
-        model = Dinov2WithRegistersModel.from_pretrained(weights, local_files_only=config.local_files_only)
+        weights = str(local_copy(config.weights, field=field))
+        model = Dinov2WithRegistersModel.from_pretrained(weights)
     except OSError as exc:
         raise ConfigError(
-            f"image_encoder.weights: cannot load DINOv2-with-registers from "
-            f"{config.weights!r} (local_files_only={config.local_files_only}): {exc}"
+            f"{field}: cannot load DINOv2-with-registers from {config.weights!r}{_hub_note(config.weights)}: {exc}"
         ) from exc
     expected = config.architecture()
     for name in _CHECKED_FIELDS:
@@ -85,6 +92,15 @@ def load_image_encoder(config: ImageEncoderConfig) -> Dinov2WithRegistersModel:
                 f"{getattr(model.config, name)!r}, the config says {getattr(expected, name)!r}"
             )
     return freeze(model)
+
+
+def _hub_note(weights: str) -> str:
+    """Where a hub name was looked for: on the hub, or (offline) only in this node's cache."""
+    if is_remote(weights) or Path(weights).is_dir():
+        return ""
+    if is_offline_mode():
+        return " (HF_HUB_OFFLINE is set: only this node's Hugging Face cache was read)"
+    return f" (not a local directory; downloading it from the Hugging Face hub at {hub_constants.ENDPOINT} failed)"
 
 
 def build_untrained_image_encoder(config: ImageEncoderConfig) -> Dinov2WithRegistersModel:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from concerto_ray.config import find_config, from_dict
 from concerto_ray.data.pipeline import StreamConfig
@@ -31,7 +33,12 @@ SHARDS_PLACEHOLDER = "s3://SET-ME"
 @dataclass
 class ModelSection:
     name: str  # a named config of concerto_ray.model.configs, e.g. "pretrain-concerto-v1m1-0-base"
-    image_encoder_weights: str | None = None  # Concerto: local save_pretrained directory (or a cached hub name)
+    # Concerto: a local save_pretrained directory, an s3:// copy of one, or a Hugging Face hub name (downloaded once
+    # per node by the workers; HF_HUB_OFFLINE=1 reads only each node's Hugging Face cache)
+    image_encoder_weights: str | None = None
+    # Recompute the student backbone's attention and MLP activations in backward instead of keeping them: less
+    # memory for a longer step (BENCHMARKS.md: the paper's batch on an H200, 97 -> 58 GiB at +5 % step time)
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -148,6 +155,7 @@ class PretrainConfig:
         if isinstance(config, ConcertoConfig):
             if self.model.image_encoder_weights is not None:
                 config.image_encoder.weights = self.model.image_encoder_weights
+            config.image_encoder.weights_field = "model.image_encoder_weights"
             # The image patch grid is the crop the data pipeline produces, in encoder patches.
             config.patch_h = self.data.pretrain.crop_h // self.data.pretrain.patch_size
             config.patch_w = self.data.pretrain.crop_w // self.data.pretrain.patch_size
@@ -292,26 +300,29 @@ def _check_views(config: PretrainConfig, model_config: SonataConfig) -> None:
 
 
 def _check_image_encoder_weights(model_config: ConcertoConfig) -> None:
-    encoder = model_config.image_encoder
-    if not encoder.weights:
+    """The weights' form only: an s3:// folder or a hub name is fetched, and its architecture checked, where it is
+    read, on each worker's node (`load_image_encoder`)."""
+    weights = model_config.image_encoder.weights
+    if not weights:
         raise ConfigError(
             "model.image_encoder_weights: the Concerto image encoder needs DINOv2 weights "
-            "(a directory written by save_pretrained)"
+            "(a directory written by save_pretrained, or a hub name such as 'facebook/dinov2-with-registers-giant')"
         )
-    # An s3:// folder is fetched and checked where it is read: on each worker's node (concerto_ray.node_cache).
-    if Path(encoder.weights).is_dir() or "://" in encoder.weights or not encoder.local_files_only:
+    if "://" in weights or Path(weights).is_dir():
         return
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(encoder.weights, "config.json")
-    except ValueError:  # not even a valid hub name
-        cached = None
-    if not isinstance(cached, str):
+    # A path ("/...", "./...", "~/...") or something that exists is meant as a local directory, never a hub name.
+    if Path(weights).is_absolute() or weights.startswith((".", "~")) or Path(weights).exists():
         raise ConfigError(
-            f"model.image_encoder_weights: {encoder.weights!r} is neither a local directory nor a "
-            f"model in the Hugging Face cache (nothing is downloaded at run time)"
+            f"model.image_encoder_weights: {weights!r} is neither a local directory (no directory is at that path) "
+            f"nor a hub name"
         )
+    try:
+        validate_repo_id(weights)
+    except HFValidationError as exc:
+        raise ConfigError(
+            f"model.image_encoder_weights: {weights!r} is neither a local directory nor a valid hub name such as "
+            f"'facebook/dinov2-with-registers-giant': {exc}"
+        ) from exc
 
 
 def check_storage(run: RunSettings, mlflow: MlflowSection) -> None:

@@ -28,7 +28,9 @@ from concerto_ray.console import post_progress
 from concerto_ray.data import storage
 from concerto_ray.data.pipeline import EpochReadAhead, batch_points, batch_to_device
 from concerto_ray.model.build import build_ssl_model
+from concerto_ray.model.concerto import Concerto
 from concerto_ray.model.schedules import SslSchedules
+from concerto_ray.model.sonata import Sonata
 from concerto_ray.train.config import PretrainConfig
 from concerto_ray.train.optim import build_optimizer, set_weight_decay, weight_decay_schedule
 from concerto_ray.train.runtime import (
@@ -61,6 +63,15 @@ def train_loop_per_worker(config_dict: dict) -> None:
         Worker(config, config_dict["steps_per_epoch"], tracking_uri, run_id, config_dict.get("progress")).run()
 
 
+def build_training_model(config: PretrainConfig) -> Sonata | Concerto:
+    """The model a worker trains, with the same initial weights on every worker."""
+    seed_model_init(config.run.seed)
+    model = build_ssl_model(config.model_config())
+    # The student alone: the teacher runs without gradients, where there is nothing to recompute.
+    model.student["backbone"].set_activation_checkpointing(config.model.activation_checkpointing)
+    return model
+
+
 class Worker:
     def __init__(
         self,
@@ -77,8 +88,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
 
         model_config = config.model_config()
-        seed_model_init(config.run.seed)
-        ssl_model = build_ssl_model(model_config)
+        ssl_model = build_training_model(config)
         self.model = ray.train.torch.prepare_model(
             ssl_model, parallel_strategy_kwargs={"find_unused_parameters": config.run.find_unused_parameters}
         )
