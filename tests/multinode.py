@@ -9,7 +9,7 @@
         cluster.nodes[1].cache           # that node's $CONCERTO_RAY_CACHE
 
 or the `multinode_cluster` fixture (a factory taking the same arguments; every cluster it made is shut down after the
-test): `from multinode import multinode_cluster` in a test module makes it available there.
+test): `from multinode import multinode_cluster  # noqa: F401` in a test module makes it available there.
 
 `MultiNodeCluster(root, workers=2, cpus_per_worker=2, env=None, dashboard=True)`:
 - `root`: a folder for the nodes' logs and caches (a test's `tmp_path`);
