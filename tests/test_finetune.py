@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from concerto_ray import node_cache
 from concerto_ray.config import CONFIG_DIR
 from concerto_ray.data.collate import collate_semseg
 from concerto_ray.data.presets import (
@@ -438,19 +439,25 @@ def test_pretrained_backbone_loads_from_a_pretraining_checkpoint(tmp_path, layou
         load_pretrained_backbone(model, path, keyword="module.nothing", replacement="module.nothing")
 
 
-def test_pretrained_backbone_loads_from_s3(s3_server):
+def test_pretrained_backbone_loads_from_s3_once_per_node(s3_server, tmp_path, monkeypatch):
+    monkeypatch.setenv(node_cache.CACHE_ENV, str(tmp_path / "cache"))
     sonata = Sonata(get_model_config("tiny-sonata"))
     buffer = io.BytesIO()
     torch.save({"state_dict": sonata.state_dict()}, buffer)
-    boto3.client("s3", endpoint_url=s3_server.endpoint_url).put_object(
-        Bucket=s3_server.bucket, Key="pretrain/run/step-00000004/model.pt", Body=buffer.getvalue()
-    )
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    s3.put_object(Bucket=s3_server.bucket, Key="pretrain/run/step-00000004/model.pt", Body=buffer.getvalue())
     folder = f"s3://{s3_server.bucket}/pretrain/run/step-00000004"
 
     for path in (folder, f"{folder}/model.pt"):  # a checkpoint folder or the file itself
         model = build_segmentor(tiny_config("lin", pretrained=PretrainedConfig(path=path)), s3_server.endpoint_url)
         expected = sonata.student.backbone.state_dict()
         assert all(torch.equal(value, expected[key]) for key, value in model.backbone.state_dict().items())
+    # Both names are one file, downloaded once into the node's cache; later loads on the node read that copy.
+    cached = [p for p in (tmp_path / "cache").iterdir() if p.name.endswith("-model.pt")]
+    assert len(cached) == 1 and cached[0].read_bytes() == buffer.getvalue()
+    s3.delete_object(Bucket=s3_server.bucket, Key="pretrain/run/step-00000004/model.pt")
+    s3.put_object(Bucket=s3_server.bucket, Key="pretrain/run/step-00000004/model.pt", Body=b"")  # still located
+    build_segmentor(tiny_config("lin", pretrained=PretrainedConfig(path=folder)), s3_server.endpoint_url)
     with pytest.raises(ConfigError, match=f"pre-trained checkpoint not found: {folder}-missing/model.pt"):
         build_segmentor(
             tiny_config("lin", pretrained=PretrainedConfig(path=f"{folder}-missing/model.pt")), s3_server.endpoint_url

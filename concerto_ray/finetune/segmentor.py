@@ -7,7 +7,6 @@ Parameter names equal the reference's (`backbone.*`, `seg_head.weight`, `seg_hea
 
 from __future__ import annotations
 
-import io
 import posixpath
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from concerto_ray.finetune.losses import SegmentationLoss
 from concerto_ray.model.checkpoint import DDP_PREFIX
 from concerto_ray.model.ptv3 import PointTransformerV3, PTv3Config
 from concerto_ray.model.sonata import up_cast
+from concerto_ray.node_cache import local_copy
 
 BACKBONE_PREFIX = "backbone."
 DECODER_PREFIX = "dec."
@@ -148,7 +148,9 @@ def locate_checkpoint(path: str, endpoint_url: str | None = None) -> tuple[stora
 
 def _read_state_dict(path: str, endpoint_url: str | None) -> dict[str, torch.Tensor]:
     folder, name = locate_checkpoint(path, endpoint_url)
-    checkpoint = torch.load(io.BytesIO(folder.read_bytes(name)), map_location="cpu", weights_only=True)
+    # An s3:// checkpoint is downloaded once per node (every worker of a node loads the same file).
+    local = local_copy(folder.uri_of(name), endpoint_url, field="finetune.pretrained.path")
+    checkpoint = torch.load(local, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(
             f"{folder.uri_of(name)}: expected a dict with a 'state_dict' entry, as Pointcept and concerto-ray save"
