@@ -9,6 +9,9 @@ against max_failures) and restarts from the latest checkpoint on other nodes.
 cluster.yaml starts it on every worker node after `ray start`; on on-demand nodes the notice never comes:
 
     python -m concerto_ray.spot_watcher            # --interval 5, --imds-url http://169.254.169.254
+
+It drains the one Ray node of its machine. Where several Ray nodes share a machine (a test cluster, several
+`ray start` on one host), name the node with `--node-id` (its hex id, as `ray list nodes` shows it).
 """
 
 from __future__ import annotations
@@ -111,13 +114,25 @@ def watch(
     return None
 
 
-def _this_node(address: str | None) -> tuple[str, str]:
-    """(GCS address, this node's id), by joining the cluster once as a driver on this node."""
+def _this_node(address: str | None, node_id: str | None) -> tuple[str, str]:
+    """(GCS address, id of the node to drain: `node_id`, else the one Ray node of this machine), by joining the
+    cluster once as a driver."""
     import ray
 
     ray.init(address=address or "auto", logging_level=logging.WARNING)
     try:
-        return ray.get_runtime_context().gcs_address, ray.get_runtime_context().get_node_id()
+        alive = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+        if node_id is None:
+            # A driver joins some Ray node of its machine (the head first, if it is one of them), not necessarily
+            # the one this watcher is for: only a machine with a single Ray node identifies it.
+            machine = alive[ray.get_runtime_context().get_node_id()]
+            here = sorted(node for node, ip in alive.items() if ip == machine)
+            if len(here) != 1:
+                raise SystemExit(f"{len(here)} Ray nodes run on this machine ({machine}): name one with --node-id")
+            node_id = here[0]
+        elif node_id not in alive:
+            raise SystemExit(f"--node-id {node_id} is not an alive node of this Ray cluster")
+        return ray.get_runtime_context().gcs_address, node_id
     finally:
         ray.shutdown()
 
@@ -131,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="the Ray cluster (default: the one this node belongs to)")
     parser.add_argument("--interval", type=float, default=POLL_INTERVAL_S, help="seconds between polls")
     parser.add_argument("--imds-url", default=IMDS_URL, help="instance metadata endpoint")
+    parser.add_argument(
+        "--node-id", default=None, help="hex id of the Ray node to drain (default: the one Ray node of this machine)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    gcs_address, node_id = _this_node(args.address)
+    gcs_address, node_id = _this_node(args.address, args.node_id)
     logger.info("watching for spot interruption notices for node %s", node_id)
     watch(
         lambda: read_notice(args.imds_url),

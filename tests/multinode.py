@@ -24,7 +24,7 @@ Attributes and methods: `address` (the GCS address, `RAY_ADDRESS` of a driver), 
 worker nodes, `WorkerNode`: `.index`, `.cache`, `.alive`), `driver_env(**extra)` (this process's environment
 pointed at the cluster, for a driver in a subprocess: a process can join only one Ray cluster, and the test process
 holds conftest's local one), `add_node(cpus=None)`, `kill_node(i)`, `nodes_running(title)` (the worker nodes running a
-process of that title, e.g. "RayTrainWorker"), `shutdown()`.
+process of that title, e.g. "RayTrainWorker"), `node_id(i)` (Ray's hex id of worker node i), `shutdown()`.
 
 Each node is one `ray start --block` in a process group of its own: Ray starts the node's processes (raylet, agents,
 log monitor) in the group of `ray start` and ties them to its life (kernel fate sharing); the raylet starts its Ray
@@ -202,6 +202,15 @@ class MultiNodeCluster:
                 if any(title in " ".join(_cmdline(process)) for process in processes):
                     found.append(node.index)
         return found
+
+    def node_id(self, index: int) -> str:
+        """Ray's hex id of worker node `index`, from its raylet's command line (`--node_id=`): the nodes of one
+        machine share its IP, so only their processes tell them apart."""
+        for process in psutil.Process(self.nodes[index].process.pid).children(recursive=True):
+            for arg in _cmdline(process):
+                if arg.startswith("--node_id="):
+                    return arg.removeprefix("--node_id=")
+        raise LookupError(f"worker node {index} runs no raylet")
 
     def driver_env(self, **extra: str) -> dict[str, str]:
         """The environment for a driver in a subprocess that joins this cluster."""

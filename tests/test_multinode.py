@@ -80,10 +80,27 @@ def pretrain(cluster: MultiNodeCluster, sets: list[str], log: Path, **env: str) 
     return subprocess.Popen(command, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 
 
-def train_attempts(cluster: MultiNodeCluster, run_name: str) -> list[str]:
-    """The statuses of Ray Train's attempts at `run_name`, from its state actor on the head (kept while
-    RAY_TRAIN_ENABLE_STATE_TRACKING=1), read by a driver of that cluster."""
-    script = textwrap.dedent(f"""
+def driver_query(cluster: MultiNodeCluster, script: str):
+    """Run `script` as a driver of `cluster` in a subprocess (this process belongs to conftest's Ray); the JSON it
+    prints last."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=cluster.driver_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def train_run(cluster: MultiNodeCluster, run_name: str) -> dict:
+    """Ray Train's record of `run_name`, from its state actor on the head (kept while
+    RAY_TRAIN_ENABLE_STATE_TRACKING=1): its status and its attempts in order, each with its status, end time (ns)
+    and its workers' node ids."""
+    return driver_query(
+        cluster,
+        f"""
         import json, ray
         from ray.train.v2._internal.state.state_actor import get_state_actor
         ray.init(log_to_driver=False)
@@ -91,13 +108,47 @@ def train_attempts(cluster: MultiNodeCluster, run_name: str) -> list[str]:
         runs = [run for run in ray.get(actor.get_train_runs.remote()).values() if run.name == {run_name!r}]
         assert len(runs) == 1, runs
         attempts = ray.get(actor.get_train_run_attempts.remote())[runs[0].id].values()
-        print(json.dumps([a.status.value for a in sorted(attempts, key=lambda a: a.start_time_ns)]))
-    """)
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=cluster.driver_env(), capture_output=True, text=True, timeout=180
+        print(json.dumps({{
+            "status": runs[0].status.value,
+            "attempts": [
+                {{"status": a.status.value, "end_time_ns": a.end_time_ns, "node_ids": [w.node_id for w in a.workers]}}
+                for a in sorted(attempts, key=lambda a: a.start_time_ns)
+            ],
+        }}))
+        """,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def wait_for_first_checkpoint(driver: subprocess.Popen, log: Path, s3, bucket: str, run_prefix: str) -> None:
+    """Until Ray Train has recorded the run's first checkpoint (step 2): an interruption before that restarts from
+    nothing."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while '"step-00000002"' not in read_object(s3, bucket, f"{run_prefix}checkpoint_manager_snapshot.json"):
+        assert driver.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint recorded in {RUN_TIMEOUT_S} s: {log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def assert_resumed_and_complete(
+    s3, bucket: str, run_prefix: str, mlflow_server: str, interrupted_at: datetime.datetime, epochs: int = EPOCHS
+) -> None:
+    """The run (`run.epochs=epochs`) continued from a checkpoint after `interrupted_at` and ended with exactly its
+    planned steps: the first checkpoint, recorded before the interruption, was not written again (a restart from
+    nothing would have), the last one, the planned step, was written after it, and MLflow has every optimizer step
+    once."""
+    steps = epochs * STEPS // EPOCHS
+    written = checkpoints(s3, bucket, run_prefix)
+    assert sorted(written) == [f"step-{step:08d}" for step in range(2, steps + 1, 2)]
+    assert written["step-00000002"] < interrupted_at, "the first checkpoint was written again after the restart"
+    # S3 times are whole seconds
+    assert written[f"step-{steps:08d}"] >= interrupted_at.replace(microsecond=0), "interrupted after the last step"
+    progress = json.loads(read_object(s3, bucket, f"{run_prefix}step-{steps:08d}/progress.json"))
+    assert progress == {"global_step": steps, "epoch": epochs, "step_in_epoch": 0, "skipped_steps": 0}
+    run_id = json.loads(read_object(s3, bucket, f"{run_prefix}{RUN_ID_FILE}"))["run_id"]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in LOSS_TERMS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, steps + 1)), key
 
 
 def checkpoints(s3, bucket: str, run_prefix: str) -> dict[str, datetime.datetime]:
@@ -149,12 +200,7 @@ def test_a_killed_training_node_is_replaced_and_the_run_resumes(
     log = tmp_path / "driver.log"
     driver = pretrain(cluster, overrides(s3_inputs, s3_server, mlflow_server, name), log)
 
-    # Wait until Ray Train has recorded the first checkpoint: a failure before that restarts from nothing.
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while '"step-00000002"' not in read_object(s3, s3_server.bucket, f"{run_prefix}checkpoint_manager_snapshot.json"):
-        assert driver.poll() is None, f"the run ended before its first checkpoint: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no checkpoint recorded in {RUN_TIMEOUT_S} s: {log.read_text()[-3000:]}"
-        time.sleep(0.2)
+    wait_for_first_checkpoint(driver, log, s3, s3_server.bucket, run_prefix)
     training = cluster.nodes_running("RayTrainWorker")
     assert training, "no worker node runs a training worker"
     for index in training:
@@ -164,22 +210,8 @@ def test_a_killed_training_node_is_replaced_and_the_run_resumes(
 
     assert driver.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-3000:]
     # Ray Train saw the lost node fail its first attempt, and finished in a second one.
-    assert train_attempts(cluster, name) == ["ERRORED", "FINISHED"]
-    # The second attempt continued from a checkpoint: the first one, recorded before the kill, was not written again
-    # (a restart from nothing would have), and the last one, the planned step, was written after the kill.
-    written = checkpoints(s3, s3_server.bucket, run_prefix)
-    assert sorted(written) == [f"step-{step:08d}" for step in range(2, STEPS + 1, 2)]
-    assert written["step-00000002"] < killed_at, "the first checkpoint was written again after the restart"
-    # S3 times are whole seconds
-    assert written[f"step-{STEPS:08d}"] >= killed_at.replace(microsecond=0), "the node was killed after the last step"
-    progress = json.loads(read_object(s3, s3_server.bucket, f"{run_prefix}step-{STEPS:08d}/progress.json"))
-    assert progress == {"global_step": STEPS, "epoch": EPOCHS, "step_in_epoch": 0, "skipped_steps": 0}
-    # every optimizer step in MLflow once: none repeated, none skipped
-    run_id = json.loads(read_object(s3, s3_server.bucket, f"{run_prefix}{RUN_ID_FILE}"))["run_id"]
-    client = MlflowClient(mlflow_server)
-    assert client.get_run(run_id).info.status == "FINISHED"
-    for key in LOSS_TERMS:
-        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, STEPS + 1)), key
+    assert [attempt["status"] for attempt in train_run(cluster, name)["attempts"]] == ["ERRORED", "FINISHED"]
+    assert_resumed_and_complete(s3, s3_server.bucket, run_prefix, mlflow_server, killed_at)
 
     # Each node that ran a training worker fetched the DINOv2 weights into its own cache; the head fetched nothing.
     weights = sorted(path.relative_to(dinov2_dir) for path in dinov2_dir.rglob("*") if path.is_file())

@@ -17,10 +17,11 @@ RECLAIM = "2026-12-01T15:02:00Z"
 
 class FakeImds:
     """IMDSv2: PUT /latest/api/token gives a session token; the notice answers 401 without it, 404 until
-    `notice_after` polls have been answered, then AWS's JSON."""
+    `notice_after` polls have been answered (or `announce` was called), then AWS's JSON."""
 
     def __init__(self, notice_after: int):
         self.notice_after = notice_after
+        self.reclaim = RECLAIM
         self.polls = 0
         self.unauthorized = 0
         fake = self
@@ -38,7 +39,7 @@ class FakeImds:
                 fake.polls += 1
                 if fake.polls <= fake.notice_after:
                     return self._answer(404, b"Not Found")
-                self._answer(200, json.dumps({"action": "terminate", "time": RECLAIM}).encode())
+                self._answer(200, json.dumps({"action": "terminate", "time": fake.reclaim}).encode())
 
             def _answer(self, code: int, body: bytes):
                 self.send_response(code)
@@ -52,6 +53,11 @@ class FakeImds:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def announce(self, reclaim: datetime) -> None:
+        """Give the notice from the next poll on, with `reclaim` (whole seconds, as AWS writes it)."""
+        self.reclaim = reclaim.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.notice_after = self.polls
 
 
 @pytest.fixture
