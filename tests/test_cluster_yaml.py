@@ -346,6 +346,14 @@ def test_token_authentication_is_on_with_a_token_from_outside_the_repository(con
     assert "RAY_AUTH_TOKEN=" not in every_command and "RAY_AUTH_MODE=disabled" not in every_command
 
 
+def test_the_dashboard_train_view_has_records(config):
+    """Ray Train writes the records of the dashboard's Train view only when its driver has state tracking on: every
+    container (job drivers run in the head's) gets it."""
+    assert "--env RAY_TRAIN_ENABLE_STATE_TRACKING=1" in config["docker"]["run_options"]
+    for name in ("head_run_options", "worker_run_options"):
+        assert not any("RAY_TRAIN_ENABLE_STATE_TRACKING" in o for o in config["docker"].get(name, [])), name
+
+
 def test_workers_of_an_accelerator_type_land_on_that_gpu_kind(config):
     """run.accelerator_type reaches Ray Train's ScalingConfig, whose per-worker demand the autoscaler serves with a
     node type of exactly that GPU."""
