@@ -2,11 +2,14 @@
 backbone's (issue 11: the demo test's margin must come from this spread, not from one run).
 
 Runs the whole demo once per seed (the seed fixes the synthetic scenes, the DINOv2 stand-in, pre-training and the
-probes), each in its own work folder under --workdir; a rerun reuses the stages a seed already finished. Prints
-each seed's two mIoUs and their difference, then the difference's min / median / max and standard deviation.
+probes), each in its own work folder under --workdir and its own process with a local Ray of --cpus CPUs, --parallel
+seeds at a time (on a machine with 16 cores, 8 seeds of 2 CPUs each run as on CI's 2-core machine); a rerun reuses
+the stages a seed already finished. Prints each seed's two mIoUs and their difference, then the difference's
+min / median / max and standard deviation.
 
     PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0,1,2,3 --out demo_seeds.json   # the demo's defaults
     PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0,1 --scenes 4 --epochs 1      # a quick check of the script
+    PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0-7 --parallel 8 --cpus 2 --scenes 8 --epochs 12
 """
 
 from __future__ import annotations
@@ -15,7 +18,12 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import ray
 
 from concerto_ray.demo import RESULTS_FILE, run_demo
 
@@ -34,21 +42,61 @@ def probe_mious(results_file: Path) -> dict[str, float]:
     return rows
 
 
+def seed_list(text: str) -> list[int]:
+    """ "0,1,2" or "0-7"."""
+    if "-" in text:
+        first, last = text.split("-")
+        return list(range(int(first), int(last) + 1))
+    return [int(seed) for seed in text.split(",")]
+
+
+def run_seeds(args: argparse.Namespace, seeds: list[int]) -> None:
+    """Each unfinished seed's demo in a subprocess of its own (a process joins one Ray), --parallel at a time."""
+    pending = [seed for seed in seeds if not (args.workdir / f"seed-{seed}" / RESULTS_FILE).is_file()]
+    running: list[tuple[int, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            seed = pending.pop(0)
+            workdir = args.workdir / f"seed-{seed}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            command = [sys.executable, __file__, "--one-seed", str(seed), "--scenes", str(args.scenes)]
+            command += ["--epochs", str(args.epochs), "--cpus", str(args.cpus), "--workdir", str(args.workdir)]
+            with open(workdir / "demo_seeds.out", "w") as out:
+                running.append((seed, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT), time.time()))
+        time.sleep(2)
+        for seed, process, started in list(running):
+            if process.poll() is not None:
+                running.remove((seed, process, started))
+                print(f"seed {seed}: exit {process.returncode} after {time.time() - started:.0f} s", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated demo seeds")
+    parser.add_argument("--seeds", default="0,1,2", help="demo seeds: comma-separated, or a range such as 0-7")
     parser.add_argument("--scenes", type=int, default=16, help="synthetic scenes (the demo's default: 16)")
     parser.add_argument("--epochs", type=int, default=30, help="pre-training epochs (the demo's default: 30)")
     parser.add_argument("--workdir", type=Path, default=Path("demo-seeds"))
+    parser.add_argument("--parallel", type=int, default=1, help="seeds run at the same time")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of each seed's local Ray")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--one-seed", type=int, help=argparse.SUPPRESS)  # a subprocess's seed
     args = parser.parse_args()
 
+    if args.one_seed is not None:
+        ray.init(num_cpus=args.cpus, log_to_driver=False)
+        run_demo(
+            args.workdir / f"seed-{args.one_seed}", scenes=args.scenes, seed=args.one_seed, pretrain_epochs=args.epochs
+        )
+        return
+    seeds = seed_list(args.seeds)
+    run_seeds(args, seeds)
     runs = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        workdir = args.workdir / f"seed-{seed}"
-        if not (workdir / RESULTS_FILE).is_file():
-            run_demo(workdir, scenes=args.scenes, seed=seed, pretrain_epochs=args.epochs)
-        mious = probe_mious(workdir / RESULTS_FILE)
+    for seed in seeds:
+        results = args.workdir / f"seed-{seed}" / RESULTS_FILE
+        if not results.is_file():
+            print(f"seed {seed}: no results (see {results.with_name('demo_seeds.out')})")
+            continue
+        mious = probe_mious(results)
         runs.append({"seed": seed, **mious, "difference": mious["pre-trained"] - mious["random init"]})
         print(json.dumps(runs[-1]))
     differences = [run["difference"] for run in runs]
@@ -56,9 +104,9 @@ def main() -> None:
         "scenes": args.scenes,
         "epochs": args.epochs,
         "runs": runs,
-        "difference_min": min(differences),
-        "difference_median": statistics.median(differences),
-        "difference_max": max(differences),
+        "difference_min": min(differences, default=None),
+        "difference_median": statistics.median(differences) if differences else None,
+        "difference_max": max(differences, default=None),
         "difference_stdev": statistics.stdev(differences) if len(differences) > 1 else None,
     }
     print(json.dumps(summary, indent=2))

@@ -137,3 +137,24 @@ def pretrain_shards(tmp_path_factory):
     )
     prepare(root / "scenes", str(root / "shards"), progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def sweep_scenes(tmp_path_factory):
+    """3 tiny synthetic scenes (2 train, 1 val) in Pointcept's layout: the sweep tests' shards are made from them."""
+    from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("sweep-scenes")
+    write_synthetic_dataset(
+        root,
+        SynthConfig(
+            scenes=3,
+            points_per_scene=1000,
+            views_per_scene=1,
+            image_width=16,
+            image_height=16,
+            splits={"train": 0.67, "val": 0.33},
+        ),
+        progress=False,
+    )
+    return root

@@ -99,26 +99,12 @@ def round_one_recorded(run_uri: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def s3_shards(s3_server, tmp_path_factory):
-    """Parquet shards of 3 tiny synthetic scenes (2 train, 1 val) on S3."""
+def s3_shards(s3_server, sweep_scenes):
+    """Parquet shards of the 3 tiny sweep scenes (2 train, 1 val) on S3."""
     from concerto_ray.data.shards import prepare
-    from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 
-    root = tmp_path_factory.mktemp("mn-sweep")
-    write_synthetic_dataset(
-        root / "scenes",
-        SynthConfig(
-            scenes=3,
-            points_per_scene=1000,
-            views_per_scene=1,
-            image_width=16,
-            image_height=16,
-            splits={"train": 0.67, "val": 0.33},
-        ),
-        progress=False,
-    )
     uri = f"s3://{s3_server.bucket}/mn-sweep/shards"
-    prepare(root / "scenes", uri, progress=False)
+    prepare(sweep_scenes, uri, progress=False)
     return uri
 
 

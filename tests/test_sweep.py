@@ -4,16 +4,18 @@ with one MLflow parent run and a child run per trial."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from concerto_ray.cli import main as cli_main
 from concerto_ray.errors import ConfigError
-from concerto_ray.finetune.sweep import load_sweep_config, run_sweep
+from concerto_ray.finetune.sweep import LastRoundPassesASHA, load_sweep_config, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SWEEP = REPO / "configs" / "sweep-semseg-tiny.yaml"
@@ -21,25 +23,12 @@ ONE_TEST_PASS = {"transform": {"test_rotations": [0.0], "test_scales": [], "test
 
 
 @pytest.fixture(scope="module")
-def sweep_shards(tmp_path_factory):
+def sweep_shards(sweep_scenes, tmp_path_factory):
     from concerto_ray.data.shards import prepare
-    from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 
-    root = tmp_path_factory.mktemp("sweep")
-    write_synthetic_dataset(
-        root / "scenes",
-        SynthConfig(
-            scenes=3,
-            points_per_scene=1000,
-            views_per_scene=1,
-            image_width=16,
-            image_height=16,
-            splits={"train": 0.67, "val": 0.33},
-        ),
-        progress=False,
-    )
-    prepare(root / "scenes", str(root / "shards"), progress=False)
-    return root / "shards"
+    shards = tmp_path_factory.mktemp("sweep") / "shards"
+    prepare(sweep_scenes, str(shards), progress=False)
+    return shards
 
 
 def overrides(shards: Path, storage: Path, *extra: str) -> list[str]:
@@ -92,6 +81,30 @@ def test_shipped_sweeps_load(sweep_shards, tmp_path):
         )
 
 
+@pytest.mark.parametrize("scheduler_class", [ASHAScheduler, LastRoundPassesASHA])
+def test_asha_stops_a_weak_trial_at_a_rung_but_never_at_its_last_round(scheduler_class):
+    # Grace period 1 and reduction factor 2 over 2 rounds: rungs at rounds 1 and 2. Trial b scores below a at round
+    # 2, b's last round: plain ASHA stops it there (racing the trial's own end), ours lets it end by itself. Trial
+    # c has 3 rounds, so round 2 is a rung it must pass; trial d is stopped at round 1 by both.
+    scheduler = scheduler_class(
+        time_attr="training_iteration", metric="val_miou", mode="max", grace_period=1, reduction_factor=2, max_t=3
+    )
+    trials = {name: SimpleNamespace(trial_id=name) for name in "abcd"}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+
+    def report(name: str, round_index: int, rounds: int, miou: float) -> str:
+        result = {"training_iteration": round_index, "round": round_index, "rounds": rounds, "val_miou": miou}
+        return scheduler.on_trial_result(None, trials[name], result)
+
+    assert [report("a", 1, 2, 0.5), report("b", 1, 2, 0.6), report("c", 1, 3, 0.7)] == [TrialScheduler.CONTINUE] * 3
+    assert report("d", 1, 2, 0.1) == TrialScheduler.STOP
+    assert report("a", 2, 2, 0.6) == TrialScheduler.CONTINUE
+    last_round = report("b", 2, 2, 0.55)
+    assert last_round == (TrialScheduler.CONTINUE if scheduler_class is LastRoundPassesASHA else TrialScheduler.STOP)
+    assert report("c", 2, 3, 0.4) == TrialScheduler.STOP
+
+
 @pytest.mark.slow
 def test_four_trial_asha_sweep_stops_the_bad_trials_early_with_an_mlflow_child_per_trial(
     ray_local, sweep_shards, mlflow_server, tmp_path
@@ -131,7 +144,8 @@ def test_four_trial_asha_sweep_stops_the_bad_trials_early_with_an_mlflow_child_p
         lr: [child for child in children if float(child.data.params["finetune.lr"]) == lr] for lr in (good_lr, bad_lr)
     }
     assert [len(trials) for trials in by_lr.values()] == [2, 2]
-    # the good trials ran both rounds (max_t) and ended by themselves; the bad ones were stopped after the first
+    # the good trials ran both rounds and ended by themselves, whatever their last round scored; the bad ones were
+    # stopped after the first
     assert all(child.info.status == "FINISHED" and len(rounds[child.info.run_id]) == 2 for child in by_lr[good_lr])
     assert all(child.info.status == "KILLED" and len(rounds[child.info.run_id]) == 1 for child in by_lr[bad_lr])
     assert result.best_values["lr"] == good_lr

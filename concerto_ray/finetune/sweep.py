@@ -37,7 +37,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from concerto_ray.config import find_config, from_dict, to_dict
 from concerto_ray.console import TrialBar
@@ -51,7 +51,7 @@ from concerto_ray.finetune.run_config import (
     load_finetune_run,
     plan_finetune,
 )
-from concerto_ray.finetune.trainer import SCORE, run_finetune
+from concerto_ray.finetune.trainer import ROUNDS_KEY, SCORE, run_finetune
 from concerto_ray.spot_watcher import on_demand_placement
 from concerto_ray.train.config import (
     MlflowSection,
@@ -271,18 +271,29 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, show_progress: bool = Fa
     return result
 
 
+class LastRoundPassesASHA(ASHAScheduler):
+    """ASHA that never stops a trial at its own last round (its score still counts at that rung for the trials with
+    more rounds). By then the trial has trained and run its test, and a stop would only race its ending: Tune would
+    kill it while it logs its best round and closes its MLflow run. Plain ASHA stops there whenever the last round
+    is a rung (grace_period * reduction_factor**k) and scores below the earlier trials', and the trial ends KILLED."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if ROUNDS_KEY in result and result.get("round", 0) >= result[ROUNDS_KEY]:
+            return TrialScheduler.CONTINUE
+        return action
+
+
 def new_tuner(sweep: SweepConfig, trainable: Any, sweep_dir: storage.Location, show_progress: bool) -> ray.tune.Tuner:
     """The sweep's Tuner, its experiment in `<sweep folder>/tune/`."""
     param_space = {key: dimension.tune_domain() for key, dimension in sweep.space.items()}
     param_space[CONFIG_KEY] = ray.tune.grid_search(sweep.configs)
-    # max_t one round past the last: a trial that runs all its rounds then ends by itself (its TorchTrainer shuts
-    # down and its MLflow run is closed) instead of being stopped by the scheduler at its last report.
     scheduler = (
-        ASHAScheduler(
+        LastRoundPassesASHA(
             time_attr="training_iteration",
             grace_period=sweep.asha.grace_period,
             reduction_factor=sweep.asha.reduction_factor,
-            max_t=_max_rounds(sweep) + 1,
+            max_t=_max_rounds(sweep) + 1,  # never reached: a last round is a rung like the others, not a stop
         )
         if sweep.asha is not None
         else FIFOScheduler()

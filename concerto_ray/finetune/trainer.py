@@ -102,6 +102,7 @@ from concerto_ray.viz import FeatureImages
 CHECKPOINT_DIR_FORMAT = "round-{:04d}"
 STEP_CHECKPOINT_DIR_FORMAT = "step-{:08d}"  # a checkpoint inside a round (run.checkpoint_every_minutes)
 SCORE = "val_miou"  # what the best checkpoint, and a sweep, is chosen by (higher is better)
+ROUNDS_KEY = "rounds"  # in each round's report: the run's number of rounds, so a sweep's scheduler knows the last
 BEST_CHECKPOINT_TAG = "best_checkpoint"
 VAL_DATASET = "val_{}"  # the validation samples of worker rank i
 TEST_DATASET = "test_{}"  # the decoded validation scenes of worker rank i, for the test protocol
@@ -432,7 +433,13 @@ class FinetuneWorker:
             self.feature_images.log(
                 self.metrics.client, self.metrics.run_id, self.segmentor.backbone, f"eval/round-{round_index:04d}"
             )
-        values.update(epoch=round_index, round=round_index, step=self.progress.global_step, best_round=self.best.round)
+        values.update(
+            epoch=round_index,
+            round=round_index,
+            step=self.progress.global_step,
+            best_round=self.best.round,
+            **{ROUNDS_KEY: self.rounds},
+        )
         if round_index == self.rounds:
             values.update(self.log_evaluation("eval/test", self.test_best_model(), "test"))
         name = CHECKPOINT_DIR_FORMAT.format(round_index)
