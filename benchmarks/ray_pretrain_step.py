@@ -159,6 +159,9 @@ def summarise(client: MlflowClient, run_id: str, skip: int, result: dict) -> dic
         data_wait_fraction_median=statistics.median(history("data_wait_fraction")),
         data_wait_fraction_total=sum(waits) / sum(step_times),
         points_per_s_median=statistics.median(history("points_per_s")),
+        # the most points any worker had over the workers' mean: the step waits for the slowest
+        points_imbalance_median=statistics.median(history("points_imbalance")),
+        points_imbalance_max=max(history("points_imbalance")),
         samples_per_s=samples_per_step / statistics.median(step_times),
         # over every measured step, epoch starts included
         samples_per_s_overall=samples_per_step * len(step_times) / sum(step_times),

@@ -2,7 +2,7 @@
 Sonata and Concerto takes part in every step, so DDP finds nothing unused and `run.find_unused_parameters` (a
 graph walk per step, on by default in Pointcept's Concerto configs) can stay off. The tiny configs have the
 paper configs' modules at a smaller width: the same backbone stages (encoder only, mask token), heads and up-cast
-levels."""
+levels. Also the step's work balance across ranks (`points_imbalance`), which rank 0 logs every step."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from multinode import free_port
 from test_ssl_models import add_images, make_batch
 
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.configs import get_model_config
+from concerto_ray.train.runtime import points_imbalance
 
 WORLD_SIZE = 2
 STEPS = 2
 
 
-def train_steps(rank: int, port: int, name: str, dinov2: str | None, out: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+def train_steps(rank: int, name: str, dinov2: str | None, out: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=WORLD_SIZE)
     try:
         torch.manual_seed(0)  # the same initial weights on both ranks, as Ray Train's workers build them
         config = get_model_config(name)
@@ -41,7 +41,10 @@ def train_steps(rank: int, port: int, name: str, dinov2: str | None, out: Path) 
             # bytes; DDP has no public getter, and it leaves the key out while it has found none
             unused.append(model._get_ddp_logging_data().get("unused_parameter_size", 0))
         without_grad = [n for n, p in model.module.named_parameters() if p.requires_grad and p.grad is None]
-        (out / f"rank{rank}.json").write_text(json.dumps({"unused_bytes": unused, "without_grad": without_grad}))
+        # rank 1 with twice rank 0's points: the most (200) over the mean (150)
+        imbalance = points_imbalance(100.0 * (rank + 1), torch.device("cpu"))
+        report = {"unused_bytes": unused, "without_grad": without_grad, "imbalance": imbalance}
+        (out / f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
 
@@ -49,7 +52,7 @@ def train_steps(rank: int, port: int, name: str, dinov2: str | None, out: Path) 
 @pytest.mark.parametrize("name", ["tiny-sonata", "tiny-concerto"])
 def test_ddp_finds_no_unused_parameters_on_two_gloo_ranks(name, dinov2_dir, tmp_path):
     dinov2 = str(dinov2_dir) if "concerto" in name else None
-    mp.spawn(train_steps, args=(free_port(), name, dinov2, tmp_path), nprocs=WORLD_SIZE)
+    mp.spawn(train_steps, args=(name, dinov2, tmp_path), nprocs=WORLD_SIZE)
     for rank in range(WORLD_SIZE):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert report == {"unused_bytes": [0] * STEPS, "without_grad": []}, (rank, report)
+        assert report == {"unused_bytes": [0] * STEPS, "without_grad": [], "imbalance": 200 / 150}, (rank, report)

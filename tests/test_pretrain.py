@@ -248,9 +248,12 @@ def test_run_checkpoints_to_s3_and_logs_to_mlflow(s3_run, s3_server, mlflow_serv
         "points_per_s",
         "data_wait_s",
         "data_wait_fraction",
+        "points_imbalance",
         "skipped_steps",
     ):
         assert logged_steps(mlflow_server, run_id, key) == list(range(1, STEPS + 1)), key
+    # 2 workers: the most points over the mean lies in [1, 2]
+    assert all(1.0 <= m.value <= 2.0 for m in client.get_metric_history(run_id, "points_imbalance"))
     losses = [m.value for m in client.get_metric_history(run_id, "loss")]
     assert all(math.isfinite(v) and v > 0 for v in losses)
     assert run.data.params["optim.layer_decay"] == "0.9" and run.data.params["run.num_workers"] == "2"

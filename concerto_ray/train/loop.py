@@ -41,6 +41,7 @@ from concerto_ray.train.runtime import (
     close_epoch,
     commit_metrics,
     epoch_steps,
+    points_imbalance,
     report_checkpoint,
     seed_draws,
     seed_model_init,
@@ -190,6 +191,7 @@ class Worker:
 
         grad_norm = clip_gradients(self.optimizer, self.config.optim.clip_grad)
         nonfinite |= not bool(torch.isfinite(grad_norm))
+        imbalance = points_imbalance(float(points), self.device)
         nonfinite, (points, total_loss) = agree_across_workers(nonfinite, [float(points), terms["loss"]], self.device)
         terms["loss"] = total_loss / world_size()
 
@@ -214,6 +216,7 @@ class Worker:
             skipped_steps=self.progress.skipped_steps,
             epoch=self.progress.epoch,
             points=points,
+            points_imbalance=imbalance,
         )
         self.scheduler.step()
         return values
