@@ -42,7 +42,7 @@ def train_steps(rank: int, name: str, dinov2: str | None, out: Path) -> None:
             unused.append(model._get_ddp_logging_data().get("unused_parameter_size", 0))
         without_grad = [n for n, p in model.module.named_parameters() if p.requires_grad and p.grad is None]
         # rank 1 with twice rank 0's points: the most (200) over the mean (150)
-        imbalance = points_imbalance(100.0 * (rank + 1), torch.device("cpu"))
+        imbalance = points_imbalance(100.0 * (rank + 1), 300.0, torch.device("cpu"))
         report = {"unused_bytes": unused, "without_grad": without_grad, "imbalance": imbalance}
         (out / f"rank{rank}.json").write_text(json.dumps(report))
     finally:

@@ -191,8 +191,9 @@ class Worker:
 
         grad_norm = clip_gradients(self.optimizer, self.config.optim.clip_grad)
         nonfinite |= not bool(torch.isfinite(grad_norm))
-        imbalance = points_imbalance(float(points), self.device)
-        nonfinite, (points, total_loss) = agree_across_workers(nonfinite, [float(points), terms["loss"]], self.device)
+        own_points = float(points)
+        nonfinite, (points, total_loss) = agree_across_workers(nonfinite, [own_points, terms["loss"]], self.device)
+        imbalance = points_imbalance(own_points, points, self.device)
         terms["loss"] = total_loss / world_size()
 
         if nonfinite:

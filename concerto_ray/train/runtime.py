@@ -97,16 +97,15 @@ def agree_across_workers(nonfinite: bool, sums: list[float], device: torch.devic
     return bool(shared[0] > 0), shared[1:].tolist()
 
 
-def points_imbalance(points: float, device: torch.device) -> float:
-    """The most points any worker had in this step over the workers' mean (1.0: equal work). Every worker waits for
-    the slowest at the gradient all-reduce, and a worker's time grows with its points."""
+def points_imbalance(points: float, total: float, device: torch.device) -> float:
+    """The most points any worker had in this step (`points`: this worker's) over the workers' mean (`total`: their
+    sum, from `agree_across_workers`); 1.0: equal work. Every worker waits for the slowest at the gradient all-reduce,
+    and a worker's time grows with its points."""
     if world_size() == 1:
         return 1.0
     most = torch.tensor([points], dtype=torch.float64, device=device)
-    total = most.clone()
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    dist.all_reduce(total)
-    return float(most[0]) * world_size() / max(float(total[0]), 1.0)
+    return most.item() * world_size() / max(total, 1.0)
 
 
 def rank0_decides(decision: bool, device: torch.device) -> bool:
