@@ -1,15 +1,18 @@
-"""Seed-to-seed spread of the demo's headline: the pre-trained backbone's linear-probe val mIoU minus the random
-backbone's (issue 11: the demo test's margin must come from this spread, not from one run).
+"""Seed-to-seed spread of the demo's headline: the pre-trained backbone's linear-probe val mIoU, mAcc and allAcc
+minus those of the same backbone before pre-training (issue 11: the demo test's margin must come from this spread,
+not from one run).
 
 Runs the whole demo once per seed (the seed fixes the synthetic scenes, the DINOv2 stand-in, pre-training and the
 probes), each in its own work folder under --workdir and its own process with a local Ray of --cpus CPUs, --parallel
 seeds at a time (on a machine with 16 cores, 8 seeds of 2 CPUs each run as on CI's 2-core machine); a rerun reuses
-the stages a seed already finished. Prints each seed's two mIoUs and their difference, then the difference's
-min / median / max and standard deviation.
+the stages a seed already finished. Prints each seed's metrics and their differences, then each difference's
+min / median / max and standard deviation. --pretrain optim.lr=1e-12 is the control: a pre-training that changes
+nothing; --pretrain run.use_gpu=true run.num_workers=1 data.batch_size=2 pre-trains on a GPU (the same samples per
+step as the demo's two CPU workers of one sample).
 
     PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0,1,2,3 --out demo_seeds.json   # the demo's defaults
     PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0,1 --scenes 4 --epochs 1      # a quick check of the script
-    PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0-7 --parallel 8 --cpus 2 --scenes 8 --epochs 12
+    PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0-7 --parallel 8 --cpus 2 --scenes 4 --epochs 10
 """
 
 from __future__ import annotations
@@ -24,19 +27,22 @@ import time
 from pathlib import Path
 
 import ray
+import yaml
 
+from concerto_ray import demo
 from concerto_ray.demo import RESULTS_FILE, run_demo
 
 ROW = re.compile(r"^(pre-trained|random init)\s+(\d\.\d{3})\s+(\d\.\d{3})\s+(\d\.\d{3})$")
+METRICS = ("miou", "macc", "all_acc")
 
 
-def probe_mious(results_file: Path) -> dict[str, float]:
-    """{"pre-trained": mIoU, "random init": mIoU} from a demo's results table."""
+def probe_metrics(results_file: Path) -> dict[str, dict[str, float]]:
+    """{"pre-trained": {"miou": .., "macc": .., "all_acc": ..}, "random init": {...}} from a demo's results table."""
     rows = {}
     for line in results_file.read_text().splitlines():
         match = ROW.match(line)
         if match:
-            rows[match.group(1)] = float(match.group(2))
+            rows[match.group(1)] = dict(zip(METRICS, map(float, match.groups()[1:])))
     if set(rows) != {"pre-trained", "random init"}:
         raise ValueError(f"{results_file}: expected a pre-trained and a random-init row, got {sorted(rows)}")
     return rows
@@ -60,7 +66,10 @@ def run_seeds(args: argparse.Namespace, seeds: list[int]) -> None:
             workdir = args.workdir / f"seed-{seed}"
             workdir.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, __file__, "--one-seed", str(seed), "--scenes", str(args.scenes)]
-            command += ["--epochs", str(args.epochs), "--cpus", str(args.cpus), "--workdir", str(args.workdir)]
+            command += ["--epochs", str(args.epochs), "--cpus", str(args.cpus), "--gpus", str(args.gpus)]
+            command += ["--workdir", str(args.workdir)]
+            if args.pretrain:
+                command += ["--pretrain", *args.pretrain]
             with open(workdir / "demo_seeds.out", "w") as out:
                 running.append((seed, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT), time.time()))
         time.sleep(2)
@@ -78,15 +87,24 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("demo-seeds"))
     parser.add_argument("--parallel", type=int, default=1, help="seeds run at the same time")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of each seed's local Ray")
+    parser.add_argument("--pretrain", nargs="*", default=[], help="section.key=value replacing the tiny pre-training's")
+    parser.add_argument("--gpus", type=int, default=0, help="GPUs of each seed's local Ray")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--one-seed", type=int, help=argparse.SUPPRESS)  # a subprocess's seed
     args = parser.parse_args()
 
     if args.one_seed is not None:
-        ray.init(num_cpus=args.cpus, log_to_driver=False)
-        run_demo(
-            args.workdir / f"seed-{args.one_seed}", scenes=args.scenes, seed=args.one_seed, pretrain_epochs=args.epochs
-        )
+        workdir = args.workdir / f"seed-{args.one_seed}"
+        if args.pretrain:
+            config = yaml.safe_load(demo.PRETRAIN_CONFIG.read_text())
+            for assignment in args.pretrain:
+                key, value = assignment.split("=", 1)
+                section, name = key.split(".")
+                config[section][name] = yaml.safe_load(value)
+            demo.PRETRAIN_CONFIG = workdir / "pretrain.yaml"
+            demo.PRETRAIN_CONFIG.write_text(yaml.safe_dump(config))
+        ray.init(num_cpus=args.cpus, num_gpus=args.gpus, log_to_driver=False)
+        run_demo(workdir, scenes=args.scenes, seed=args.one_seed, pretrain_epochs=args.epochs)
         return
     seeds = seed_list(args.seeds)
     run_seeds(args, seeds)
@@ -96,19 +114,19 @@ def main() -> None:
         if not results.is_file():
             print(f"seed {seed}: no results (see {results.with_name('demo_seeds.out')})")
             continue
-        mious = probe_mious(results)
-        runs.append({"seed": seed, **mious, "difference": mious["pre-trained"] - mious["random init"]})
+        rows = probe_metrics(results)
+        differences = {metric: rows["pre-trained"][metric] - rows["random init"][metric] for metric in METRICS}
+        runs.append({"seed": seed, **rows, "difference": differences})
         print(json.dumps(runs[-1]))
-    differences = [run["difference"] for run in runs]
-    summary = {
-        "scenes": args.scenes,
-        "epochs": args.epochs,
-        "runs": runs,
-        "difference_min": min(differences, default=None),
-        "difference_median": statistics.median(differences) if differences else None,
-        "difference_max": max(differences, default=None),
-        "difference_stdev": statistics.stdev(differences) if len(differences) > 1 else None,
-    }
+    summary = {"scenes": args.scenes, "epochs": args.epochs, "pretrain": args.pretrain, "runs": runs}
+    for metric in METRICS:
+        differences = [run["difference"][metric] for run in runs]
+        summary[f"{metric}_difference"] = {
+            "min": min(differences, default=None),
+            "median": statistics.median(differences) if differences else None,
+            "max": max(differences, default=None),
+            "stdev": statistics.stdev(differences) if len(differences) > 1 else None,
+        }
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2))

@@ -97,6 +97,7 @@ def _demo(args: argparse.Namespace) -> None:
         scenes=args.scenes,
         seed=args.seed,
         pretrain_epochs=args.pretrain_epochs,
+        probe_epochs=args.probe_epochs,
         dinov2=Path(args.dinov2) if args.dinov2 else None,
     )
 
@@ -382,13 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="the end-to-end demo on embedded defaults",
         description="Local Ray -> synthetic scenes -> shards -> tiny Concerto pre-training on CPU "
-        "workers -> linear probes of the pre-trained vs a random backbone -> mIoU table. "
+        "workers -> linear probes of the backbone after vs before pre-training -> mIoU table. "
         "Resumable: a rerun reuses what the work folder holds.",
     )
     p.add_argument("--workdir", default="demo", help="where the demo writes its data, runs and MLflow store")
     p.add_argument("--scenes", type=int, default=16, help="synthetic scenes (3/4 train, 1/4 held out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-epochs", type=int, default=30, help="pre-training epochs")
+    p.add_argument(
+        "--probe-epochs", type=int, default=20, help="epochs of each linear probe (two evaluation rounds; even)"
+    )
     p.add_argument(
         "--dinov2",
         help="directory of DINOv2-with-registers weights of the tiny architecture "

@@ -1,7 +1,10 @@
 """The end-to-end demo on embedded defaults: local Ray, synthetic scenes, local storage, local MLflow.
 
     synthetic rooms -> parquet shards -> Concerto pre-training (Ray Train, CPU workers)
-      -> linear probes of the pre-trained and of a randomly initialised backbone -> mIoU table
+      -> linear probes of the pre-trained backbone and of the same backbone before pre-training -> mIoU table
+
+The random-init probe reads the very weights pre-training started from (the run's seed), and both probes share
+their own seed, so the two rows differ only by what pre-training changed.
 
 Every stage is resumable: a rerun reuses the scenes, shards and finished runs already in the work folder.
 The frozen 2D teacher is a tiny DINOv2 with random weights (nothing may be downloaded here); pass
@@ -25,6 +28,8 @@ from concerto_ray.finetune.run_config import load_finetune_run
 from concerto_ray.finetune.trainer import SCORE, run_finetune
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.train.config import load_pretrain_config
+from concerto_ray.train.loop import build_training_model
+from concerto_ray.train.state import save_model
 from concerto_ray.train.tracking import RUN_ID_FILE
 from concerto_ray.train.trainer import run_pretrain
 
@@ -41,10 +46,16 @@ DEMO_PROBE = {
 # A checkpoint every few minutes rather than the tiny config's every 2 steps (which the recovery tests need).
 DEMO_CHECKPOINT_EVERY = 60
 RESULTS_FILE = "results.txt"
+INITIAL_WEIGHTS_FILE = "initial-weights.pt"
 
 
 def run_demo(
-    workdir: Path, scenes: int = 16, seed: int = 0, pretrain_epochs: int = 30, dinov2: Path | None = None
+    workdir: Path,
+    scenes: int = 16,
+    seed: int = 0,
+    pretrain_epochs: int = 30,
+    probe_epochs: int = 20,
+    dinov2: Path | None = None,
 ) -> None:
     workdir = workdir.resolve()
     scenes_dir, shards_dir = workdir / "scenes", workdir / "shards"
@@ -86,15 +97,20 @@ def run_demo(
         f"fed by Ray Data"
     )
     run_dir = runs / pretrain.run.name
+    initial_weights = workdir / INITIAL_WEIGHTS_FILE
+    if not initial_weights.is_file():
+        save_model(build_training_model(pretrain), initial_weights)
     # a finished run resumes to its end at once
     run_pretrain(pretrain, resume=(run_dir / RUN_ID_FILE).exists(), show_progress=True)
     checkpoint = sorted(run_dir.glob("step-*"))[-1]
     print(f"      checkpoint: {checkpoint}")
 
-    print("[4/4] linear probes on the held-out scenes: pre-trained vs randomly initialised backbone")
+    print("[4/4] linear probes on the held-out scenes: the backbone after vs before pre-training")
     results = {}
-    for label, pretrained in (("pre-trained", checkpoint / "model.pt"), ("random init", None)):
-        name = "probe-pretrained" if pretrained else "probe-random"
+    for label, name, pretrained in (
+        ("pre-trained", "probe-pretrained", checkpoint / "model.pt"),
+        ("random init", "probe-random", initial_weights),
+    ):
         probe = load_finetune_run(
             PROBE_CONFIG,
             {
@@ -102,7 +118,8 @@ def run_demo(
                 "run.storage_path": str(runs),
                 "run.name": name,
                 "mlflow.tracking_uri": tracking_uri,
-                "pretrained.path": str(pretrained) if pretrained else None,
+                "pretrained.path": str(pretrained),
+                "epochs": probe_epochs,
                 **DEMO_PROBE,
             },
         )

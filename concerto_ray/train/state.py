@@ -27,6 +27,12 @@ PROGRESS_FILE = "progress.json"
 FROZEN_PREFIX = "enc2d_model."  # Concerto's image encoder
 
 
+def save_model(model: nn.Module, path: Path) -> None:
+    """The model's weights as model.pt holds them (what fine-tuning and `concerto-ray model convert` read)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+    torch.save({"state_dict": state}, path)
+
+
 class CheckpointError(TrainingError):
     """A checkpoint cannot be used to resume; the message names the checkpoint and the file."""
 
@@ -54,8 +60,7 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
 ) -> None:
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
-    torch.save({"state_dict": state}, directory / MODEL_FILE)
+    save_model(model, directory / MODEL_FILE)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIMIZER_FILE)
     (directory / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
 
