@@ -8,7 +8,7 @@ seeds at a time (on a machine with 16 cores, 8 seeds of 2 CPUs each run as on CI
 the stages a seed already finished. Prints each seed's metrics and their differences, then each difference's
 min / median / max and standard deviation. --pretrain optim.lr=1e-12 is the control: a pre-training that changes
 nothing; --pretrain run.use_gpu=true run.num_workers=1 data.batch_size=2 pre-trains on a GPU (the same samples per
-step as the demo's two CPU workers of one sample).
+step as the demo's two CPU workers of one sample); --probe run.use_gpu=true runs the probes there too.
 
     PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0,1,2,3 --out demo_seeds.json   # the demo's defaults
     PYTHONPATH=. python benchmarks/demo_seeds.py --seeds 0,1 --scenes 4 --epochs 1      # a quick check of the script
@@ -70,6 +70,8 @@ def run_seeds(args: argparse.Namespace, seeds: list[int]) -> None:
             command += ["--workdir", str(args.workdir)]
             if args.pretrain:
                 command += ["--pretrain", *args.pretrain]
+            if args.probe:
+                command += ["--probe", *args.probe]
             with open(workdir / "demo_seeds.out", "w") as out:
                 running.append((seed, subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT), time.time()))
         time.sleep(2)
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="seeds run at the same time")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of each seed's local Ray")
     parser.add_argument("--pretrain", nargs="*", default=[], help="section.key=value replacing the tiny pre-training's")
+    parser.add_argument("--probe", nargs="*", default=[], help="key=value added to the demo's probe overrides")
     parser.add_argument("--gpus", type=int, default=0, help="GPUs of each seed's local Ray")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--one-seed", type=int, help=argparse.SUPPRESS)  # a subprocess's seed
@@ -103,6 +106,9 @@ def main() -> None:
                 config[section][name] = yaml.safe_load(value)
             demo.PRETRAIN_CONFIG = workdir / "pretrain.yaml"
             demo.PRETRAIN_CONFIG.write_text(yaml.safe_dump(config))
+        for assignment in args.probe:
+            key, value = assignment.split("=", 1)
+            demo.DEMO_PROBE[key] = yaml.safe_load(value)
         ray.init(num_cpus=args.cpus, num_gpus=args.gpus, log_to_driver=False)
         run_demo(workdir, scenes=args.scenes, seed=args.one_seed, pretrain_epochs=args.epochs)
         return
@@ -118,7 +124,13 @@ def main() -> None:
         differences = {metric: rows["pre-trained"][metric] - rows["random init"][metric] for metric in METRICS}
         runs.append({"seed": seed, **rows, "difference": differences})
         print(json.dumps(runs[-1]))
-    summary = {"scenes": args.scenes, "epochs": args.epochs, "pretrain": args.pretrain, "runs": runs}
+    summary = {
+        "scenes": args.scenes,
+        "epochs": args.epochs,
+        "pretrain": args.pretrain,
+        "probe": args.probe,
+        "runs": runs,
+    }
     for metric in METRICS:
         differences = [run["difference"][metric] for run in runs]
         summary[f"{metric}_difference"] = {
