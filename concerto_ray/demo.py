@@ -24,6 +24,7 @@ from concerto_ray.config import CONFIG_DIR
 from concerto_ray.console import start_ray
 from concerto_ray.data.shards import prepare
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
+from concerto_ray.errors import ConfigError
 from concerto_ray.finetune.run_config import load_finetune_run
 from concerto_ray.finetune.trainer import SCORE, run_finetune
 from concerto_ray.model.configs import get_model_config
@@ -57,6 +58,12 @@ def run_demo(
     probe_epochs: int = 20,
     dinov2: Path | None = None,
 ) -> None:
+    rounds = DEMO_PROBE["eval_epochs"]
+    if probe_epochs < rounds or probe_epochs % rounds:  # found now, not after the pre-training
+        raise ConfigError(
+            f"probe epochs ({probe_epochs}) must be a positive multiple of {rounds}: "
+            f"each probe evaluates {rounds} times"
+        )
     workdir = workdir.resolve()
     scenes_dir, shards_dir = workdir / "scenes", workdir / "shards"
     # A Ray of its own unless RAY_ADDRESS names a cluster (never one that a stale `ray start` left behind), or the

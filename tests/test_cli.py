@@ -143,3 +143,9 @@ def test_pretrain_command_shows_a_bar_and_a_summary_and_logs_ray_to_a_file(dinov
     assert re.search(r"4/4 \[.*loss \d", bar[-1]), bar[-1]
     log_file = Path(out[0].removeprefix("logs: ").split(" (Ray's own: ")[0])
     assert "ray" in log_file.read_text()  # Ray's driver-side messages went there
+
+
+def test_demo_refuses_odd_probe_epochs_before_writing_anything(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--probe-epochs", "3"]) == 2
+    assert "probe epochs (3) must be a positive multiple of 2" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
