@@ -22,7 +22,6 @@ from ray._private.runtime_env.packaging import create_package
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from concerto_ray.data.shards import prepare
-from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -143,7 +142,7 @@ def submit_job(
 
 @pytest.mark.slow
 def test_ray_job_submit_pretrain_then_finetune_from_its_checkpoint_in_s3(
-    ray_head, s3_server, dinov2_dir, pretrain_shards, mlflow_server, tmp_path
+    ray_head, s3_server, dinov2_dir, pretrain_shards, sweep_scenes, mlflow_server, tmp_path
 ):
     # The jobs run from an uploaded copy of the working directory, as on a real cluster.
     working_dir = tmp_path / "job"
@@ -193,19 +192,7 @@ def test_ray_job_submit_pretrain_then_finetune_from_its_checkpoint_in_s3(
 
     # A linear probe of that checkpoint, read from S3 by the fine-tuning job.
     semseg = tmp_path / "semseg"
-    write_synthetic_dataset(
-        semseg / "scenes",
-        SynthConfig(
-            scenes=3,
-            points_per_scene=1000,
-            views_per_scene=1,
-            image_width=16,
-            image_height=16,
-            splits={"train": 0.67, "val": 0.33},
-        ),
-        progress=False,
-    )
-    prepare(semseg / "scenes", str(semseg / "shards"), progress=False)
+    prepare(sweep_scenes, str(semseg / "shards"), progress=False)
     probe = [
         f"data.shards={semseg / 'shards'}",
         "run.name=probe-job",
