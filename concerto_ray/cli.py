@@ -11,6 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from concerto_ray.cli_args import add_set_option
 from concerto_ray.errors import ConfigError, DataError, TrainingError
 
 
@@ -122,8 +123,7 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _embed(args: argparse.Namespace) -> None:
-    import ray
-
+    from concerto_ray.console import default_log_file, start_ray
     from concerto_ray.embed import EmbedConfig, run_embed
 
     config = EmbedConfig(
@@ -145,7 +145,7 @@ def _embed(args: argparse.Namespace) -> None:
         skip_bad=args.skip_bad,
         verify_checksums=not args.no_verify,
     )
-    ray.init(ignore_reinit_error=True)
+    start_ray(default_log_file("embed"))  # Ray Data's progress logs go to the log file
     print(run_embed(config).text())
 
 
@@ -246,11 +246,6 @@ def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--resume", action="store_true", help="continue the stopped run of the config's run.name")
     add_set_option(p, "override a config value, read as YAML, e.g. --set run.epochs=10 (repeatable)")
-
-
-def add_set_option(p: argparse.ArgumentParser, help: str) -> None:
-    """`--set KEY=VALUE` (repeatable), collected in `args.overrides`: one override syntax for every command."""
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -430,12 +430,16 @@ def read_scene_features(
 def run_embed(config: EmbedConfig, progress: bool = True) -> EmbedSummary:
     """Embed every scene of `config.splits` that has no output yet; uses the connected Ray cluster."""
     out = storage.resolve(config.out, config.endpoint_url)
-    manifest = read_manifest(config.shards, config.endpoint_url)
-    splits = list(config.splits or manifest.splits)
-    unknown = [s for s in splits if s not in manifest.splits]
+    try:  # one output file per scene folder, not per pre-training sample (many per scene)
+        scenes = read_manifest(config.shards, config.endpoint_url).scene_splits(config.shards)
+    except DataError as exc:
+        raise ConfigError(f"shards: {exc}") from exc
+    splits = list(config.splits or scenes)
+    unknown = [s for s in splits if s not in scenes]
     if unknown:
         raise ConfigError(
-            f"split {unknown[0]!r} is not in the manifest of {config.shards} (it has: {', '.join(manifest.splits)})"
+            f"split {unknown[0]!r} has no scene folders in the manifest of {config.shards} "
+            f"(splits with scene folders: {', '.join(scenes) or 'none'})"
         )
     spec = load_backbone_spec(
         config.checkpoint, config.model, config.source, config.up_cast_levels, config.endpoint_url
@@ -449,7 +453,7 @@ def run_embed(config: EmbedConfig, progress: bool = True) -> EmbedSummary:
         seed=config.seed,
     )
     _check_same_settings(out, summary)
-    every = {(split, name) for split in splits for shard in manifest.splits[split].shards for name in shard.samples}
+    every = {(split, name) for split in splits for shard in scenes[split].shards for name in shard.samples}
     done = finished_scenes(out, splits) & every
     pending = every - done
     summary.already_done = len(done)
@@ -495,6 +499,7 @@ def _embed(
         config.endpoint_url,
         where="shards",
         scenes=frozenset(name for _, name in pending),
+        listing="scenes",
     )
     check_shards(sources, config.verify_checksums)
     ds = ray.data.read_datasource(ShardSampleDatasource(sources, config.seed, with_frames=False))

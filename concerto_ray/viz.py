@@ -193,6 +193,7 @@ def load_scene(
         endpoint_url,
         where="shards",
         scenes=frozenset([scene]) if scene else None,
+        listing="scenes",
     )
     ref = min(source.samples, key=lambda r: r.name)
     row = read_sample_row(source.location, source.format, ref, with_frames=False)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from concerto_ray.data import storage
 from concerto_ray.data.record import ARROW_SCHEMA
-from concerto_ray.data.shards import DONE_SUFFIX, MANIFEST_NAME, prepare, read_manifest, read_shards
+from concerto_ray.data.shards import DONE_SUFFIX, MANIFEST_NAME, SCENE_SHARDS, prepare, read_manifest, read_shards
 from concerto_ray.errors import ConfigError, DataError
 
 NUM_POINTS = 40
@@ -151,9 +151,14 @@ def test_manifest_records_counts_sizes_and_checksums(dataset, tmp_path):
             assert shard.sha256 == hashlib.sha256(data).hexdigest()
             assert shard.path.startswith(f"{split}/part-") and shard.path.endswith(".parquet")
             assert pq.read_table(dest / shard.path).column("name").to_pylist() == shard.samples
+    for split, scenes in SCENES.items():  # the scene folders, for segmentation: in shards of their own
+        info = manifest.scenes[split]
+        assert [n for shard in info.shards for n in shard.samples] == sorted(scenes)
+        assert all(shard.path.startswith(f"{SCENE_SHARDS}{split}/part-") for shard in info.shards)
+    every = {s.path: s for listing in (manifest.splits, manifest.scenes) for i in listing.values() for s in i.shards}
     assert manifest.total_samples == sum(map(len, SCENES.values()))
-    assert manifest.total_shards == sum(len(s.shards) for s in manifest.splits.values())
-    assert manifest.total_bytes == sum(s.bytes for i in manifest.splits.values() for s in i.shards)
+    assert manifest.total_shards == len(every) > sum(len(s.shards) for s in manifest.splits.values())
+    assert manifest.total_bytes == sum(s.bytes for s in every.values())
     assert manifest.skipped == []
 
 
@@ -351,7 +356,7 @@ def test_prepare_of_more_splits_adds_them_and_another_dataset_is_refused(dataset
     train = prepare(dataset, str(dest), splits=["train"], progress=False)
     both = prepare(dataset, str(dest), splits=["val"], progress=False)
     assert list(both.splits) == ["train", "val"] and both.splits["train"] == train.splits["train"]
-    assert both.total_samples == 4 and both.total_shards == 2 and read_manifest(dest) == both
+    assert both.total_samples == 4 and both.total_shards == 4 and read_manifest(dest) == both  # + scene shards
     with pytest.raises(ConfigError, match=f"{dest} already holds parquet shards of dataset 'scannet'") as err:
         prepare(dataset, str(dest), dataset_name="s3dis", progress=False)
     assert f"{dest}/s3dis" in str(err.value) and read_manifest(dest) == both

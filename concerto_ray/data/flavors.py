@@ -45,6 +45,12 @@ class Flavor:
     label_columns: int  # label arrays are (N,) for 0, else (N, label_columns); column 0 is the label
     num_classes: int
     intrinsics: Literal["scene", "frame", "dataset"]  # one intrinsic file per scene, per frame, or per dataset
+    # Segmentation names a scene "<split>-<folder>" (S3DIS's `get_data_name`: rooms such as office_1 recur in every
+    # area), else after its folder.
+    split_in_scene_name: bool = False
+
+    def scene_name(self, split: str, folder: str) -> str:
+        return f"{split}-{folder}" if self.split_in_scene_name else folder
 
 
 FLAVORS: dict[str, Flavor] = {
@@ -53,7 +59,7 @@ FLAVORS: dict[str, Flavor] = {
         Flavor("scannet", ("train", "val", "test"), ("test",), "segment20", 0, 20, "scene"),
         Flavor("scannet200", ("train", "val", "test"), ("test",), "segment200", 0, 200, "scene"),
         Flavor("scannetpp", ("train", "val", "test"), ("test",), "segment", 3, 100, "frame"),
-        Flavor("s3dis", tuple(f"Area_{i}" for i in range(1, 7)), (), "segment", 1, 13, "frame"),
+        Flavor("s3dis", tuple(f"Area_{i}" for i in range(1, 7)), (), "segment", 1, 13, "frame", True),
         Flavor("arkitscenes", ("Training", "Validation"), ("Training", "Validation"), None, 0, 0, "frame"),
         Flavor("hm3d", ("train", "val"), (), "segment", 0, 40, "dataset"),
         Flavor("structured3d", ("train", "val"), (), "segment", 1, 25, "frame"),

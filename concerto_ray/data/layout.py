@@ -14,8 +14,12 @@ ARKitScenes, HM3D, Structured3D, RE10K), numbered by the frame's position in its
 camera names (ScanNet++ ``DSC01234.JPG``, S3DIS ``camera_..._domain_rgb.png``), one intrinsic per scene (ScanNet) or
 per dataset (HM3D). Pointcept's split files store paths relative to the Pointcept checkout
 (``data/scannet/train/scene0000_00``); they are resolved against ROOT by dropping leading components until the path
-exists under ROOT. A root without split files but with ``ROOT/<split>/<scene>/`` folders (the plain
-semantic-segmentation layout; Structured3D nests ``<scene>/<room>/``) gives image-less samples.
+exists under ROOT.
+
+Two listings of the same root: `list_samples`, what pre-training reads (the split files' entries, each a group of
+frames of one scene, so a scene appears many times), and `list_scenes`, what segmentation and `embed` read (one
+image-less sample per scene folder of ``ROOT/<split>/``, as Pointcept's segmentation dataset classes list them;
+Structured3D nests ``<scene>/<room>/``). A split without a split file is its scene folders in both.
 """
 
 from __future__ import annotations
@@ -26,8 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
+from concerto_ray.data.flavors import FLAVORS
 from concerto_ray.data.record import FrameRecord, SceneRecord, check_correspondence, check_points, image_size, load_npy
 from concerto_ray.errors import DataError
+
+# Folders of a dataset root that are not splits: Pointcept's image tree, split files and data-efficiency files.
+NOT_SPLITS = ("images", "splits", "tasks")
 
 
 @dataclass(frozen=True)
@@ -58,46 +66,71 @@ class SampleFiles:
 
 
 def available_splits(root: str | Path) -> list[str]:
+    """Every split of the root: those of the split files and the split folders (which hold scene folders)."""
     root = Path(root)
-    from_json = sorted(p.stem for p in (root / "splits").glob("*.json"))
-    if from_json:
-        return from_json
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ("images", "splits"))
+    from_json = {p.stem for p in (root / "splits").glob("*.json")}
+    folders = {p.name for p in root.iterdir() if p.is_dir() and p.name not in NOT_SPLITS and _scene_folders(p)}
+    return sorted(from_json | folders)
 
 
-def list_samples(root: str | Path, splits: list[str] | None = None) -> list[SampleFiles]:
-    """All samples of `splits` (default: every split file under ROOT/splits), in split-file order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset root {str(root)!r} is not a directory")
-    splits = splits or available_splits(root)
-    if not splits:
-        raise DataError(f"no splits/*.json and no split folders under {str(root)!r}")
+def list_samples(root: str | Path, splits: list[str] | None = None, dataset: str | None = None) -> list[SampleFiles]:
+    """All pre-training samples of `splits` (default: every split): the split files' entries in split-file order;
+    a split without a split file gives its scene folders (`list_scenes`)."""
+    root = _checked_root(root)
     samples: list[SampleFiles] = []
-    for split in splits:
+    for split in splits or available_splits(root):
         split_file = root / "splits" / f"{split}.json"
         if split_file.is_file():
             samples.extend(_samples_from_split_file(root, split, split_file))
         elif (root / split).is_dir():
-            samples.extend(
-                SampleFiles(name=name, split=split, root=root, pointcloud_dir=d, frames=())
-                for name, d in _scene_folders(root / split)
-            )
+            samples.extend(list_scenes(root, [split], dataset))
         else:
             raise DataError(f"split {split!r} has neither {split_file} nor a folder {root / split}")
     return samples
 
 
+def list_scenes(root: str | Path, splits: list[str] | None = None, dataset: str | None = None) -> list[SampleFiles]:
+    """The scenes of `splits` (default: every split folder) as Pointcept's segmentation dataset classes list them:
+    one image-less sample per scene folder of ROOT/<split>/, whatever the split files say (a split file's entries
+    are groups of frames, many per scene). Names follow the dataset's class (`flavors.Flavor.scene_name`)."""
+    root = _checked_root(root)
+    known = FLAVORS.get(dataset or "")
+    scenes: list[SampleFiles] = []
+    for split in splits or [s for s in available_splits(root) if (root / s).is_dir()]:
+        if not (root / split).is_dir():
+            raise DataError(f"split {split!r} has no scene folder {root / split}")
+        scenes.extend(
+            SampleFiles(
+                name=known.scene_name(split, name) if known else name,
+                split=split,
+                root=root,
+                pointcloud_dir=folder,
+                frames=(),
+            )
+            for name, folder in _scene_folders(root / split)
+        )
+    return scenes
+
+
+def _checked_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset root {str(root)!r} is not a directory")
+    if not available_splits(root):
+        raise DataError(f"no splits/*.json and no split folders under {str(root)!r}")
+    return root
+
+
 def _scene_folders(split_dir: Path) -> list[tuple[str, Path]]:
     """(name, folder) of each scene under a split folder. A folder holding sub-folders and no .npy file nests its
-    scenes one level deeper (Structured3D's scene_*/room_*), named "<scene>_<room>" as Pointcept names them."""
+    scenes one level deeper (Structured3D's scene_*/room_*), named "<scene>_<room>" as Pointcept names them.
+    Folders holding no .npy file at either level are no scenes."""
     scenes = []
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        rooms = sorted(p for p in d.iterdir() if p.is_dir())
-        if rooms and not any(d.glob("*.npy")):
-            scenes.extend((f"{d.name}_{room.name}", room) for room in rooms)
-        else:
+        if any(d.glob("*.npy")):
             scenes.append((d.name, d))
+        else:
+            scenes.extend((f"{d.name}_{room.name}", room) for room in sorted(d.iterdir()) if any(room.glob("*.npy")))
     return scenes
 
 

@@ -44,6 +44,7 @@ from concerto_ray.data.sources import (
     EPOCH_COLUMN,
     SOURCE_COLUMN,
     EpochPlan,
+    Listing,
     ShardSampleDatasource,
     Source,
     SourceConfig,
@@ -110,6 +111,10 @@ class StreamConfig:
         """Where the sources are configured, for error messages (`sources.field_name`)."""
         return "data.sources" if self.sources else "data"
 
+    def listing(self) -> Listing:
+        """Pre-training reads the split files' samples; segmentation one sample per scene folder."""
+        return "samples" if self.mode == "pretrain" else "scenes"
+
 
 def under_root(root: str | None, shards: str) -> str:
     """`shards` inside `root` unless it is a URI or an absolute path already."""
@@ -149,10 +154,10 @@ class SampleTransform:
             self.transform = semseg_val_transform(config.semseg)
 
     def rng(self, row: dict) -> np.random.Generator:
-        """The sample's generator: the same in every run of a seed, new in every epoch and for every repeat."""
-        return draw_rng(
-            self.seed, int(row[EPOCH_COLUMN]), str(row[SOURCE_COLUMN]), str(row["name"]), int(row[DRAW_COLUMN])
-        )
+        """The sample's generator: the same in every run of a seed, new in every epoch and for every repeat, and
+        one of its own for every sample (keyed by split and name: S3DIS rooms share names across areas)."""
+        keys = (str(row[SOURCE_COLUMN]), str(row["split"]), str(row["name"]), int(row[DRAW_COLUMN]))
+        return draw_rng(self.seed, int(row[EPOCH_COLUMN]), *keys)
 
     def __call__(self, row: dict) -> list[dict]:
         try:
@@ -185,6 +190,7 @@ def stream_sources(config: StreamConfig, scenes: Collection[str] | None = None) 
         config.endpoint_url,
         where=config.where(),
         scenes=frozenset(scenes) if scenes is not None else None,
+        listing=config.listing(),
     )
     check_shards(sources, config.verify_checksums)
     return sources
@@ -192,7 +198,7 @@ def stream_sources(config: StreamConfig, scenes: Collection[str] | None = None) 
 
 def samples_per_epoch(config: StreamConfig) -> dict[str, int]:
     """Samples each source contributes to every epoch (its samples times its loop factor, or its weighted share)."""
-    sources = load_sources(config.source_configs(), config.endpoint_url, where=config.where())
+    sources = load_sources(config.source_configs(), config.endpoint_url, where=config.where(), listing=config.listing())
     return EpochPlan(sources, seed=0).counts()  # the counts do not depend on the seed
 
 
@@ -358,6 +364,11 @@ class StreamStats:
         return "\n".join(lines)
 
 
+def batch_samples(batch: dict) -> int:
+    """Samples in a collated batch: pre-training batches carry their names, segmentation batches their offsets."""
+    return len(batch["name"]) if "name" in batch else len(batch["offset"])
+
+
 def batch_points(batch: dict) -> int:
     """Points in a collated batch: the sum over its point sets (`coord`, or `global_coord` + `local_coord`)."""
     keys = [k for k in ("coord", "global_coord", "local_coord") if k in batch]
@@ -375,7 +386,7 @@ def drain(config: StreamConfig, max_batches: int | None = None) -> StreamStats:
     with tqdm(desc="batches", unit="batch", total=max_batches) as bar:
         for batch in iter_batches(dataset.iterator(), config, drop_last=False):
             batches += 1
-            samples += len(batch["name"])
+            samples += batch_samples(batch)
             per_source.update(batch.get(SOURCE_COLUMN, ()))
             points += batch_points(batch)
             if batches == 1:

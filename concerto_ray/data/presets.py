@@ -133,8 +133,10 @@ class ConcertoPretrainTransformConfig:
 
 @dataclass
 class SemsegTransformConfig:
-    # Labels must lie in [-1 (ignored), num_classes); None checks only the lower bound. FinetuneConfig sets it.
+    # Labels must be `ignore_index` or lie in [0, num_classes); None checks only the lower bound. FinetuneConfig
+    # sets both from its own num_classes and ignore_index.
     num_classes: int | None = None
+    ignore_index: int = -1
     grid_size: float = 0.02
     dropout_ratio: float = 0.2
     dropout_application_ratio: float = 1.0
@@ -261,7 +263,7 @@ def semseg_train_transform(cfg: SemsegTransformConfig) -> Transform:
     )
 
     def transform(data: dict, rng: np.random.Generator) -> dict:
-        data = apply_transforms(transforms, _checked_labelled_points(data, cfg.num_classes), rng)
+        data = apply_transforms(transforms, _checked_labelled_points(data, cfg), rng)
         return _collect_semseg(data, ("coord", "grid_coord", "segment"))
 
     return transform
@@ -278,7 +280,7 @@ def semseg_val_transform(cfg: SemsegTransformConfig) -> Transform:
     )
 
     def transform(data: dict, rng: np.random.Generator) -> dict:
-        data = apply_transforms(transforms, _checked_labelled_points(data, cfg.num_classes), rng)
+        data = apply_transforms(transforms, _checked_labelled_points(data, cfg), rng)
         return _collect_semseg(data, ("coord", "grid_coord", "segment", "origin_segment", "inverse"))
 
     return transform
@@ -311,7 +313,7 @@ def semseg_test_fragments(data: dict, cfg: SemsegTransformConfig) -> dict:
     prepare: tuple[Transform, ...] = (CenterShift(apply_z=True), NormalizeColor())
     if cfg.test_presample_grid_size is not None:
         prepare += (Copy("segment", "origin_segment"), GridSample(cfg.test_presample_grid_size, return_inverse=True))
-    data = apply_transforms(prepare, _checked_labelled_points(data, cfg.num_classes), rng)
+    data = apply_transforms(prepare, _checked_labelled_points(data, cfg), rng)
     voxelize = GridSample(cfg.grid_size, return_grid_coord=True)
     fragment_list = []
     for augmentation in semseg_test_augmentations(cfg):
@@ -342,14 +344,15 @@ def _checked_points(data: dict) -> dict:
     return data
 
 
-def _checked_labelled_points(data: dict, num_classes: int | None) -> dict:
-    """`_checked_points`, plus segment labels in [-1 (ignored), num_classes)."""
+def _checked_labelled_points(data: dict, cfg: SemsegTransformConfig) -> dict:
+    """`_checked_points`, plus segment labels that are `cfg.ignore_index` or in [0, cfg.num_classes)."""
     data = _checked_points(data)
     segment = data["segment"]
-    upper = np.inf if num_classes is None else num_classes
-    bad = (segment < -1) | (segment >= upper)
+    upper = np.inf if cfg.num_classes is None else cfg.num_classes
+    bad = (segment != cfg.ignore_index) & ((segment < 0) | (segment >= upper))
     if bad.any():
-        allowed = "-1 (ignored) or >= 0" if num_classes is None else f"-1 (ignored) or 0..{num_classes - 1}"
+        classes = ">= 0" if cfg.num_classes is None else f"0..{cfg.num_classes - 1}"
+        allowed = f"{cfg.ignore_index} (ignored) or {classes}"
         raise DataError(
             f"label {segment[bad][0]} is out of range ({int(bad.sum())} points); labels must be {allowed}",
             sample=str(data["name"]),

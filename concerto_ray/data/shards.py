@@ -42,13 +42,16 @@ from tqdm import tqdm
 
 from concerto_ray.config import from_dict, to_dict
 from concerto_ray.data import storage
-from concerto_ray.data.layout import SampleFiles, available_splits, list_samples, read_sample
+from concerto_ray.data.layout import SampleFiles, available_splits, list_samples, list_scenes, read_sample
 from concerto_ray.data.record import ARROW_SCHEMA, FRAME_FILES, SCHEMA_VERSION, SceneRecord, record_to_row
 from concerto_ray.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+# Shards of the scene folders of splits whose samples are split-file entries: SCENE_SHARDS<split>/part-*.
+SCENE_SHARDS = "scene-folders/"
+TASKS_FOLDER = "tasks"
 DONE_SUFFIX = ".done.json"
 SHARD_EXTENSIONS = {"parquet": "parquet", "webdataset": "tar"}
 # Part of every shard's fingerprint: shards written before parquet got one row group per sample are written again.
@@ -95,11 +98,25 @@ class Manifest:
     format: ShardFormat
     dataset: str
     source: str
-    splits: dict[str, SplitInfo]
+    splits: dict[str, SplitInfo]  # pre-training's samples (`layout.list_samples`)
     total_samples: int
     total_shards: int
     total_bytes: int
     skipped: list[SkippedSample] = field(default_factory=list)
+    # Segmentation's and embed's samples, one per scene folder (`layout.list_scenes`): shards of their own where
+    # the split's samples are split-file entries, else the split's shards. None in manifests written before.
+    scenes: dict[str, SplitInfo] | None = None
+    # Files of the root's tasks/ folder (Pointcept's data-efficiency la/lr files), copied beside the manifest.
+    task_files: list[str] = field(default_factory=list)
+
+    def scene_splits(self, uri: str) -> dict[str, SplitInfo]:
+        if self.scenes is None:
+            raise DataError(
+                "these shards were written before prepare listed the scene folders that segmentation and embed "
+                "read; run `concerto-ray prepare` again (finished shards are kept)",
+                file=uri,
+            )
+        return self.scenes
 
     def summary(self) -> str:
         lines = [
@@ -107,6 +124,9 @@ class Manifest:
             f"({self.total_bytes / 2**20:.1f} MiB) of dataset {self.dataset!r}"
         ]
         lines += [f"  {name}: {info.samples} samples, {len(info.shards)} shards" for name, info in self.splits.items()]
+        for name, info in (self.scenes or {}).items():
+            if info != self.splits.get(name):
+                lines.append(f"  {name} scene folders (segmentation, embed): {info.samples} scenes")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} bad samples:")
             lines += [f"  {s.sample}: {s.error}" for s in self.skipped]
@@ -155,11 +175,17 @@ def prepare(
     out = storage.resolve(dest, endpoint_url)
     dataset = dataset_name or src.name
     previous = _previous_manifest(out, format, dataset)
-    samples = list_samples(src, splits)
+    samples = list_samples(src, splits, dataset)
     split_names = list(splits) if splits else available_splits(src)
-    plans = plan_shards(samples, format, dataset, int(target_shard_mb * 2**20))
+    # Splits whose samples are split-file entries also get their scene folders written, for segmentation.
+    scene_splits = [s for s in split_names if (src / "splits" / f"{s}.json").is_file() and (src / s).is_dir()]
+    target = int(target_shard_mb * 2**20)
+    plans = plan_shards(samples, format, dataset, target)
+    plans += plan_shards(list_scenes(src, scene_splits, dataset), format, dataset, target, prefix=SCENE_SHARDS)
     done = _write_all(plans, out, format, dataset, skip_bad, workers or os.cpu_count() or 1, progress)
-    manifest = _manifest(split_names, format, dataset, str(src), done, previous)
+    scene_folder_splits = [s for s in split_names if (src / s).is_dir()]
+    task_files = _copy_task_files(src, out)
+    manifest = _manifest(split_names, scene_folder_splits, format, dataset, str(src), done, previous, task_files)
     text = json.dumps(to_dict(manifest), indent=1) + "\n"
     # Leaving an identical manifest untouched keeps a rerun of a finished prepare free of writes.
     if not out.exists(MANIFEST_NAME) or out.read_bytes(MANIFEST_NAME).decode() != text:
@@ -167,8 +193,11 @@ def prepare(
     return manifest
 
 
-def plan_shards(samples: list[SampleFiles], format: ShardFormat, dataset: str, target_bytes: int) -> list[ShardPlan]:
-    """Pack each split's samples, sorted by name, into consecutive shards of at most `target_bytes` on disk.
+def plan_shards(
+    samples: list[SampleFiles], format: ShardFormat, dataset: str, target_bytes: int, prefix: str = ""
+) -> list[ShardPlan]:
+    """Pack each split's samples, sorted by name, into consecutive shards of at most `target_bytes` on disk, under
+    `<prefix><split>/`.
 
     A sample larger than the target gets a shard of its own. Only file sizes are read.
     """
@@ -187,7 +216,7 @@ def plan_shards(samples: list[SampleFiles], format: ShardFormat, dataset: str, t
             groups[-1].append((sample, size))
             filled += size
         for i, group in enumerate(groups):
-            path = f"{split}/part-{i:05d}.{SHARD_EXTENSIONS[format]}"
+            path = f"{prefix}{split}/part-{i:05d}.{SHARD_EXTENSIONS[format]}"
             key = json.dumps(
                 [SCHEMA_VERSION, _WRITER_LAYOUT, format, dataset, path, [(s.name, size) for s, size in group]]
             )
@@ -303,24 +332,35 @@ def _previous_manifest(out: storage.Location, format: ShardFormat, dataset: str)
 
 def _manifest(
     split_names: list[str],
+    scene_folder_splits: list[str],
     format: ShardFormat,
     dataset: str,
     source: str,
     done: list[_ShardDone],
     previous: Manifest | None,
+    task_files: list[str],
 ) -> Manifest:
     """The manifest of the splits just written, plus the other splits of `previous` (a prepare of some splits
     keeps the ones an earlier prepare of the same dataset wrote)."""
-    splits = {}
-    for name in split_names:
-        shards = [d.shard for d in done if d.shard.path.startswith(f"{name}/")]
-        splits[name] = SplitInfo(samples=sum(len(s.samples) for s in shards), shards=shards)
-    skipped = [s for d in done for s in d.skipped]
+
+    def split_info(prefix: str) -> SplitInfo:
+        shards = [d.shard for d in done if d.shard.path.startswith(prefix)]
+        return SplitInfo(samples=sum(len(s.samples) for s in shards), shards=shards)
+
+    splits = {name: split_info(f"{name}/") for name in split_names}
+    scenes = {}
+    for name in scene_folder_splits:
+        own = split_info(f"{SCENE_SHARDS}{name}/")
+        scenes[name] = own if own.shards else splits[name]  # a split without a split file is its scene folders
+    # A bad scene folder fails in both listings: report it once.
+    skipped = list({(s.sample, s.split): s for d in done for s in d.skipped}.values())
     if previous is not None:
         kept = {name: info for name, info in previous.splits.items() if name not in splits}
         splits = {**kept, **splits}
+        scenes = {**{k: v for k, v in (previous.scenes or {}).items() if k in kept}, **scenes}
         skipped = [s for s in previous.skipped if s.split in kept] + skipped
-    shards = [shard for info in splits.values() for shard in info.shards]
+        task_files = sorted(set(previous.task_files) | set(task_files))
+    shards = {shard.path: shard for info in [*splits.values(), *scenes.values()] for shard in info.shards}
     return Manifest(
         schema_version=SCHEMA_VERSION,
         format=format,
@@ -329,9 +369,24 @@ def _manifest(
         splits=splits,
         total_samples=sum(s.samples for s in splits.values()),
         total_shards=len(shards),
-        total_bytes=sum(s.bytes for s in shards),
+        total_bytes=sum(s.bytes for s in shards.values()),
         skipped=skipped,
+        scenes=scenes,
+        task_files=task_files,
     )
+
+
+def _copy_task_files(src: Path, out: storage.Location) -> list[str]:
+    """Copy ROOT/tasks/** (the reference's `la_file` / `lr_file`s) beside the manifest, so that a cluster worker
+    reads them from the shards' storage; a file already there with the same bytes is not written again."""
+    copied = []
+    for path in sorted(p for p in (src / TASKS_FOLDER).rglob("*") if p.is_file()):
+        rel = path.relative_to(src).as_posix()
+        data = path.read_bytes()
+        if not out.exists(rel) or out.read_bytes(rel) != data:
+            out.write_bytes(rel, data)
+        copied.append(rel)
+    return copied
 
 
 class _HashingSink:
@@ -412,8 +467,10 @@ def read_shards(
     endpoint_url: str | None = None,
     verify: bool = True,
     shuffle: ray.data.FileShuffleConfig | None = None,
+    scenes: bool = False,
 ) -> ray.data.Dataset:
-    """The samples of `splits` (default: all) as a Ray dataset whose rows have the columns of `ARROW_SCHEMA`.
+    """The samples of `splits` (default: all) as a Ray dataset whose rows have the columns of `ARROW_SCHEMA`; with
+    `scenes`, the split's scene folders (`Manifest.scenes`) instead of its pre-training samples.
 
     Every shard's size is checked against the manifest; with `verify` its sha256 too, once per shard and machine
     (`VerifiedShards`): a shard is hashed again only when it changed. Without `verify`, a shard damaged in place
@@ -421,14 +478,16 @@ def read_shards(
     """
     location = storage.resolve(uri, endpoint_url)
     manifest = load_manifest(location)
-    names = list(splits) if splits else list(manifest.splits)
-    unknown = [s for s in names if s not in manifest.splits]
+    listing = manifest.scene_splits(location.uri_of(MANIFEST_NAME)) if scenes else manifest.splits
+    names = list(splits) if splits else list(listing)
+    unknown = [s for s in names if s not in listing]
     if unknown:
         raise DataError(
-            f"split {unknown[0]!r} is not in the manifest (it has: {', '.join(manifest.splits)})",
+            f"split {unknown[0]!r} is not in the manifest{' scene folders' if scenes else ''} "
+            f"(it has: {', '.join(listing)})",
             file=location.uri_of(MANIFEST_NAME),
         )
-    shards = [shard for name in names for shard in manifest.splits[name].shards]
+    shards = [shard for name in names for shard in listing[name].shards]
     if not shards:
         raise DataError(f"the manifest lists no shards for splits {names}", file=location.uri_of(MANIFEST_NAME))
     stats = check_sizes(location, shards)

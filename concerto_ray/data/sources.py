@@ -18,7 +18,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +43,8 @@ POINT_COLUMNS = ("name", "split", "dataset", "source", "point_asset_names", "poi
 FRAME_COLUMNS = tuple(c for c in ARROW_SCHEMA.names if c not in POINT_COLUMNS)
 # Columns the sampler adds to every row: which source, which epoch, and which repeat of the sample in the epoch.
 SOURCE_COLUMN, EPOCH_COLUMN, DRAW_COLUMN = "stream_source", "epoch", "draw"
+# Which samples of a manifest a stream reads: pre-training's, or one per scene folder (segmentation, embed).
+Listing = Literal["samples", "scenes"]
 # Samples per Ray Data read task: few, so that reads run in parallel and the output stays close to the plan's order.
 SAMPLES_PER_READ_TASK = 2
 
@@ -118,8 +120,10 @@ def load_sources(
     *,
     where: str = "data.sources",
     scenes: frozenset[str] | None = None,
+    listing: Listing = "samples",
 ) -> list[Source]:
-    """Read each source's manifest and list its samples; `scenes` keeps only samples of these names (the shards
+    """Read each source's manifest and list its samples: pre-training's ("samples") or one per scene folder
+    ("scenes", for segmentation; see `shards.Manifest`). `scenes` keeps only samples of these names (the shards
     holding none of them are never opened). Errors name the source's config field."""
     check_sources(configs, where)
     sources = []
@@ -129,14 +133,19 @@ def load_sources(
             manifest = load_manifest(location)
         except DataError as exc:
             raise ConfigError(f"{field_name(where, i, 'shards')}: {exc}") from exc
-        splits = list(config.splits) if config.splits else list(manifest.splits)
-        missing = [s for s in splits if s not in manifest.splits]
+        try:
+            by_split = manifest.splits if listing == "samples" else manifest.scene_splits(location.uri)
+        except DataError as exc:
+            raise ConfigError(f"{field_name(where, i, 'shards')}: {exc}") from exc
+        splits = list(config.splits) if config.splits else list(by_split)
+        missing = [s for s in splits if s not in by_split]
         if missing:
+            kind = "" if listing == "samples" else " scene folders"
             raise ConfigError(
-                f"{field_name(where, i, 'splits')}: {missing[0]!r} is not in the manifest of "
-                f"{location.uri} (it has: {', '.join(manifest.splits)})"
+                f"{field_name(where, i, 'splits')}: {missing[0]!r} is not in the{kind} manifest of "
+                f"{location.uri} (it has: {', '.join(by_split)})"
             )
-        shards = [shard for split in splits for shard in manifest.splits[split].shards]
+        shards = [shard for split in splits for shard in by_split[split].shards]
         refs = [
             SampleRef(i, shard.path, row, name)
             for shard in shards

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from concerto_ray.cli_args import add_set_option
+
 
 def finetune_command(args: argparse.Namespace) -> None:
     from concerto_ray.console import default_log_file, start_ray
@@ -49,8 +51,6 @@ def evaluate_command(args: argparse.Namespace) -> None:
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    from concerto_ray.cli import add_set_option  # cli imports this module only inside build_parser
-
     p.add_argument(
         "--config", required=True, help="sweep config: a shipped name (e.g. sweep-semseg-tiny) or a YAML path"
     )

@@ -143,12 +143,14 @@ class FinetuneConfig:
             raise ConfigError("mode 'ft' trains the whole backbone: set backbone.freeze_encoder=false")
         if self.num_classes < 1 or len(self.class_names) != self.num_classes:
             raise ConfigError(f"num_classes is {self.num_classes} but class_names has {len(self.class_names)} names")
-        if self.transform.num_classes is None:  # the transforms check labels against the model's classes
+        # The transforms check labels against the model's classes and ignore index.
+        if self.transform.num_classes is None:
             self.transform = dataclasses.replace(self.transform, num_classes=self.num_classes)
         elif self.transform.num_classes != self.num_classes:
             raise ConfigError(
                 f"transform.num_classes is {self.transform.num_classes} but num_classes is {self.num_classes}"
             )
+        self.transform = dataclasses.replace(self.transform, ignore_index=self.ignore_index)
         if min(self.lr, self.block_lr) <= 0 or self.weight_decay < 0:
             raise ConfigError(
                 f"lr and block_lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "

@@ -121,6 +121,10 @@ def finetune_run_tree(config: str | Path, overrides: dict[str, Any]) -> dict[str
     """The nested dict of a run: the named fine-tuning config under `finetune`, with `overrides` ({dotted key:
     value}) applied as the module docstring describes."""
     tree: dict[str, Any] = {"finetune": to_dict(load_finetune_config(config))}
+    # The transform's class count and ignore index follow the config's own (FinetuneConfig sets them), so that
+    # `num_classes=13` or `ignore_index=255` alone is a whole override.
+    for derived in ("num_classes", "ignore_index"):
+        tree["finetune"]["transform"].pop(derived)
     for key, value in overrides.items():
         section = key.split(".", 1)[0]
         set_value(tree, key if section in RUN_SECTIONS else f"finetune.{key}", value)
@@ -191,14 +195,15 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
 
 
 def _split_samples(run: FinetuneRun, splits: tuple[str, ...], where: str) -> list[str]:
+    """The scenes of `splits`: one per scene folder, as Pointcept's segmentation datasets list them."""
     try:
-        manifest = read_manifest(run.data.shards, endpoint_url=run.data.endpoint_url)
+        scenes = read_manifest(run.data.shards, endpoint_url=run.data.endpoint_url).scene_splits(run.data.shards)
     except DataError as exc:
         raise ConfigError(f"data.shards: {exc}") from exc
-    unknown = [s for s in splits if s not in manifest.splits]
+    unknown = [s for s in splits if s not in scenes]
     if unknown:
         raise ConfigError(
-            f"{where}: {unknown[0]!r} is not in the manifest of {run.data.shards} "
-            f"(it has: {', '.join(manifest.splits)})"
+            f"{where}: {unknown[0]!r} has no scene folders in the manifest of {run.data.shards} "
+            f"(splits with scene folders: {', '.join(scenes) or 'none'})"
         )
-    return [name for split in splits for shard in manifest.splits[split].shards for name in shard.samples]
+    return [name for split in splits for shard in scenes[split].shards for name in shard.samples]

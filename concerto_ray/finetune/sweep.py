@@ -230,7 +230,9 @@ def run_sweep(sweep: SweepConfig, resume: bool = False, show_progress: bool = Fa
         check_resumable(sweep)
     if sweep.data.verify_checksums:
         splits = {split for config in sweep.configs for split in _splits(sweep, config)}
-        read_shards(sweep.data.shards, splits=sorted(splits), endpoint_url=sweep.data.endpoint_url, verify=True)
+        read_shards(
+            sweep.data.shards, splits=sorted(splits), endpoint_url=sweep.data.endpoint_url, verify=True, scenes=True
+        )
     tracked = start_tracked_run(sweep, sweep.run, sweep.mlflow, resume=resume)
     # Trials log where the parent does, whatever their own default would be.
     sweep.mlflow.tracking_uri = tracked.tracking_uri

@@ -213,6 +213,7 @@ def validation_scenes(
         splits=list(run.finetune.val_split),
         endpoint_url=run.data.endpoint_url,
         verify=run.data.verify_checksums if verify is None else verify,
+        scenes=True,
     )
     if scenes is not None:
         ds = ds.filter(NamedScenes(scenes))
