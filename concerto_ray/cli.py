@@ -198,7 +198,8 @@ def _add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         help="named model config the checkpoint was trained as, e.g. "
-        "pretrain-concerto-v1m1-0-base (default: the checkpoint's own 'config' entry)",
+        "pretrain-concerto-v1m1-0-base (default: the model a pre-training checkpoint names, or the "
+        "checkpoint's own 'config' entry)",
     )
     p.add_argument(
         "--source",

@@ -106,7 +106,7 @@ def run_demo(
     run_dir = runs / pretrain.run.name
     initial_weights = workdir / INITIAL_WEIGHTS_FILE
     if not initial_weights.is_file():
-        save_model(build_training_model(pretrain), initial_weights)
+        save_model(build_training_model(pretrain), initial_weights, pretrain.model.name)
     # a finished run resumes to its end at once
     run_pretrain(pretrain, resume=(run_dir / RUN_ID_FILE).exists(), show_progress=True)
     checkpoint = sorted(run_dir.glob("step-*"))[-1]

@@ -45,7 +45,7 @@ from concerto_ray.data.sources import ShardSampleDatasource, SourceConfig, check
 from concerto_ray.data.transforms import CenterShift, GridSample, NormalizeColor, apply_transforms
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.finetune.segmentor import locate_checkpoint
-from concerto_ray.model.checkpoint import backbone_state_dict
+from concerto_ray.model.checkpoint import MODEL_NAME_KEY, backbone_state_dict
 from concerto_ray.model.configs import MODEL_CONFIG_NAMES, get_model_config
 from concerto_ray.model.ptv3 import GridPooling, PointTransformerV3, PTv3Config
 from concerto_ray.model.sonata import up_cast
@@ -65,8 +65,8 @@ class EmbedConfig:
     checkpoint: str  # checkpoint file or concerto-ray checkpoint folder, local or s3://
     shards: str  # written by `concerto-ray prepare`
     out: str  # local folder or s3://bucket/prefix
-    # Named model config whose backbone the checkpoint holds; None: the checkpoint's own "config" entry (the
-    # reference's released inference checkpoints carry one).
+    # Named model config whose backbone the checkpoint holds; None: the model the checkpoint names (pre-training's
+    # do) or its own "config" entry (the reference's released inference checkpoints carry one).
     model: str | None = None
     source: str = "student"  # which backbone of a pre-training checkpoint: student or teacher
     splits: list[str] | None = None
@@ -169,6 +169,9 @@ def load_backbone_spec(
         raise ConfigError(f"{uri}: expected a dict with a 'state_dict' entry, as Pointcept and concerto-ray save")
     if model is not None:
         model_config = get_model_config(model)
+        config, levels = model_config.backbone, model_config.up_cast_level
+    elif isinstance(loaded.get(MODEL_NAME_KEY), str):  # written by `concerto-ray pretrain`
+        model_config = get_model_config(loaded[MODEL_NAME_KEY])
         config, levels = model_config.backbone, model_config.up_cast_level
     elif isinstance(loaded.get("config"), dict):
         config, levels = from_dict(PTv3Config, loaded["config"], where=f"{uri}: config"), REFERENCE_UP_CAST_LEVELS

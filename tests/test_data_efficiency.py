@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from concerto_ray.config import to_dict
 from concerto_ray.data.presets import SemsegTransformConfig, semseg_train_transform
-from concerto_ray.data.shards import prepare
+from concerto_ray.data.shards import prepare, read_manifest
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.data.transforms import (
     SAMPLED_INDEX,
@@ -29,6 +31,7 @@ from concerto_ray.finetune.sweep import load_sweep_config
 from concerto_ray.finetune.trainer import FinetuneWorker, scene_shares, training_dataset
 from concerto_ray.train.runtime import NonFiniteGuard
 from concerto_ray.train.state import Progress
+from concerto_ray.train.tracking import flatten
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "configs" / "sweep-semseg-ptv3-large-v1m1-0e-scannet-data-efficiency.yaml"
@@ -130,7 +133,8 @@ def reference_round_steps(samples: int, loop: int, batch_size: int, workers: int
 @pytest.mark.parametrize("name", DATA_EFFICIENCY_CONFIGS)
 def test_every_data_efficiency_config_has_the_reference_step_count(name):
     cfg = load_finetune_config(name)
-    scenes = training_scenes([f"scene{i:04d}_00" for i in range(SCANNET_TRAIN_SCENES)], cfg.data_efficiency)
+    seeded = dataclasses.replace(cfg.data_efficiency, scene_list_file=None)  # as where the shards lack the file
+    scenes = training_scenes([f"scene{i:04d}_00" for i in range(SCANNET_TRAIN_SCENES)], seeded)
     loop = cfg.epochs // cfg.eval_epochs
     assert loop == 8  # Pointcept: loop = epoch // eval_epoch = 800 // 100
     for workers in (1, 2, 3, 4, 8):
@@ -172,6 +176,38 @@ def scannet_shards(tmp_path_factory):
     )
     prepare(root / "scenes", str(root / "shards"), progress=False)
     return root / "shards"
+
+
+def test_the_reference_files_in_the_shards_are_used_else_the_seeded_draw(scannet_shards, tmp_path):
+    root = tmp_path / "scenes"
+    shutil.copytree(scannet_shards.parent / "scenes", root)
+    (root / "tasks" / "scenes").mkdir(parents=True)
+    (root / "tasks" / "points").mkdir()
+    train = [n for s in read_manifest(scannet_shards).scenes["train"].shards for n in s.samples]
+    (root / "tasks" / "scenes" / "1.txt").write_text(f"{train[4]}\n{train[2]}\n")
+    torch.save({name: np.arange(3) for name in train}, root / "tasks" / "points" / "points20")
+    prepare(root, str(tmp_path / "shards"), progress=False)
+    base = {"run.name": "files", "run.storage_path": str(tmp_path / "runs")}
+
+    def planned(config: str, shards: Path):
+        run = load_finetune_run(config, {**base, "data.shards": str(shards)})
+        return run, plan_finetune(run), flatten(to_dict(run))
+
+    run, plan, params = planned(DATA_EFFICIENCY_CONFIGS[4], tmp_path / "shards")  # lr1: the listed scenes
+    assert plan.train_scenes == [train[4], train[2]]
+    assert params["finetune.data_efficiency.scene_list_file"] == str(tmp_path / "shards" / "tasks/scenes/1.txt")
+    assert params["finetune.data_efficiency.scene_percent"] == "None"
+    run, plan, params = planned(DATA_EFFICIENCY_CONFIGS[4], scannet_shards)  # no tasks/: 1 % drawn from the seed
+    assert len(plan.train_scenes) == 1 and params["finetune.data_efficiency.scene_list_file"] == "None"
+    assert params["finetune.data_efficiency.scene_percent"] == "1.0"
+    run, plan, params = planned(DATA_EFFICIENCY_CONFIGS[0], tmp_path / "shards")  # la20: the file's points
+    assert params["finetune.data_efficiency.label_budget"] == "None"
+    limiter = annotation_limiter(run.finetune.data_efficiency)
+    scene = {"name": train[0], "segment": np.arange(50) % 20}
+    assert np.array_equal(np.flatnonzero(limiter(scene)["segment"] != -1), np.arange(3))
+    run, plan, params = planned(DATA_EFFICIENCY_CONFIGS[0], scannet_shards)
+    assert params["finetune.data_efficiency.label_budget"] == "20"
+    assert params["finetune.data_efficiency.label_file"] == "None"
 
 
 def test_the_data_efficiency_sweep_loads_all_16_configs(scannet_shards, tmp_path):

@@ -21,7 +21,7 @@ from PIL import Image
 from concerto_ray.cli import main
 from concerto_ray.config import to_dict
 from concerto_ray.data import storage
-from concerto_ray.data.layout import list_samples, read_sample
+from concerto_ray.data.layout import list_scenes, read_sample
 from concerto_ray.data.record import decode_record
 from concerto_ray.data.shards import prepare, read_manifest
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
@@ -41,6 +41,7 @@ from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.model.checkpoint import ray_to_pointcept
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.sonata import Sonata
+from concerto_ray.train.state import save_model
 from concerto_ray.viz import FeatureImages, images_from_checkpoint, pca_colors
 
 MODEL = "tiny-sonata"
@@ -64,7 +65,8 @@ def data(tmp_path_factory):
         progress=False,
     )
     prepare(root / "scenes", str(root / "shards"), progress=False)
-    scenes = {f.name: decode_record(read_sample(f, "synth"), with_frames=False) for f in list_samples(root / "scenes")}
+    # one feature file per scene folder (the split files list two frame groups per scene)
+    scenes = {f.name: decode_record(read_sample(f, "synth"), with_frames=False) for f in list_scenes(root / "scenes")}
     return root, scenes
 
 
@@ -119,9 +121,9 @@ def test_embed_writes_every_point_as_a_direct_forward(ray_local, data, sonata, c
     assert (summary.embedded, summary.already_done, summary.channels) == (3, 0, 16 + 16 + 32)
     assert summary.points == sum(len(s["coord"]) for s in scenes.values())
     manifest = read_manifest(root / "shards")
-    expected = sorted(
+    expected = sorted(  # one file per scene folder
         f"{split}/{name}.parquet"
-        for split, info in manifest.splits.items()
+        for split, info in manifest.scenes.items()
         for shard in info.shards
         for name in shard.samples
     )
@@ -184,6 +186,9 @@ def test_checkpoint_layouts_load_the_same_backbone(data, sonata, checkpoint, tmp
     # The reference's released inference files: backbone weights without prefix and the backbone's own config.
     spec_config = to_dict(get_model_config(MODEL).backbone)
     assert same(loads(expected, model=None, config=spec_config))
+    # Pre-training's model.pt names its model config: no --model needed.
+    save_model(sonata, tmp_path / "named.pt", MODEL)
+    assert same(load_backbone_spec(str(tmp_path / "named.pt")).build().state_dict())
 
     with pytest.raises(ConfigError, match="holds no backbone config; name the model"):
         loads(expected, model=None)
@@ -200,7 +205,7 @@ def _corrupt_scene(shards: Path, split: str) -> str:
     manifest so that only decoding finds it."""
     manifest_path = shards / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    shard = manifest["splits"][split]["shards"][0]
+    shard = manifest["scenes"][split]["shards"][0]  # the scene folders, which embed reads
     path = shards / shard["path"]
     table = pq.read_table(path)
     rows = table.to_pylist()

@@ -156,16 +156,17 @@ def test_scannetpp_chunked_training_split(roots):
         assert (extent < 6).all() and len(rows) >= _config("scannetpp").points_per_scene // 2
 
 
-@pytest.mark.parametrize("shape", [(2,), (4,), (1, 1)])
-def test_a_label_array_of_no_flavours_shape_names_the_file_and_field(roots, tmp_path, shape):
+@pytest.mark.parametrize("shape, dtype", [((2,), "int16"), ((4,), "int16"), ((1, 1), "int16"), ((1,), "float32")])
+def test_a_label_array_of_no_flavours_shape_names_the_file_and_field(roots, tmp_path, shape, dtype):
     root = tmp_path / "scannetpp"
     shutil.copytree(roots["scannetpp"], root)
     files = list_samples(root, ["train"])[0]
     n = len(np.load(files.pointcloud_dir / "coord.npy"))
-    np.save(files.pointcloud_dir / "segment.npy", np.zeros((n, *shape), dtype=np.int16))
-    with pytest.raises(DataError, match=r"segment\.npy.*field 'segment'.*shape") as err:  # prepare validates
+    np.save(files.pointcloud_dir / "segment.npy", np.zeros((n, *shape), dtype=dtype))
+    with pytest.raises(DataError, match=r"segment\.npy.*field 'segment'.*(shape|dtype)") as err:  # prepare validates
         read_sample(files, "scannetpp")
-    assert err.value.file == f"{files.rel(files.pointcloud_dir)}/segment.npy" and f"{(n, *shape)}" in str(err.value)
+    assert err.value.file == f"{files.rel(files.pointcloud_dir)}/segment.npy"
+    assert (f"{(n, *shape)}" if dtype == "int16" else "float32") in str(err.value)
     record = read_sample(files, "scannetpp", validate=False)  # and decoding a shard row checks again
     with pytest.raises(DataError) as err:
         decode_record(record, segment_asset="segment", with_frames=False)

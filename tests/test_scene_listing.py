@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from concerto_ray.cli import main
 from concerto_ray.data.layout import list_samples, list_scenes
 from concerto_ray.data.pipeline import DRAW_COLUMN, EPOCH_COLUMN, SOURCE_COLUMN, SampleTransform, StreamConfig
 from concerto_ray.data.shards import prepare, read_manifest
@@ -97,3 +98,11 @@ def test_samples_of_one_name_in_two_splits_draw_differently():
     row = {"name": "office_1", EPOCH_COLUMN: 0, SOURCE_COLUMN: "s3dis", DRAW_COLUMN: 0}
     draws = [transform.rng({**row, "split": split}).random(4) for split in ("Area_1", "Area_2", "Area_1")]
     assert not np.array_equal(draws[0], draws[1]) and np.array_equal(draws[0], draws[2])
+
+
+@pytest.mark.parametrize("mode, samples", [("pretrain", 4), ("semseg_train", 2), ("semseg_val", 2)])
+def test_stream_inspects_every_mode(ray_local, shards, capsys, mode, samples):
+    # Pre-training streams the training split's 4 frame groups; segmentation its 2 scenes.
+    assert main(["stream", str(shards), "--mode", mode, "--splits", "train", "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"streamed {samples} samples in {samples} batches" in out and "no bad samples" in out

@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from torch.utils.data import DataLoader, DistributedSampler
 
 from concerto_ray.config import from_dict
 from concerto_ray.data.pipeline import StreamConfig
@@ -24,7 +26,7 @@ from concerto_ray.data.sources import (
 )
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.errors import ConfigError, DataError
-from concerto_ray.train.config import load_pretrain_config
+from concerto_ray.train.config import load_pretrain_config, steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME_PAYLOADS = [f"frame_{k}" for k in FRAME_FILES]
@@ -221,3 +223,21 @@ def test_paper_configs_mix_the_references_datasets(config, video):
     assert [s.shards for s in data.source_configs()] == [f"s3://bucket/concerto/{name}" for name in expected]
     with pytest.raises(ConfigError, match="data.sources_root is still the placeholder"):
         load_pretrain_config(path)
+
+
+@pytest.mark.parametrize("samples, workers, batch", [(13, 4, 2), (10, 4, 1), (3, 2, 1), (25, 8, 3), (12, 4, 3)])
+def test_epochs_are_padded_and_stepped_as_the_reference_sampler_does(monkeypatch, samples, workers, batch):
+    # Pointcept: DistributedSampler pads the epoch to a multiple of the workers with its first indices, and each
+    # worker's DataLoader drops its last partial batch: floor(ceil(L / W) / b) steps (floor(floor(L / W) / b)
+    # before, one step fewer for 13 / 4 / 2 and 10 / 4 / 1).
+    plan = EpochPlan([fake_source("s", rooms(samples, 1))], seed=0, workers=workers)
+    order = [ref.name for ref, _ in plan.order(0)]
+    assert len(order) % workers == 0 and order[samples:] == order[: len(order) - samples]
+    loader = DataLoader(range(samples), batch, sampler=DistributedSampler(range(samples), workers, 0), drop_last=True)
+    monkeypatch.setattr("concerto_ray.train.config._train_samples", lambda config: samples)
+    config = SimpleNamespace(
+        run=SimpleNamespace(num_workers=workers),
+        data=SimpleNamespace(batch_size=batch),
+        optim=SimpleNamespace(grad_accumulation=1),
+    )
+    assert steps_per_epoch(config) == len(loader) >= 1

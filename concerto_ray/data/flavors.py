@@ -48,6 +48,8 @@ class Flavor:
     # Segmentation names a scene "<split>-<folder>" (S3DIS's `get_data_name`: rooms such as office_1 recur in every
     # area), else after its folder.
     split_in_scene_name: bool = False
+    # Segmentation lists only the scene folders that hold the label array (HM3DDataset's force_label).
+    labelled_scenes_only: bool = False
 
     def scene_name(self, split: str, folder: str) -> str:
         return f"{split}-{folder}" if self.split_in_scene_name else folder
@@ -61,7 +63,7 @@ FLAVORS: dict[str, Flavor] = {
         Flavor("scannetpp", ("train", "val", "test"), ("test",), "segment", 3, 100, "frame"),
         Flavor("s3dis", tuple(f"Area_{i}" for i in range(1, 7)), (), "segment", 1, 13, "frame", True),
         Flavor("arkitscenes", ("Training", "Validation"), ("Training", "Validation"), None, 0, 0, "frame"),
-        Flavor("hm3d", ("train", "val"), (), "segment", 0, 40, "dataset"),
+        Flavor("hm3d", ("train", "val"), (), "segment", 0, 40, "dataset", labelled_scenes_only=True),
         Flavor("structured3d", ("train", "val"), (), "segment", 1, 25, "frame"),
         Flavor("re10k", ("train", "test"), ("train", "test"), None, 0, 0, "frame"),
     )

@@ -108,6 +108,7 @@ def list_scenes(root: str | Path, splits: list[str] | None = None, dataset: str 
                 frames=(),
             )
             for name, folder in _scene_folders(root / split)
+            if not (known and known.labelled_scenes_only) or (folder / f"{known.label_asset}.npy").is_file()
         )
     return scenes
 

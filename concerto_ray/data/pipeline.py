@@ -203,18 +203,25 @@ def samples_per_epoch(config: StreamConfig) -> dict[str, int]:
 
 
 def build_dataset(
-    config: StreamConfig, bad_log=None, *, scenes: Collection[str] | None = None, scene_hook: SceneHook | None = None
+    config: StreamConfig,
+    bad_log=None,
+    *,
+    scenes: Collection[str] | None = None,
+    scene_hook: SceneHook | None = None,
+    workers: int = 1,
 ) -> ray.data.Dataset:
     """The lazily executed Ray dataset of transformed samples (one row per sample), in a new order every epoch.
 
     `scenes`: stream only the samples of these names (shards holding none of them are not read). `scene_hook`:
     applied to every decoded full-resolution scene before the transforms (fine-tuning limits the labelled points
-    there)."""
+    there). `workers`: every epoch is padded to a multiple of them (`EpochPlan`)."""
     sources = stream_sources(config, scenes)
     seed = 0 if config.seed is None else config.seed
     counts = EpochPlan(sources, seed).counts()
     log.info("samples per epoch: %s", ", ".join(f"{name} {n}" for name, n in counts.items()))
-    ds = ray.data.read_datasource(ShardSampleDatasource(sources, seed, with_frames=config.mode == "pretrain"))
+    ds = ray.data.read_datasource(
+        ShardSampleDatasource(sources, seed, with_frames=config.mode == "pretrain", workers=workers)
+    )
     ds.context.execution_options.preserve_order = config.preserve_order
     return ds.flat_map(SampleTransform(config, bad_log if config.skip_bad else None, scene_hook))
 

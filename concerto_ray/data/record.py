@@ -191,8 +191,16 @@ def primary_labels(labels: np.ndarray, *, sample: str, file: str, field: str) ->
 
     The flavours (see `flavors.py`) store labels as (N,) (ScanNet, HM3D), (N, 1) (S3DIS, Structured3D) or (N, 3)
     (ScanNet++: up to three labels per point, the major one first, and Pointcept's ScanNet++ dataset uses column 0).
-    Any other shape is an error: flattening it would hand points the labels of other points.
+    Any other shape is an error: flattening it would hand points the labels of other points. So is a float array:
+    every flavour stores class indices as integers, and a cast would turn fractions into other classes.
     """
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"label array of dtype {labels.dtype}: expected integer class indices",
+            sample=sample,
+            file=file,
+            field=field,
+        )
     if labels.ndim == 1:
         return labels.astype(np.int32)
     if labels.ndim == 2 and labels.shape[1] in (1, 3):

@@ -183,17 +183,26 @@ def check_shards(sources: list[Source], verify: bool) -> None:
             VerifiedShards().verify(source.location, source.shards, infos)
 
 
+def padding(samples: int, workers: int) -> int:
+    """Samples repeated so that `workers` get ceil(samples / workers) each."""
+    return -samples % workers
+
+
 def draw_rng(seed: int, epoch: int, *keys: int | str) -> np.random.Generator:
     """The generator of one random draw, from the run's seed, the epoch and what is drawn for (names hashed)."""
     return np.random.default_rng([seed, epoch, *(k if isinstance(k, int) else zlib.crc32(k.encode()) for k in keys)])
 
 
 class EpochPlan:
-    """Which samples an epoch holds, in which order: a pure function of (sources, seed, epoch)."""
+    """Which samples an epoch holds, in which order: a pure function of (sources, seed, epoch).
 
-    def __init__(self, sources: list[Source], seed: int):
+    With `workers`, the order is padded to a multiple of them by repeating its first samples, as torch's
+    DistributedSampler pads (Pointcept's training sampler): every worker gets ceil(epoch size / workers)."""
+
+    def __init__(self, sources: list[Source], seed: int, workers: int = 1):
         self.sources = sources
         self.seed = seed
+        self.workers = workers
 
     def epoch_size(self) -> int:
         """Samples per epoch: with loop factors, each source's samples times its loop; with weights, as many as
@@ -227,7 +236,8 @@ class EpochPlan:
             entries += [(ref, draw) for draw in range(passes) for ref in source.samples]
             entries += [(source.samples[j], passes) for j in sorted(rng.permutation(len(source.samples))[:rest])]
         permutation = draw_rng(self.seed, epoch, "order").permutation(len(entries))
-        return [entries[j] for j in permutation]
+        order = [entries[j] for j in permutation]
+        return order + order[: padding(len(order), self.workers)]
 
 
 class ShardSampleDatasource(Datasource):
@@ -237,8 +247,8 @@ class ShardSampleDatasource(Datasource):
     Ray Data plans each pass over a dataset anew (one pass per epoch in training) and counts the passes in the
     dataset's context; the epoch is that count, so epoch e of a run reads the same order in every run."""
 
-    def __init__(self, sources: list[Source], seed: int, *, with_frames: bool):
-        self.plan = EpochPlan(sources, seed)
+    def __init__(self, sources: list[Source], seed: int, *, with_frames: bool, workers: int = 1):
+        self.plan = EpochPlan(sources, seed, workers)
         self.with_frames = with_frames
 
     def estimate_inmemory_data_size(self) -> int | None:

@@ -72,9 +72,11 @@ class OneCycleConfig:
 class DataEfficiencyConfig:
     """Limited annotations (points per scene) and limited reconstructions (share of training scenes).
 
-    Either drawn reproducibly from `seed` (`label_budget`, `scene_percent`) or read from the reference's files
-    (`label_file`: Pointcept's `la_file`, a torch-saved {scene: point indices}; `scene_list_file`: its `lr_file`,
-    one scene name per line)."""
+    Read from the reference's files (`label_file`: Pointcept's `la_file`, a torch-saved {scene: point indices};
+    `scene_list_file`: its `lr_file`, one scene name per line), or drawn reproducibly from `seed` (`label_budget`,
+    `scene_percent`). A relative file path is looked up in the shards (`prepare` copies the root's tasks/ folder
+    there); given with a budget or percent, the file is used where the shards have it and the seeded draw where
+    they do not (`run_config.settle_data_efficiency`)."""
 
     label_budget: int | None = None
     label_file: str | None = None
@@ -83,10 +85,6 @@ class DataEfficiencyConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.label_budget is not None and self.label_file is not None:
-            raise ConfigError("give label_budget or label_file, not both")
-        if self.scene_percent is not None and self.scene_list_file is not None:
-            raise ConfigError("give scene_percent or scene_list_file, not both")
         if self.label_budget is not None and self.label_budget < 1:
             raise ConfigError(f"label_budget must be >= 1 point per scene, got {self.label_budget}")
         if self.scene_percent is not None and not 0 < self.scene_percent <= 100:

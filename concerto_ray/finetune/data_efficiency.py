@@ -85,10 +85,10 @@ def apply_label_file(data: dict, table: dict[str, np.ndarray], ignore_index: int
 
 def annotation_limiter(cfg: DataEfficiencyConfig, ignore_index: int = -1) -> SceneLimiter | None:
     """A picklable per-scene function for the training data, or None when all annotations are used."""
-    if cfg.label_budget is not None:
-        return _BudgetLimiter(cfg.label_budget, cfg.seed, ignore_index)
     if cfg.label_file is not None:
         return _FileLimiter(load_label_file(cfg.label_file), ignore_index)
+    if cfg.label_budget is not None:
+        return _BudgetLimiter(cfg.label_budget, cfg.seed, ignore_index)
     return None
 
 
@@ -134,7 +134,7 @@ def load_scene_list(path: str | Path) -> list[str]:
 
 def training_scenes(scenes: Sequence[str], cfg: DataEfficiencyConfig) -> list[str]:
     """The training scenes to use: all, a seeded share, or those of the scene list file (which must exist)."""
-    if cfg.scene_percent is not None:
+    if cfg.scene_list_file is None and cfg.scene_percent is not None:
         return select_scenes(scenes, cfg.scene_percent, cfg.seed)
     if cfg.scene_list_file is not None:
         listed = load_scene_list(cfg.scene_list_file)

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from concerto_ray.config import from_dict, to_dict
+from concerto_ray.data import storage
 from concerto_ray.data.flavors import label_asset
 from concerto_ray.data.pipeline import StreamConfig
-from concerto_ray.data.shards import read_manifest
+from concerto_ray.data.shards import Manifest, read_manifest
 from concerto_ray.data.sources import SourceConfig
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.finetune.configs import FinetuneConfig, load_finetune_config
@@ -145,8 +146,37 @@ def load_finetune_run(config: str | Path, overrides: dict[str, Any]) -> Finetune
     return run
 
 
+def settle_data_efficiency(run: FinetuneRun, manifest: Manifest) -> None:
+    """Choose between the reference's data-efficiency files and the seeded draws, in `run`'s config (and so in its
+    MLflow params), once on the driver.
+
+    A relative `label_file` / `scene_list_file` names a file of the shards (the root's tasks/ folder, which
+    `prepare` copies). Where the manifest lists it, it is used (as a URI beside the manifest) and the budget or
+    percent beside it is dropped; where not, the budget or percent is used, or, without one, the missing file is
+    reported. A file given as a URI or absolute path is used as it is."""
+    cfg = run.finetune.data_efficiency
+    shards = storage.resolve(run.data.shards, run.data.endpoint_url)
+    for file_key, draw_key in (("label_file", "label_budget"), ("scene_list_file", "scene_percent")):
+        path = getattr(cfg, file_key)
+        if path is None:
+            continue
+        if "://" in path or Path(path).is_absolute():
+            setattr(cfg, draw_key, None)
+        elif path in manifest.task_files:
+            setattr(cfg, file_key, shards.uri_of(path))
+            setattr(cfg, draw_key, None)
+        elif getattr(cfg, draw_key) is not None:
+            setattr(cfg, file_key, None)
+        else:
+            raise ConfigError(
+                f"finetune.data_efficiency.{file_key}: {path!r} is not among the shards' task files "
+                f"({', '.join(manifest.task_files) or 'none'}); prepare copies the dataset root's tasks/ folder"
+            )
+
+
 def plan_finetune(run: FinetuneRun) -> FinetunePlan:
-    """Check the run against its shards, storage and files; the numbers it will train with."""
+    """Check the run against its shards, storage and files; the numbers it will train with. Settles the
+    data-efficiency files in `run` (`settle_data_efficiency`)."""
     cfg = run.finetune
     if run.data.shards.startswith(SHARDS_PLACEHOLDER):
         raise ConfigError(
@@ -169,12 +199,17 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
         except ConfigError as exc:
             raise ConfigError(f"finetune.pretrained.path: {exc}") from exc
     check_storage(run.run, run.mlflow)
-    scenes = _split_samples(run, cfg.train_split, "finetune.train_split")
+    try:
+        manifest = read_manifest(run.data.shards, endpoint_url=run.data.endpoint_url)
+    except DataError as exc:
+        raise ConfigError(f"data.shards: {exc}") from exc
+    settle_data_efficiency(run, manifest)
+    scenes = _split_samples(run, manifest, cfg.train_split, "finetune.train_split")
     try:
         selected = training_scenes(scenes, cfg.data_efficiency)
     except DataError as exc:
         raise ConfigError(f"finetune.data_efficiency: {exc}") from exc
-    val_scenes = _split_samples(run, cfg.val_split, "finetune.val_split")
+    val_scenes = _split_samples(run, manifest, cfg.val_split, "finetune.val_split")
     if not val_scenes:
         raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
     if not selected:
@@ -194,10 +229,10 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
     )
 
 
-def _split_samples(run: FinetuneRun, splits: tuple[str, ...], where: str) -> list[str]:
+def _split_samples(run: FinetuneRun, manifest: Manifest, splits: tuple[str, ...], where: str) -> list[str]:
     """The scenes of `splits`: one per scene folder, as Pointcept's segmentation datasets list them."""
     try:
-        scenes = read_manifest(run.data.shards, endpoint_url=run.data.endpoint_url).scene_splits(run.data.shards)
+        scenes = manifest.scene_splits(run.data.shards)
     except DataError as exc:
         raise ConfigError(f"data.shards: {exc}") from exc
     unknown = [s for s in splits if s not in scenes]

@@ -8,7 +8,8 @@ Our Sonata/Concerto modules use the reference's parameter names, so the mapping 
   Concerto also `module.patch_proj.*`, `module.enc2d_head_{student,teacher}.*` and
   `module.enc2d_model.*` — the frozen DINOv2 weights ARE in Pointcept's Concerto checkpoints,
   because the reference registers the image encoder as a submodule (as we do).
-- concerto-ray checkpoints are `{"state_dict": ...}` with the same keys without `module.`.
+- concerto-ray checkpoints are `{"state_dict": ...}` with the same keys without `module.`; those written by
+  pre-training also name their model config (`{"model": "pretrain-concerto-v1m1-0-base"}`).
 
 Backbone-only weights (for fine-tuning) are found under `student.backbone.` (or `teacher.backbone.`)
 of a pre-training checkpoint, under `backbone.` of a Pointcept fine-tuning model, or without a
@@ -26,6 +27,7 @@ from torch import nn
 from concerto_ray.errors import ConfigError
 
 DDP_PREFIX = "module."
+MODEL_NAME_KEY = "model"  # in a concerto-ray pre-training checkpoint: the name of its model config
 BACKBONE_PREFIXES = {"student": "student.backbone.", "teacher": "teacher.backbone."}
 
 Direction = Literal["pointcept-to-ray", "ray-to-pointcept"]

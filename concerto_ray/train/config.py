@@ -263,8 +263,9 @@ def validate(config: PretrainConfig) -> None:
 
 
 def steps_per_epoch(config: PretrainConfig) -> int:
-    """Optimizer steps per epoch: Ray Train splits the rows equally and every worker drops its last partial batch."""
-    rows_per_worker = _train_samples(config) // config.run.num_workers
+    """Optimizer steps per epoch, as Pointcept's: the epoch is padded so that each worker gets
+    ceil(samples / workers) of it (`EpochPlan`), and every worker drops its last partial batch."""
+    rows_per_worker = -(-_train_samples(config) // config.run.num_workers)
     return rows_per_worker // config.data.batch_size // config.optim.grad_accumulation
 
 

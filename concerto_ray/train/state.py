@@ -20,6 +20,7 @@ from torch import nn
 
 from concerto_ray.config import from_dict
 from concerto_ray.errors import ConfigError, TrainingError
+from concerto_ray.model.checkpoint import MODEL_NAME_KEY
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -27,10 +28,11 @@ PROGRESS_FILE = "progress.json"
 FROZEN_PREFIX = "enc2d_model."  # Concerto's image encoder
 
 
-def save_model(model: nn.Module, path: Path) -> None:
-    """The model's weights as model.pt holds them (what fine-tuning and `concerto-ray model convert` read)."""
+def save_model(model: nn.Module, path: Path, model_name: str | None = None) -> None:
+    """The model's weights as model.pt holds them (what fine-tuning and `concerto-ray model convert` read), with
+    the name of its model config, so that `embed` and `viz` need not be told which model it is."""
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
-    torch.save({"state_dict": state}, path)
+    torch.save({"state_dict": state, **({MODEL_NAME_KEY: model_name} if model_name else {})}, path)
 
 
 class CheckpointError(TrainingError):
@@ -59,8 +61,9 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
+    model_name: str | None = None,
 ) -> None:
-    save_model(model, directory / MODEL_FILE)
+    save_model(model, directory / MODEL_FILE, model_name)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / OPTIMIZER_FILE)
     (directory / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
 

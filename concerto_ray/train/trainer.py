@@ -58,7 +58,7 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
             },
             scaling_config=scaling_config(run),
             run_config=ray_run_config(run, ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep)),
-            datasets={"train": build_dataset(config.data, bad_log)},
+            datasets={"train": build_dataset(config.data, bad_log, workers=run.num_workers)},
             dataset_config=ray.train.DataConfig(execution_options={"train": ingest_options(config.data)}),
         )
         result = fit(trainer, tracked, _CLEAR_WORKER_ERRORS)
