@@ -44,6 +44,7 @@ from concerto_ray.finetune.evaluate import (
     validation_confusion,
 )
 from concerto_ray.finetune.lora import merge_lora
+from concerto_ray.finetune.run_config import load_finetune_run
 from concerto_ray.finetune.losses import SegmentationLoss, lovasz_softmax
 from concerto_ray.finetune.metrics import (
     confusion_matrix,
@@ -496,3 +497,23 @@ def test_config_names_resolve_and_bad_input_is_named(tmp_path):
         bad.write_text(tiny_yaml.replace(old, new, 1))
         with pytest.raises(ConfigError, match=message):
             load_finetune_config(bad)
+
+
+def test_class_count_and_ignore_index_overrides_reach_the_label_check(tmp_path):
+    # The transform's label check follows the config's num_classes and ignore_index: overriding those is enough.
+    base = {"data.shards": str(tmp_path), "run.name": "x", "run.storage_path": str(tmp_path)}
+    names = [f"class{i}" for i in range(13)]
+    run = load_finetune_run(TINY, {**base, "num_classes": 13, "class_names": names, "ignore_index": 255})
+    transform = run.finetune.transform
+    assert (transform.num_classes, transform.ignore_index) == (13, 255)
+    scene = {
+        "name": "s",
+        "coord": np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32),
+        "color": np.zeros((50, 3), np.float32),
+        "segment": np.where(np.arange(50) % 5 == 0, 255, np.arange(50) % 13),
+    }
+    assert len(semseg_val_transform(transform)(scene, np.random.default_rng(0))["segment"]) > 0
+    with pytest.raises(DataError, match=r"label 13 is out of range.*255 \(ignored\) or 0\.\.12"):
+        semseg_val_transform(transform)({**scene, "segment": np.full(50, 13)}, np.random.default_rng(0))
+    with pytest.raises(DataError, match=r"label -1 is out of range"):  # -1 is no longer the ignore label
+        semseg_val_transform(transform)({**scene, "segment": np.full(50, -1)}, np.random.default_rng(0))
