@@ -115,7 +115,8 @@ def compare(ptv3, ppt, clip_folder: Path, name: str, config: dict, write_keys: P
             mine = ours(dict(data, condition=condition))["seg_logits"]
         diff = (theirs - mine).abs().max().item()
         ok = theirs.shape == mine.shape and diff <= 1e-5
-        print(f"{name}, {condition}: seg_logits {tuple(mine.shape)}, max abs diff {diff:.3e} -> {'OK' if ok else 'FAIL'}")
+        verdict = "OK" if ok else "FAIL"
+        print(f"{name}, {condition}: seg_logits {tuple(mine.shape)}, max abs diff {diff:.3e} -> {verdict}")
         if not ok:
             failures.append(f"{name} {condition}")
     return failures
@@ -129,12 +130,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         clip_folder = write_random_clip(Path(tmp) / "clip")
         ptv3, ppt = load_reference_ppt(args.pointcept, clip_folder)
-        failures = compare(
-            ptv3, ppt, clip_folder, "decoder", small_config(enable_flash=False, traceable=True), args.write_keys
-        )
-        failures += compare(
-            ptv3, ppt, clip_folder, "encoder only", small_config(enable_flash=False, enc_mode=True, traceable=True), None
-        )
+        decoder = small_config(enable_flash=False, traceable=True)
+        encoder_only = small_config(enable_flash=False, enc_mode=True, traceable=True)
+        failures = compare(ptv3, ppt, clip_folder, "decoder", decoder, args.write_keys)
+        failures += compare(ptv3, ppt, clip_folder, "encoder only", encoder_only, None)
     print("FAILED: " + ", ".join(failures) if failures else "all checks passed")
     return 1 if failures else 0
 

@@ -44,7 +44,6 @@ from concerto_ray.finetune.evaluate import (
     validation_confusion,
 )
 from concerto_ray.finetune.lora import merge_lora
-from concerto_ray.finetune.run_config import load_finetune_run
 from concerto_ray.finetune.losses import SegmentationLoss, lovasz_softmax
 from concerto_ray.finetune.metrics import (
     confusion_matrix,
@@ -52,6 +51,7 @@ from concerto_ray.finetune.metrics import (
     save_confusion_png,
     segmentation_metrics,
 )
+from concerto_ray.finetune.run_config import load_finetune_run
 from concerto_ray.finetune.segmentor import (
     Segmentor,
     build_segmentor,

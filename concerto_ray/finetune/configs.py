@@ -24,6 +24,8 @@ from concerto_ray.errors import ConfigError
 from concerto_ray.model.ptv3 import PTv3Config
 
 Mode = Literal["lin", "dec", "ft", "lora"]
+# Pointcept's PPT `clip_model="ViT-B/16"` as a Hugging Face hub name.
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 
 
 @dataclass
@@ -92,6 +94,53 @@ class DataEfficiencyConfig:
 
 
 @dataclass
+class PPTSource:
+    """One dataset of a Point Prompt Training run (one entry of the reference's ConcatDataset)."""
+
+    condition: str  # its name among `PPTConfig.conditions` (the reference's "condition" of its samples)
+    dataset: Literal["scannet", "scannet200", "scannetpp", "s3dis", "structured3d"]  # whose labels it trains on
+    splits: tuple[str, ...]
+    # Batches of this dataset per turn (the reference's `loop` of a sub-dataset, which MultiDatasetDataloader
+    # reads as a ratio).
+    ratio: int = 1
+    # Its shards: a folder under data.sources_root, or a URI / absolute path; default: the dataset's name.
+    shards: str | None = None
+    transform: SemsegTransformConfig | None = None  # None: the config's own `transform`
+
+    def __post_init__(self):
+        if self.ratio < 1 or not self.splits:
+            raise ConfigError(f"source {self.condition!r}: needs ratio >= 1 and at least one split")
+
+
+@dataclass
+class PPTConfig:
+    """Point Prompt Training (Pointcept's PPT-v1m3, `finetune/ppt.py`): one model trained on several datasets.
+
+    The first source sets a round's length (MultiDatasetTrainer); validation and test run on the config's own
+    `dataset` and `val_split` under `condition`."""
+
+    conditions: tuple[str, ...]
+    class_names: tuple[tuple[str, ...], ...]  # per condition
+    condition: str  # the condition of the config's `dataset` (validation and test)
+    sources: tuple[PPTSource, ...]
+    template: str = "[x]"
+    clip_model: str = DEFAULT_CLIP  # local directory, s3:// copy or hub name of a transformers CLIP
+    backbone_out_channels: int = 64
+
+    def __post_init__(self):
+        if len(self.class_names) != len(self.conditions):
+            raise ConfigError(f"ppt: {len(self.conditions)} conditions but {len(self.class_names)} class-name lists")
+        unknown = [c for c in (self.condition, *(s.condition for s in self.sources)) if c not in self.conditions]
+        if unknown:
+            raise ConfigError(f"ppt: condition {unknown[0]!r} is not one of the conditions {list(self.conditions)}")
+        if not self.sources:
+            raise ConfigError("ppt.sources: list at least one dataset to train on")
+
+    def classes(self, condition: str) -> tuple[str, ...]:
+        return self.class_names[self.conditions.index(condition)]
+
+
+@dataclass
 class PretrainedConfig:
     """Where the pre-trained backbone comes from, and the reference's key rewrite (`CheckpointLoader`'s
     `keywords` -> `replacement`, applied after every key has been given the `module.` prefix)."""
@@ -130,6 +179,7 @@ class FinetuneConfig:
     data_efficiency: DataEfficiencyConfig = field(default_factory=DataEfficiencyConfig)
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     transform: SemsegTransformConfig = field(default_factory=SemsegTransformConfig)
+    ppt: PPTConfig | None = None  # joint training on several datasets (the `*-ppt` configs)
 
     def __post_init__(self):
         encoder_only = self.mode in ("lin", "lora")
@@ -154,11 +204,27 @@ class FinetuneConfig:
                 f"lr and block_lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
                 f"block_lr={self.block_lr}, weight_decay={self.weight_decay}"
             )
+        if self.ppt is not None:
+            if self.mode != "ft":
+                raise ConfigError(f"ppt trains the whole model: mode must be 'ft', not {self.mode!r}")
+            if self.ppt.classes(self.ppt.condition) != self.class_names:
+                raise ConfigError(f"class_names must be ppt.class_names of condition {self.ppt.condition!r}")
+            self.ppt = dataclasses.replace(
+                self.ppt, sources=tuple(self._source_transform(source) for source in self.ppt.sources)
+            )
         if self.epochs < 1 or self.batch_size < 1 or not 1 <= self.eval_epochs <= self.epochs:
             raise ConfigError(
                 f"need epochs >= 1, batch_size >= 1 and 1 <= eval_epochs <= epochs; got "
                 f"epochs={self.epochs}, batch_size={self.batch_size}, eval_epochs={self.eval_epochs}"
             )
+
+    def _source_transform(self, source: PPTSource) -> PPTSource:
+        """The source's transform, checking labels against its own classes and the config's ignore index."""
+        transform = source.transform or self.transform
+        classes = len(self.ppt.classes(source.condition))
+        return dataclasses.replace(
+            source, transform=dataclasses.replace(transform, num_classes=classes, ignore_index=self.ignore_index)
+        )
 
 
 def finetune_config_names() -> list[str]:

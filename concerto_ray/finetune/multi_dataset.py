@@ -7,7 +7,7 @@ its end ends the round, wherever in a turn; every other dataset that runs out st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 Batch = TypeVar("Batch")
@@ -20,13 +20,13 @@ def round_steps(main_batches: int, ratios: Sequence[int]) -> int:
 
 
 def compose_round(
-    passes: Sequence[Callable[[], Iterator[Batch]]], ratios: Sequence[int]
+    passes: Sequence[Callable[[], Iterable[Batch]]], ratios: Sequence[int]
 ) -> Iterator[tuple[int, Batch]]:
-    """(dataset index, batch) in the round's order; `passes[i]()` starts a new pass over dataset i's batches."""
+    """(dataset index, batch) in the round's order; `passes[i]()` gives a new pass over dataset i's batches."""
     _check(ratios)
     if len(passes) != len(ratios):
         raise ValueError(f"{len(passes)} datasets but {len(ratios)} ratios")
-    iterators = [start() for start in passes]
+    iterators = [iter(start()) for start in passes]
     while True:
         for i, ratio in enumerate(ratios):
             for _ in range(ratio):
@@ -34,7 +34,7 @@ def compose_round(
                 if batch is _END:
                     if i == 0:
                         return
-                    iterators[i] = passes[i]()
+                    iterators[i] = iter(passes[i]())
                     batch = next(iterators[i], _END)
                     if batch is _END:
                         raise ValueError(f"dataset {i} of the round gives no batch at all")

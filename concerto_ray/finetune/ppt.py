@@ -72,3 +72,15 @@ class PointPromptTraining(nn.Module):
         if "segment" in batch:
             out["loss"] = self.criteria(logits, batch["segment"])
         return out
+
+
+class Conditioned(nn.Module):
+    """A PPT model whose every batch comes from one dataset: evaluation on the config's own dataset."""
+
+    def __init__(self, model: PointPromptTraining, condition: str):
+        super().__init__()
+        self.model = model
+        self.condition = condition
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.model({**batch, "condition": self.condition})

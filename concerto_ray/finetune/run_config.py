@@ -20,12 +20,13 @@ from typing import Any
 from concerto_ray.config import from_dict, to_dict
 from concerto_ray.data import storage
 from concerto_ray.data.flavors import label_asset
-from concerto_ray.data.pipeline import StreamConfig
+from concerto_ray.data.pipeline import StreamConfig, under_root
 from concerto_ray.data.shards import Manifest, read_manifest
 from concerto_ray.data.sources import SourceConfig
 from concerto_ray.errors import ConfigError, DataError
-from concerto_ray.finetune.configs import FinetuneConfig, load_finetune_config
+from concerto_ray.finetune.configs import DataEfficiencyConfig, FinetuneConfig, load_finetune_config
 from concerto_ray.finetune.data_efficiency import training_scenes
+from concerto_ray.finetune.multi_dataset import round_steps
 from concerto_ray.finetune.segmentor import locate_checkpoint
 from concerto_ray.train.config import (
     SHARDS_PLACEHOLDER,
@@ -44,6 +45,9 @@ FINETUNE_EXPERIMENT = "concerto-ray-finetune"
 class FinetuneData:
     shards: str  # local path or s3://bucket/prefix written by `concerto-ray prepare`
     endpoint_url: str | None = None  # S3-compatible endpoint of the shards
+    # PPT: the folder or prefix that each source's shards are in (`finetune.ppt.sources[].shards`, default the
+    # source's dataset name), one prepare per dataset under it, as pre-training's data.sources_root.
+    sources_root: str | None = None
     segment_asset: str | None = None  # label array; default: the dataset's (flavors.label_asset: ScanNet segment20)
     verify_checksums: bool = True
 
@@ -70,6 +74,38 @@ class FinetuneRun:
             semseg=self.finetune.transform,
         )
 
+    def source_streams(self, round_plan: RoundPlan) -> list[StreamConfig]:
+        """PPT: the stream of each source, batched per worker; the first one's scenes `loop` times."""
+        streams = []
+        for i, source in enumerate(self.finetune.ppt.sources):
+            loop = round_plan.loop if i == 0 else 1
+            streams.append(
+                StreamConfig(
+                    sources=[SourceConfig(shards=self.source_shards(i), splits=list(source.splits), loop=loop)],
+                    mode="semseg_train",
+                    endpoint_url=self.data.endpoint_url,
+                    batch_size=round_plan.worker_batch_size,
+                    seed=self.run.seed,
+                    verify_checksums=self.data.verify_checksums,
+                    segment_asset=label_asset(source.dataset),
+                    semseg=source.transform,
+                )
+            )
+        return streams
+
+    def source_shards(self, index: int) -> str:
+        """Where PPT source `index` has its shards."""
+        source = self.finetune.ppt.sources[index]
+        shards = source.shards or source.dataset
+        if "://" in shards or Path(shards).is_absolute():
+            return shards
+        if self.data.sources_root is None:
+            raise ConfigError(
+                f"finetune.ppt.sources[{index}].shards is {shards!r}, relative to data.sources_root, which is not "
+                f"set: --set data.sources_root=s3://my-bucket/shards (one prepare per dataset under it)"
+            )
+        return under_root(self.data.sources_root, shards)
+
 
 @dataclass(frozen=True)
 class RoundPlan:
@@ -80,10 +116,13 @@ class RoundPlan:
     batches are `batch_size // workers` per worker with the last partial batch dropped, except when L is at most
     one global batch: the reference then keeps it, so the round is one step of the samples there are."""
 
-    samples: int  # training scenes
+    samples: int  # training scenes (PPT: of the first source)
     loop: int
     num_workers: int
     batch_size: int  # over all workers
+    # PPT (Pointcept's MultiDatasetDataloader): batches of each source per turn; the first source's batches, all
+    # full (it always drops the last partial one), set the round's length (`multi_dataset.round_steps`).
+    ratios: tuple[int, ...] = ()
 
     @property
     def samples_per_worker(self) -> int:
@@ -91,11 +130,14 @@ class RoundPlan:
 
     @property
     def worker_batch_size(self) -> int:
+        if self.ratios:
+            return self.batch_size // self.num_workers
         return min(self.batch_size // self.num_workers, self.samples_per_worker)
 
     @property
     def steps(self) -> int:
-        return self.samples_per_worker // self.worker_batch_size
+        batches = self.samples_per_worker // self.worker_batch_size
+        return round_steps(batches, self.ratios) if self.ratios else batches
 
     @property
     def padding(self) -> int:
@@ -107,7 +149,7 @@ class RoundPlan:
 class FinetunePlan:
     """What a validated run will do."""
 
-    train_scenes: list[str]  # after the limited-reconstruction selection
+    train_scenes: list[str]  # after the limited-reconstruction selection (PPT: empty, every source's scenes train)
     limited_scenes: bool  # only a share of the training split is used
     val_scenes: list[str]
     round: RoundPlan
@@ -139,6 +181,10 @@ def load_finetune_run(config: str | Path, overrides: dict[str, Any]) -> Finetune
         run.data.segment_asset = label_asset(run.finetune.dataset)
     # Workers do not share the driver's working directory.
     run.data.shards = absolute_uri(run.data.shards)
+    if run.data.sources_root is not None:
+        run.data.sources_root = absolute_uri(run.data.sources_root)
+    if run.finetune.ppt is not None and Path(run.finetune.ppt.clip_model).is_dir():
+        run.finetune.ppt.clip_model = str(Path(run.finetune.ppt.clip_model).resolve())
     run.run.storage_path = absolute_uri(run.run.storage_path)
     pretrained = run.finetune.pretrained.path
     if pretrained is not None:
@@ -204,6 +250,8 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
     except DataError as exc:
         raise ConfigError(f"data.shards: {exc}") from exc
     settle_data_efficiency(run, manifest)
+    if cfg.ppt is not None:
+        return _plan_joint(run, manifest)
     scenes = _split_samples(run, manifest, cfg.train_split, "finetune.train_split")
     try:
         selected = training_scenes(scenes, cfg.data_efficiency)
@@ -226,6 +274,42 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
         val_scenes=val_scenes,
         round=round_plan,
         rounds=cfg.eval_epochs,
+    )
+
+
+def _plan_joint(run: FinetuneRun, manifest: Manifest) -> FinetunePlan:
+    """PPT: every source's scenes are checked; the first one's set the rounds; validation is the config's own."""
+    cfg = run.finetune
+    if cfg.data_efficiency != DataEfficiencyConfig():
+        raise ConfigError("finetune.data_efficiency: not available with ppt (the reference's PPT configs use none)")
+    counts = []
+    for i, source in enumerate(cfg.ppt.sources):
+        where = f"finetune.ppt.sources[{i}]"
+        try:
+            source_manifest = read_manifest(run.source_shards(i), endpoint_url=run.data.endpoint_url)
+        except DataError as exc:
+            raise ConfigError(f"{where}.shards: {exc}") from exc
+        scenes = _split_samples(run, source_manifest, source.splits, f"{where}.splits")
+        if not scenes:
+            raise ConfigError(f"{where}: splits {list(source.splits)} hold no scenes")
+        counts.append(len(scenes))
+    val_scenes = _split_samples(run, manifest, cfg.val_split, "finetune.val_split")
+    if not val_scenes:
+        raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
+    round_plan = RoundPlan(
+        samples=counts[0],
+        loop=cfg.epochs // cfg.eval_epochs,
+        num_workers=run.run.num_workers,
+        batch_size=cfg.batch_size,
+        ratios=tuple(source.ratio for source in cfg.ppt.sources),
+    )
+    if round_plan.steps < 1:
+        raise ConfigError(
+            f"a round gives no step: {counts[0]} scenes of finetune.ppt.sources[0] x loop {round_plan.loop} for "
+            f"{run.run.num_workers} workers x batch {round_plan.worker_batch_size} (full batches only)"
+        )
+    return FinetunePlan(
+        train_scenes=[], limited_scenes=False, val_scenes=val_scenes, round=round_plan, rounds=cfg.eval_epochs
     )
 
 

@@ -19,9 +19,11 @@ from concerto_ray.errors import ConfigError
 from concerto_ray.finetune.configs import FinetuneConfig
 from concerto_ray.finetune.lora import add_lora
 from concerto_ray.finetune.losses import SegmentationLoss
+from concerto_ray.finetune.ppt import Conditioned, PointPromptTraining
 from concerto_ray.model.checkpoint import DDP_PREFIX
 from concerto_ray.model.ptv3 import PointTransformerV3, PTv3Config
 from concerto_ray.model.sonata import up_cast
+from concerto_ray.model.text_encoder import class_text_embeddings
 from concerto_ray.node_cache import local_copy
 
 BACKBONE_PREFIX = "backbone."
@@ -70,11 +72,18 @@ class Segmentor(nn.Module):
         return out
 
 
-def build_segmentor(cfg: FinetuneConfig, endpoint_url: str | None = None) -> Segmentor:
+def build_segmentor(cfg: FinetuneConfig, endpoint_url: str | None = None) -> Segmentor | PointPromptTraining:
     """The model of `cfg.mode`, with the pre-trained backbone loaded (before LoRA wraps the encoder, as in the
     reference) when `cfg.pretrained.path` is set; `endpoint_url` serves an s3:// checkpoint."""
     criteria = SegmentationLoss(cfg.criteria.ce_weight, cfg.criteria.lovasz_weight, cfg.ignore_index)
-    model = Segmentor(cfg.backbone, cfg.num_classes, criteria, freeze_backbone=cfg.mode == "lin")
+    if cfg.ppt is not None:  # the class embeddings come from CLIP, loaded on this worker's node
+        ppt = cfg.ppt
+        text = class_text_embeddings(
+            ppt.clip_model, ppt.class_names, ppt.template, field="finetune.ppt.clip_model", endpoint_url=endpoint_url
+        )
+        model = PointPromptTraining(cfg.backbone, ppt.conditions, text, ppt.backbone_out_channels, criteria)
+    else:
+        model = Segmentor(cfg.backbone, cfg.num_classes, criteria, freeze_backbone=cfg.mode == "lin")
     if cfg.pretrained.path is not None:
         load_pretrained_backbone(
             model, cfg.pretrained.path, cfg.pretrained.keyword, cfg.pretrained.replacement, endpoint_url
@@ -156,6 +165,11 @@ def _read_state_dict(path: str, endpoint_url: str | None) -> dict[str, torch.Ten
             f"{folder.uri_of(name)}: expected a dict with a 'state_dict' entry, as Pointcept and concerto-ray save"
         )
     return checkpoint["state_dict"]
+
+
+def for_evaluation(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """The model as evaluation calls it: a PPT model on the batches of the config's own dataset."""
+    return Conditioned(model, cfg.ppt.condition) if cfg.ppt is not None else model
 
 
 def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:

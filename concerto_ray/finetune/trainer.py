@@ -28,7 +28,7 @@ import io
 import json
 import math
 import tempfile
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ from concerto_ray.data.pipeline import (
     StreamConfig,
     batch_to_device,
     build_dataset,
+    iter_batches,
 )
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_shards
@@ -60,13 +61,14 @@ from concerto_ray.finetune.metrics import (
     save_confusion_png,
     segmentation_metrics,
 )
+from concerto_ray.finetune.multi_dataset import compose_round
 from concerto_ray.finetune.run_config import (
     FinetunePlan,
     FinetuneRun,
     RoundPlan,
     plan_finetune,
 )
-from concerto_ray.finetune.segmentor import build_segmentor, param_groups
+from concerto_ray.finetune.segmentor import build_segmentor, for_evaluation, param_groups
 from concerto_ray.node_cache import local_copy
 from concerto_ray.train.optim import adamw_one_cycle
 from concerto_ray.train.runtime import (
@@ -104,6 +106,9 @@ STEP_CHECKPOINT_DIR_FORMAT = "step-{:08d}"  # a checkpoint inside a round (run.c
 SCORE = "val_miou"  # what the best checkpoint, and a sweep, is chosen by (higher is better)
 ROUNDS_KEY = "rounds"  # in each round's report: the run's number of rounds, so a sweep's scheduler knows the last
 BEST_CHECKPOINT_TAG = "best_checkpoint"
+TRAIN_DATASET = "train"
+SOURCE_DATASET = "train_{}"  # PPT: the training stream of source i
+CONDITION_METRIC = "ppt_condition"  # PPT: per step, the index of its batch's condition in ppt.conditions
 VAL_DATASET = "val_{}"  # the validation samples of worker rank i
 TEST_DATASET = "test_{}"  # the decoded validation scenes of worker rank i, for the test protocol
 BEST_FILE = "best.json"  # in each checkpoint: the best round so far, for the test after a restart
@@ -132,7 +137,8 @@ def run_finetune(
         raise ConfigError("run.checkpoint_every_minutes: not available in sweep trials, which checkpoint every round")
     plan = plan_finetune(run)
     tracked = start_tracked_run(run, run.run, run.mlflow, resume, parent_run_id)
-    datasets = {"train": training_dataset(run, plan)}
+    datasets = training_datasets(run, plan)
+    train_names = list(datasets)
     for rank, share in enumerate(scene_shares(plan.val_scenes, run.run.num_workers)):
         verify = run.data.verify_checksums and rank == 0  # the validation shards once
         datasets[VAL_DATASET.format(rank)] = validation_samples(run, share, verify)
@@ -155,8 +161,8 @@ def run_finetune(
             scaling_config=scaling_config(run.run),
             run_config=ray_run_config(run.run, checkpoints, callbacks),
             datasets=datasets,
-            # Only the training stream is split; each worker reads its own evaluation datasets whole.
-            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+            # Only the training streams are split; each worker reads its own evaluation datasets whole.
+            dataset_config=ray.train.DataConfig(datasets_to_split=train_names),
         )
         result = fit(trainer, tracked)
     if show_progress:
@@ -164,6 +170,17 @@ def run_finetune(
     log_best_checkpoint(tracked, result)
     close_run(tracked.tracking_uri, tracked.mlflow_run_id, succeeded=True)
     return result
+
+
+def training_datasets(run: FinetuneRun, plan: FinetunePlan) -> dict[str, ray.data.Dataset]:
+    """The training streams by their Ray Train name: "train", or for PPT one per source ("train_0", ...), each epoch
+    padded so that every worker gets ceil(samples / workers), as the reference's DistributedSampler."""
+    if run.finetune.ppt is None:
+        return {TRAIN_DATASET: training_dataset(run, plan)}
+    return {
+        SOURCE_DATASET.format(i): build_dataset(stream, workers=run.run.num_workers)
+        for i, stream in enumerate(run.source_streams(plan.round))
+    }
 
 
 def training_dataset(run: FinetuneRun, plan: FinetunePlan) -> ray.data.Dataset:
@@ -272,7 +289,7 @@ def evaluate_checkpoint(run: FinetuneRun, checkpoint: str) -> SegMetrics:
     model = load_finetuned(run.finetune, local_copy(checkpoint, run.run.endpoint_url, field="--checkpoint"))
     model.backbone.set_order_shuffling(False)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate(model, validation_scenes(run).iter_rows(), run.finetune)
+    return evaluate(for_evaluation(model, run.finetune), validation_scenes(run).iter_rows(), run.finetune)
 
 
 # ------------------------------------------------------------------------------------------------ the workers
@@ -358,25 +375,45 @@ class FinetuneWorker:
         self.run_dir = storage.resolve(run.run.run_uri, run.run.endpoint_url)
 
     def run(self) -> None:
-        shard = ray.train.get_dataset_shard("train")
-        stream = self.run_config.stream(self.round)
         while self.progress.epoch < self.rounds:
             round_index = self.progress.epoch
-            # A round is one Ray Data epoch. No reading ahead into the next one: the evaluation's Ray Data pipelines
-            # must not compete for CPUs with tasks that would sit paused, waiting for training to take their batches.
-            with EpochReadAhead(shard, stream, 1) as reader:
-                steps = epoch_steps(reader.next_epoch(), 1, self.progress.step_in_epoch, self.round.steps)
-                for (batch,), _ in steps:
-                    values = self.optimizer_step(batch)
-                    self.progress.advance(self.round.steps)
-                    if self.metrics is not None:
-                        self.metrics.add(self.progress.global_step, values)
-                    post_progress(self.board, self.progress.global_step, loss=values["loss"])
-                    # not at a round's last step: the round's end checkpoints right after
-                    if self.progress.epoch == round_index and self.cadence.due(self.progress.global_step):
-                        self.checkpoint_in_round(values)
+            if self.cfg.ppt is None:
+                shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+                # A round is one Ray Data epoch. No reading ahead into the next one: the evaluation's Ray Data
+                # pipelines must not compete for CPUs with tasks that would sit paused, waiting for training.
+                with EpochReadAhead(shard, self.run_config.stream(self.round), 1) as reader:
+                    self.train_round(reader.next_epoch())
+            else:
+                self.train_round(self.joint_round_batches())
             close_epoch(self.progress, round_index)
             self.end_round()
+
+    def train_round(self, batches: Iterator[dict]) -> None:
+        round_index = self.progress.epoch
+        for (batch,), _ in epoch_steps(batches, 1, self.progress.step_in_epoch, self.round.steps):
+            values = self.optimizer_step(batch)
+            if self.cfg.ppt is not None:  # which dataset the step trained on, as its index among the conditions
+                values[CONDITION_METRIC] = float(self.cfg.ppt.conditions.index(batch["condition"]))
+            self.progress.advance(self.round.steps)
+            if self.metrics is not None:
+                self.metrics.add(self.progress.global_step, values)
+            post_progress(self.board, self.progress.global_step, loss=values["loss"])
+            # not at a round's last step: the round's end checkpoints right after
+            if self.progress.epoch == round_index and self.cadence.due(self.progress.global_step):
+                self.checkpoint_in_round(values)
+
+    def joint_round_batches(self) -> Iterator[dict]:
+        """PPT: the sources' batches in the reference's turns (`multi_dataset.compose_round`), each batch with its
+        source's condition. A source that runs out mid-round starts a new pass (a new Ray Data epoch)."""
+        sources = self.cfg.ppt.sources
+        streams = self.run_config.source_streams(self.round)
+
+        def passes(i: int):
+            shard = ray.train.get_dataset_shard(SOURCE_DATASET.format(i))
+            return lambda: iter_batches(shard, streams[i])
+
+        for i, batch in compose_round([passes(i) for i in range(len(sources))], self.round.ratios):
+            yield {**batch, "condition": sources[i].condition}
 
     def optimizer_step(self, batch: dict) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -426,7 +463,8 @@ class FinetuneWorker:
         """Validate, then (after the last round) test the best model, and report with a checkpoint."""
         round_index = self.progress.epoch
         rows = ray.train.get_dataset_shard(VAL_DATASET.format(self.rank)).iter_rows()
-        val = segmentation_metrics(self.sum_over_workers(validation_confusion(self.segmentor, rows, self.cfg)))
+        model = for_evaluation(self.segmentor, self.cfg)
+        val = segmentation_metrics(self.sum_over_workers(validation_confusion(model, rows, self.cfg)))
         if val.miou > self.best.val_miou:
             self.best = BestRound(round_index, val.miou)
         values = self.log_evaluation(f"eval/round-{round_index:04d}", val, "val")
@@ -470,7 +508,8 @@ class FinetuneWorker:
             state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)["state_dict"]
             model.load_state_dict(state)
         scenes = ray.train.get_dataset_shard(TEST_DATASET.format(self.rank)).iter_rows()
-        return segmentation_metrics(self.sum_over_workers(protocol_confusion(model, scenes, self.cfg)))
+        confusion = protocol_confusion(for_evaluation(model, self.cfg), scenes, self.cfg)
+        return segmentation_metrics(self.sum_over_workers(confusion))
 
     def sum_over_workers(self, confusion: np.ndarray) -> np.ndarray:
         if world_size() == 1:

@@ -19,9 +19,6 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from concerto_ray.errors import ConfigError
 from concerto_ray.node_cache import local_copy
 
-# Pointcept's `clip_model="ViT-B/16"` as a Hugging Face hub name.
-DEFAULT_CLIP = "openai/clip-vit-base-patch16"
-
 
 @dataclass
 class ClassText:
