@@ -69,7 +69,7 @@ def available_splits(root: str | Path) -> list[str]:
     """Every split of the root: those of the split files and the split folders (which hold scene folders)."""
     root = Path(root)
     from_json = {p.stem for p in (root / "splits").glob("*.json")}
-    folders = {p.name for p in root.iterdir() if p.is_dir() and p.name not in NOT_SPLITS and _scene_folders(p)}
+    folders = {p.name for p in root.iterdir() if p.is_dir() and p.name not in NOT_SPLITS and _holds_scenes(p)}
     return sorted(from_json | folders)
 
 
@@ -122,16 +122,22 @@ def _checked_root(root: str | Path) -> Path:
     return root
 
 
+def _holds_scenes(folder: Path) -> bool:
+    """A split folder: some scene folder (or Structured3D room folder) below it holds point assets."""
+    return any(folder.glob("*/*.npy")) or any(folder.glob("*/*/*.npy"))
+
+
 def _scene_folders(split_dir: Path) -> list[tuple[str, Path]]:
     """(name, folder) of each scene under a split folder. A folder holding sub-folders and no .npy file nests its
-    scenes one level deeper (Structured3D's scene_*/room_*), named "<scene>_<room>" as Pointcept names them.
-    Folders holding no .npy file at either level are no scenes."""
+    scenes one level deeper (Structured3D's scene_*/room_*), named "<scene>_<room>" as Pointcept names them. An
+    empty folder is listed too: reading it reports the missing files."""
     scenes = []
     for d in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        if any(d.glob("*.npy")):
-            scenes.append((d.name, d))
+        rooms = sorted(p for p in d.iterdir() if p.is_dir())
+        if rooms and not any(d.glob("*.npy")):
+            scenes.extend((f"{d.name}_{room.name}", room) for room in rooms)
         else:
-            scenes.extend((f"{d.name}_{room.name}", room) for room in sorted(d.iterdir()) if any(room.glob("*.npy")))
+            scenes.append((d.name, d))
     return scenes
 
 
