@@ -183,9 +183,10 @@ def prepare(
     plans = plan_shards(samples, format, dataset, target)
     plans += plan_shards(list_scenes(src, scene_splits, dataset), format, dataset, target, prefix=SCENE_SHARDS)
     done = _write_all(plans, out, format, dataset, skip_bad, workers or os.cpu_count() or 1, progress)
-    scene_folder_splits = [s for s in split_names if (src / s).is_dir()]
+    # Splits without split files are their scene folders: the same shards serve both listings.
+    plain_splits = [s for s in split_names if s not in scene_splits and (src / s).is_dir()]
     task_files = _copy_task_files(src, out)
-    manifest = _manifest(split_names, scene_folder_splits, format, dataset, str(src), done, previous, task_files)
+    manifest = _manifest(split_names, scene_splits, plain_splits, format, dataset, str(src), done, previous, task_files)
     text = json.dumps(to_dict(manifest), indent=1) + "\n"
     # Leaving an identical manifest untouched keeps a rerun of a finished prepare free of writes.
     if not out.exists(MANIFEST_NAME) or out.read_bytes(MANIFEST_NAME).decode() != text:
@@ -332,7 +333,8 @@ def _previous_manifest(out: storage.Location, format: ShardFormat, dataset: str)
 
 def _manifest(
     split_names: list[str],
-    scene_folder_splits: list[str],
+    scene_splits: list[str],
+    plain_splits: list[str],
     format: ShardFormat,
     dataset: str,
     source: str,
@@ -348,10 +350,8 @@ def _manifest(
         return SplitInfo(samples=sum(len(s.samples) for s in shards), shards=shards)
 
     splits = {name: split_info(f"{name}/") for name in split_names}
-    scenes = {}
-    for name in scene_folder_splits:
-        own = split_info(f"{SCENE_SHARDS}{name}/")
-        scenes[name] = own if own.shards else splits[name]  # a split without a split file is its scene folders
+    scenes = {name: split_info(f"{SCENE_SHARDS}{name}/") for name in scene_splits}  # shards of their own
+    scenes.update({name: splits[name] for name in plain_splits})  # a split without split file: its scene folders
     # A bad scene folder fails in both listings: report it once.
     skipped = list({(s.sample, s.split): s for d in done for s in d.skipped}.values())
     if previous is not None:
