@@ -28,7 +28,7 @@ from concerto_ray.finetune.configs import DataEfficiencyConfig, load_finetune_co
 from concerto_ray.finetune.data_efficiency import annotation_limiter, training_scenes
 from concerto_ray.finetune.run_config import RoundPlan, load_finetune_run, plan_finetune
 from concerto_ray.finetune.sweep import load_sweep_config
-from concerto_ray.finetune.trainer import FinetuneWorker, scene_shares, training_dataset
+from concerto_ray.finetune.trainer import BestRound, FinetuneWorker, scene_shares, training_dataset
 from concerto_ray.train.runtime import NonFiniteGuard
 from concerto_ray.train.state import Progress
 from concerto_ray.train.tracking import flatten
@@ -280,3 +280,11 @@ def test_float16_loss_scaling_skips_overflowing_steps_without_moving_the_schedul
     model.factor = 1.0
     values = worker.optimizer_step(batch)
     assert model.weight.item() < 1.0 and worker.scheduler.last_epoch == 1 and values["loss_scale"] == 32768.0
+
+
+def test_the_best_round_is_the_first_with_the_highest_val_miou():
+    # By construction, so that "keep the last round" cannot pass on noise: a worse, an equal and a better round.
+    best = BestRound().after(1, 0.40)
+    assert best.after(2, 0.35) == BestRound(1, 0.40)
+    assert best.after(2, 0.40) == BestRound(1, 0.40)
+    assert best.after(2, 0.45).after(3, 0.45) == BestRound(2, 0.45)

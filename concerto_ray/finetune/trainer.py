@@ -316,6 +316,11 @@ class BestRound:
     round: int = 0  # 0: none evaluated yet
     val_miou: float = -math.inf
 
+    def after(self, round_index: int, val_miou: float) -> BestRound:
+        """The best round once `round_index` scored `val_miou`: only a higher score takes the place (the reference's
+        `current > best`), so on a tie the earlier round stays."""
+        return BestRound(round_index, val_miou) if val_miou > self.val_miou else self
+
 
 class FinetuneWorker:
     def __init__(
@@ -465,8 +470,7 @@ class FinetuneWorker:
         rows = ray.train.get_dataset_shard(VAL_DATASET.format(self.rank)).iter_rows()
         model = for_evaluation(self.segmentor, self.cfg)
         val = segmentation_metrics(self.sum_over_workers(validation_confusion(model, rows, self.cfg)))
-        if val.miou > self.best.val_miou:
-            self.best = BestRound(round_index, val.miou)
+        self.best = self.best.after(round_index, val.miou)
         values = self.log_evaluation(f"eval/round-{round_index:04d}", val, "val")
         if self.metrics is not None:
             self.feature_images.log(
