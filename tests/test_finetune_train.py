@@ -88,7 +88,7 @@ def test_run_is_checked_before_ray(semseg_shards, tmp_path):
         load(lr_rate=0.1)
     with pytest.raises(ConfigError, match=r"epochs \(20\) must be a multiple of finetune.eval_epochs \(3\)"):
         load(eval_epochs=3)
-    with pytest.raises(ConfigError, match=r"finetune.val_split: 'test' is not in the manifest"):
+    with pytest.raises(ConfigError, match=r"finetune.val_split: 'test' has no scene folders in the manifest"):
         load(val_split=["test"])
     with pytest.raises(ConfigError, match=r"batch_size \(3, over all workers\) must be a multiple of run.num_workers"):
         load(batch_size=3, **{"run.num_workers": 2})
