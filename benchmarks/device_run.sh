@@ -3,6 +3,9 @@
 # then run the named benchmark steps, each writing its JSON and log under $OUT.
 #   bash benchmarks/device_run.sh concerto embed agreement      (carry .device/a and .device/pointcept)
 # CONCERTO_ARGS and PAPER_ARGS add arguments to concerto_step.py and paper_batch.py.
+# product (product_step.py, PRODUCT_ARGS) and ray (ray_pretrain_step.py on the base config, one GPU worker, RAY_ARGS)
+# need Ray and MLflow too (.device/b and .device/c); LABEL names their outputs (e.g. before / after a change, each
+# run from a copy of the tree: cd into it, /tmp/site and /tmp/step are shared).
 set -uo pipefail
 if [ ! -d /tmp/site/spconv ]; then  # what .device/a/install.sh does (a warm machine keeps /tmp/site)
   mkdir -p /tmp/site && tar -xJf .device/a/spconv.tar.xz -C /tmp/site && python3 -m pip install -q --no-index \
@@ -18,6 +21,12 @@ for part in "$@"; do
     embed) python3 benchmarks/embed_throughput.py --out "$OUT/embed.json" 2>&1 | tee "$OUT/embed.log" ;;
     agreement) timeout "${AGREEMENT_TIMEOUT:-400}" python3 benchmarks/paper_batch.py ${PAPER_ARGS:-} \
                 --out "$OUT/paper.json" 2>&1 | tee "$OUT/paper.log" ;;
+    product) python3 benchmarks/product_step.py --label "${LABEL:-}" --batch-cache /tmp/batches ${PRODUCT_ARGS:-} \
+                --out "$OUT/product${LABEL:+-$LABEL}.json" 2>&1 | tee "$OUT/product${LABEL:+-$LABEL}.log" ;;
+    ray) python3 benchmarks/ray_pretrain_step.py --config configs/pretrain-concerto-v1m1-0-base.yaml --gpu \
+                --workers 1 --set 'data.sources=[]' --set data.sources_root=null --set 'data.splits=[train]' \
+                --set run.cpus_per_worker=1 --work /tmp/step --label "${LABEL:-run}" ${RAY_ARGS:-} \
+                --out "$OUT/ray${LABEL:+-$LABEL}.json" 2>&1 | grep -v -e WARNING -e Warning | tail -n 60 ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done

@@ -17,11 +17,19 @@ counts the waits at epoch starts. With several worker counts it prints the throu
         --gpu --workers 1 --cpus 16,8,4 --scenes 32 --points 150000 --views 12 --image-size 640x480 --epochs 2 \
         --set data.sources=[] --set data.sources_root=null --set data.splits=[train] --set run.cpus_per_worker=1 \
         --out cores.json
+    # before / after a change, on the same scenes: --work keeps them; --profile-steps writes step_profile.py's
+    # breakdown of rank 0's steps 6..6+N (the whole step as the loop runs it: the wait for data, the copy, the
+    # model, the metrics) to --out's folder; those steps and the one after are left out of the medians
+    PYTHONPATH=.:benchmarks:/tmp/site python benchmarks/ray_pretrain_step.py --config \
+        configs/pretrain-concerto-v1m1-0-base.yaml --gpu --workers 1 --scenes 8 --points 150000 --views 12 \
+        --image-size 640x480 --epochs 2 --set data.batch_size=2 --work /tmp/step --label after --profile-steps 2 \
+        --out after.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -29,19 +37,23 @@ import time
 from pathlib import Path
 
 import ray
+import step_profile
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from torch.profiler import ProfilerActivity, profile
 from transformers import Dinov2WithRegistersModel
 
 from concerto_ray.data.shards import prepare
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.model.configs import get_model_config
+from concerto_ray.train import loop, trainer
 from concerto_ray.train.config import load_pretrain_config
 from concerto_ray.train.tracking import RUN_ID_FILE
 from concerto_ray.train.trainer import run_pretrain
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain-tiny.yaml"
+PROFILE_FIRST = 6  # the first profiled optimizer step (0-based): past start-up
 
 
 def main() -> None:
@@ -59,30 +71,37 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--skip-steps", type=int, default=2, help="first steps left out of the medians")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--work", type=Path, help="scenes, shards and runs here, kept for the next invocation")
+    parser.add_argument("--label", default="", help="added to the run names (runs in one --work must differ)")
+    parser.add_argument("--profile-steps", type=int, default=0, help="torch.profiler over rank 0's steps 6..6+N")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     width, height = (int(v) for v in args.image_size.split("x"))
 
-    work = Path(tempfile.mkdtemp(prefix="concerto-ray-step-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="concerto-ray-step-"))
     started = time.perf_counter()
-    write_synthetic_dataset(
-        work / "scenes",
-        SynthConfig(
-            scenes=args.scenes,
-            points_per_scene=args.points,
-            views_per_scene=args.views,
-            image_width=width,
-            image_height=height,
-            splits={"train": 1.0},
-        ),
-        progress=False,
-    )
-    prepare(work / "scenes", str(work / "shards"), target_shard_mb=16, progress=False)
-    print(f"scenes and shards written in {time.perf_counter() - started:.0f} s")
+    if not (work / "shards").exists():
+        write_synthetic_dataset(
+            work / "scenes",
+            SynthConfig(
+                scenes=args.scenes,
+                points_per_scene=args.points,
+                views_per_scene=args.views,
+                image_width=width,
+                image_height=height,
+                splits={"train": 1.0},
+            ),
+            progress=False,
+        )
+        prepare(work / "scenes", str(work / "shards"), target_shard_mb=16, progress=False)
+        print(f"scenes and shards written in {time.perf_counter() - started:.0f} s")
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     model_name = yaml.safe_load(args.config.read_text())["model"]["name"]
-    torch.manual_seed(0)  # a frozen DINOv2 of the config's architecture with random weights (no downloads)
-    Dinov2WithRegistersModel(get_model_config(model_name).image_encoder.architecture()).save_pretrained(work / "dinov2")
+    dinov2 = work / f"dinov2-{model_name}"
+    if not dinov2.exists():
+        torch.manual_seed(0)  # a frozen DINOv2 of the config's architecture with random weights (no downloads)
+        Dinov2WithRegistersModel(get_model_config(model_name).image_encoder.architecture()).save_pretrained(dinov2)
+    profiled = range(PROFILE_FIRST + 1, PROFILE_FIRST + args.profile_steps + 2) if args.profile_steps else range(0)
 
     counts = [int(n) for n in args.workers.split(",")] if args.workers else [None]
     cpu_counts = [int(n) for n in args.cpus.split(",")] if args.cpus else [None]
@@ -102,13 +121,13 @@ def main() -> None:
         # A fresh local Ray per CPU count: Ray Data's transform tasks get the CPUs the training workers leave.
         ray.init(address="local", include_dashboard=False, num_cpus=cpus)
         for workers in counts:
-            name = f"step-{workers}w" + (f"-{cpus}cpu" if cpus else "")
+            name = f"step-{workers}w" + (f"-{cpus}cpu" if cpus else "") + (f"-{args.label}" if args.label else "")
             config = load_pretrain_config(
                 args.config,
                 [
                     *args.set,
                     f"data.shards={work / 'shards'}",
-                    f"model.image_encoder_weights={work / 'dinov2'}",
+                    f"model.image_encoder_weights={dinov2}",
                     f"run.storage_path={work / 'runs'}",
                     f"run.name={name}",
                     *([f"run.num_workers={workers}"] if workers else []),
@@ -118,13 +137,18 @@ def main() -> None:
                     f"mlflow.tracking_uri={tracking_uri}",
                 ],
             )
-            run_pretrain(config)
+            with contextlib.ExitStack() as stack:
+                if args.profile_steps:
+                    profile_out = (args.out or work / "step.json").with_suffix(f".{name}.profile.json")
+                    stack.enter_context(profiled_workers(args.profile_steps, profile_out))
+                run_pretrain(config)
             run_id = json.loads((work / "runs" / name / RUN_ID_FILE).read_text())["run_id"]
             results.append(
                 summarise(
                     MlflowClient(tracking_uri),
                     run_id,
                     args.skip_steps,
+                    profiled,
                     dict(
                         workers=config.run.num_workers,
                         gpu=args.gpu,
@@ -147,15 +171,18 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2))
 
 
-def summarise(client: MlflowClient, run_id: str, skip: int, result: dict) -> dict:
+def summarise(client: MlflowClient, run_id: str, skip: int, left_out: range, result: dict) -> dict:
     def history(key: str) -> list[float]:
-        return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)][skip:]
+        metrics = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        return [m.value for m in metrics if m.step > skip and m.step not in left_out]
 
     step_times, waits = history("step_time_s"), history("data_wait_s")
     samples_per_step = result["workers"] * result["batch_per_worker"] * result["accumulation"]
     result.update(
         steps_measured=len(step_times),
+        step_time_s_min=min(step_times),
         step_time_s_median=statistics.median(step_times),
+        step_time_s_max=max(step_times),
         data_wait_fraction_median=statistics.median(history("data_wait_fraction")),
         data_wait_fraction_total=sum(waits) / sum(step_times),
         points_per_s_median=statistics.median(history("points_per_s")),
@@ -167,6 +194,44 @@ def summarise(client: MlflowClient, run_id: str, skip: int, result: dict) -> dic
         samples_per_s_overall=samples_per_step * len(step_times) / sum(step_times),
     )
     return result
+
+
+@contextlib.contextmanager
+def profiled_workers(steps: int, out: Path):
+    """While `run_pretrain` runs: rank 0's worker profiles its optimizer steps PROFILE_FIRST.. PROFILE_FIRST + `steps`
+    (0-based), from the start of the first to the start of the one after (so the time between steps, where the loop
+    waits for data and logs metrics, counts), and writes step_profile.summarize's breakdown to `out`."""
+
+    def profiled_loop(loop_config: dict) -> None:  # a closure: Ray ships it to the workers by value
+        gpu = torch.cuda.is_available()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        synchronize = torch.cuda.synchronize if gpu else lambda: None
+        state = {}
+        original = loop.Worker.optimizer_step
+
+        def optimizer_step(worker, micro_batches):
+            step = worker.progress.global_step
+            if worker.rank == 0 and step == PROFILE_FIRST:
+                synchronize()
+                state["profile"] = profile(activities=activities, with_stack=True)
+                state["profile"].start()
+                state["start"] = time.perf_counter()
+            elif worker.rank == 0 and step == PROFILE_FIRST + steps and "profile" in state:
+                synchronize()
+                wall = time.perf_counter() - state["start"]
+                state["profile"].stop()
+                out.write_text(json.dumps(step_profile.summarize(state["profile"], steps, wall), indent=1))
+            return original(worker, micro_batches)
+
+        loop.Worker.optimizer_step = optimizer_step  # in this worker process only
+        loop.train_loop_per_worker(loop_config)
+
+    original_loop = trainer.train_loop_per_worker
+    trainer.train_loop_per_worker = profiled_loop
+    try:
+        yield
+    finally:
+        trainer.train_loop_per_worker = original_loop
 
 
 if __name__ == "__main__":

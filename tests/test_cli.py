@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from concerto_ray.cli import build_parser, main
+from concerto_ray.model.checkpoint import MODEL_NAME_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -137,6 +140,11 @@ def test_pretrain_command_shows_a_bar_and_a_summary_and_logs_ray_to_a_file(dinov
     assert re.fullmatch(r"pre-training: 4 steps in \d+m\d\ds, loss \d+\.?\d*", out[1]), out
     assert out[2] == f"finished; latest checkpoint: {tmp_path / 'runs' / 'pretrain-tiny' / 'step-00000004'}"
     assert len(out) == 3
+    # The checkpoint names its model config, so `embed` and `viz` need no --model for it.
+    saved = torch.load(tmp_path / "runs" / "pretrain-tiny" / "step-00000004" / "model.pt", weights_only=True)
+    assert (
+        saved[MODEL_NAME_KEY] == yaml.safe_load((REPO / "configs" / "pretrain-tiny.yaml").read_text())["model"]["name"]
+    )
     # stderr: the bar only (redrawn with \r on a terminal, a line per minute in a pipe), ending at 4/4 with a loss
     bar = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert bar and all(line.startswith("pre-training: ") for line in bar), done.stderr[-3000:]

@@ -2,7 +2,8 @@
 Sonata and Concerto takes part in every step, so DDP finds nothing unused and `run.find_unused_parameters` (a
 graph walk per step, on by default in Pointcept's Concerto configs) can stay off. The tiny configs have the
 paper configs' modules at a smaller width: the same backbone stages (encoder only, mask token), heads and up-cast
-levels. Also the step's work balance across ranks (`points_imbalance`), which rank 0 logs every step."""
+levels. Also what the ranks agree on after each step (`reduce_step`): the finiteness flag, the summed loss and the
+work balance across ranks (`points_imbalance`), which rank 0 logs every step."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from test_ssl_models import add_images, make_batch
 
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.configs import get_model_config
-from concerto_ray.train.runtime import points_imbalance
+from concerto_ray.train.runtime import reduce_step
 
 WORLD_SIZE = 2
 STEPS = 2
@@ -41,9 +42,19 @@ def train_steps(rank: int, name: str, dinov2: str | None, out: Path) -> None:
             # bytes; DDP has no public getter, and it leaves the key out while it has found none
             unused.append(model._get_ddp_logging_data().get("unused_parameter_size", 0))
         without_grad = [n for n, p in model.module.named_parameters() if p.requires_grad and p.grad is None]
-        # rank 1 with twice rank 0's points: the most (200) over the mean (150)
-        imbalance = points_imbalance(100.0 * (rank + 1), 300.0, torch.device("cpu"))
-        report = {"unused_bytes": unused, "without_grad": without_grad, "imbalance": imbalance}
+        # rank 1 with twice rank 0's points (the most, 200, over the mean, 150) and a non-finite step
+        totals = reduce_step(
+            torch.tensor(rank == 1),
+            torch.tensor(1.5 * (rank + 1), dtype=torch.float64),
+            100 * (rank + 1),
+            torch.tensor([float(rank), 7.0]),
+        )
+        report = {
+            "unused_bytes": unused,
+            "without_grad": without_grad,
+            "agreed": [totals.nonfinite, totals.loss, totals.points, totals.points_imbalance],
+            "logged": totals.logged,
+        }
         (out / f"rank{rank}.json").write_text(json.dumps(report))
     finally:
         dist.destroy_process_group()
@@ -55,4 +66,10 @@ def test_ddp_finds_no_unused_parameters_on_two_gloo_ranks(name, dinov2_dir, tmp_
     mp.spawn(train_steps, args=(name, dinov2, tmp_path), nprocs=WORLD_SIZE)
     for rank in range(WORLD_SIZE):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert report == {"unused_bytes": [0] * STEPS, "without_grad": [], "imbalance": 200 / 150}, (rank, report)
+        expected = {
+            "unused_bytes": [0] * STEPS,
+            "without_grad": [],
+            "agreed": [True, 4.5, 300.0, 200 / 150],
+            "logged": [float(rank), 7.0],  # each rank's own values
+        }
+        assert report == expected, (rank, report)

@@ -12,7 +12,7 @@ from concerto_ray.errors import ConfigError
 from concerto_ray.finetune.run_config import load_finetune_run
 from concerto_ray.finetune.sweep import SweepConfig, trial_run
 from concerto_ray.train.config import PretrainConfig, RunSettings
-from concerto_ray.train.runtime import CheckpointCadence, close_epoch, epoch_steps
+from concerto_ray.train.runtime import CheckpointCadence, DevicePrefetch, close_epoch, epoch_steps, reduce_step
 from concerto_ray.train.state import Progress
 
 CPU = torch.device("cpu")
@@ -59,6 +59,31 @@ def test_epoch_steps_drop_the_steps_a_checkpoint_holds_and_close_an_epoch_cut_sh
     assert (progress.epoch, progress.step_in_epoch) == (1, 0)
     close_epoch(progress, 0)  # an epoch that ended by itself is left as it is
     assert progress.epoch == 1
+
+
+def test_reduce_step_reads_back_once_on_one_worker():
+    totals = reduce_step(
+        torch.tensor(False), torch.tensor(2.5, dtype=torch.float64), 1234, torch.tensor([1.0, 2.0], dtype=torch.float32)
+    )
+    assert (totals.nonfinite, totals.loss, totals.points, totals.points_imbalance) == (False, 2.5, 1234.0, 1.0)
+    assert totals.logged == [1.0, 2.0]
+    assert reduce_step(torch.tensor(True), torch.tensor(0.0), 1, torch.zeros(0)).nonfinite
+
+
+def test_device_prefetch_passes_cpu_steps_through_and_raises_the_stream_errors():
+    def steps():
+        yield [{"a": torch.ones(2), "name": ["x"]}], 0.5
+        yield [{"a": torch.zeros(2)}, {"a": torch.ones(1)}], 0.0
+        raise ValueError("bad shard")
+
+    received = []
+    with pytest.raises(ValueError, match="bad shard"), DevicePrefetch(steps(), CPU) as on_device:
+        for micro_batches, wait in on_device:
+            assert wait >= 0.0
+            received.append([batch["a"].tolist() for batch in micro_batches])
+    assert received == [[[1.0, 1.0]], [[0.0, 0.0], [1.0]]]
+    with DevicePrefetch(iter([]), CPU) as on_device:
+        assert list(on_device) == []
 
 
 def test_checkpoint_every_minutes_is_checked():

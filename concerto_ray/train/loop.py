@@ -3,7 +3,9 @@
 Per optimizer step: set the weight decay and the model's schedules (mask, teacher temperature, EMA momentum) for
 the step, run `grad_accumulation` micro-batches (forward under autocast, backward), clip, then either step
 (optimizer, then the EMA teacher) or, if the loss or the gradient is non-finite on any worker, skip the update and
-count it. The lr schedule advances either way, so the schedules stay tied to the data position.
+count it. The lr schedule advances either way, so the schedules stay tied to the data position. The step reads
+back from the device once (`reduce_step`: the finiteness decision and every logged value), and `DevicePrefetch`
+copies the next step's batches to the GPU while a step runs.
 
 Every `checkpoint_every` steps, every `checkpoint_every_minutes` if set, and at the end, rank 0 saves the state
 (`state.py`) and every worker calls `ray.train.report`; Ray Train uploads the checkpoint in the background
@@ -15,7 +17,6 @@ skipped.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 
 import ray.train
@@ -35,13 +36,13 @@ from concerto_ray.train.config import PretrainConfig
 from concerto_ray.train.optim import build_optimizer, set_weight_decay, weight_decay_schedule
 from concerto_ray.train.runtime import (
     CheckpointCadence,
+    DevicePrefetch,
     NonFiniteGuard,
-    agree_across_workers,
     clip_gradients,
     close_epoch,
     commit_metrics,
     epoch_steps,
-    points_imbalance,
+    reduce_step,
     report_checkpoint,
     seed_draws,
     seed_model_init,
@@ -136,25 +137,29 @@ class Worker:
                 steps = epoch_steps(
                     reader.next_epoch(), accumulation, self.progress.step_in_epoch, self.steps_per_epoch
                 )
-                for micro_batches, data_wait in steps:
-                    values = self.optimizer_step(micro_batches)
-                    step_seconds = time.perf_counter() - step_started
-                    step_started = time.perf_counter()
-                    values.update(
-                        points_per_s=values.pop("points") / step_seconds,
-                        step_time_s=step_seconds,
-                        data_wait_s=data_wait,
-                        data_wait_fraction=data_wait / step_seconds,
-                    )
-                    self.progress.advance(self.steps_per_epoch)
-                    last_metrics = values
-                    if self.metrics is not None:
-                        self.metrics.add(self.progress.global_step, values)
-                    post_progress(
-                        self.board, self.progress.global_step, loss=values["loss"], points_per_s=values["points_per_s"]
-                    )
-                    if self.cadence.due(self.progress.global_step):
-                        self.save_and_report(values)
+                with DevicePrefetch(steps, self.device) as on_device:
+                    for micro_batches, data_wait in on_device:
+                        values = self.optimizer_step(micro_batches)
+                        step_seconds = time.perf_counter() - step_started
+                        step_started = time.perf_counter()
+                        values.update(
+                            points_per_s=values.pop("points") / step_seconds,
+                            step_time_s=step_seconds,
+                            data_wait_s=data_wait,
+                            data_wait_fraction=data_wait / step_seconds,
+                        )
+                        self.progress.advance(self.steps_per_epoch)
+                        last_metrics = values
+                        if self.metrics is not None:
+                            self.metrics.add(self.progress.global_step, values)
+                        post_progress(
+                            self.board,
+                            self.progress.global_step,
+                            loss=values["loss"],
+                            points_per_s=values["points_per_s"],
+                        )
+                        if self.cadence.due(self.progress.global_step):
+                            self.save_and_report(values)
                 close_epoch(self.progress, epoch)
         if self.progress.global_step > self.last_saved_step:
             self.save_and_report(last_metrics)
@@ -173,39 +178,42 @@ class Worker:
         self.ssl_model.set_schedule(schedule)
         self.optimizer.zero_grad(set_to_none=True)
 
-        terms: dict[str, float] = {}
+        # Loss terms and the finiteness flag stay on the device until `reduce_step` reads them back once.
+        names: list[str] = []
+        terms: torch.Tensor | None = None  # float64, averaged over the micro-batches
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         points = 0
-        nonfinite = False
         for index, batch in enumerate(micro_batches):
             with self.gradient_sync(last=index == len(micro_batches) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.run.amp == "bf16"):
+                    # a no-op for DevicePrefetch's batches, already on the device
                     losses = self.model(batch_to_device(batch, self.device))
                 loss = losses["loss"]
                 (loss / len(micro_batches)).backward()
-            # one device-to-host copy for the finiteness check and every logged term
-            values = torch.stack([loss.detach().float(), *(v.detach().float() for v in losses.values())]).tolist()
-            nonfinite |= not math.isfinite(values[0])
-            for name, value in zip(losses, values[1:]):
-                terms[name] = terms.get(name, 0.0) + value / len(micro_batches)
+            nonfinite |= ~torch.isfinite(loss.detach())
+            names = list(losses)
+            values = torch.stack([v.detach().float() for v in losses.values()]).double() / len(micro_batches)
+            terms = values if terms is None else terms + values
             points += batch_points(batch)
 
         grad_norm = clip_gradients(self.optimizer, self.config.optim.clip_grad)
-        nonfinite |= not bool(torch.isfinite(grad_norm))
-        own_points = float(points)
-        nonfinite, (points, total_loss) = agree_across_workers(nonfinite, [own_points, terms["loss"]], self.device)
-        imbalance = points_imbalance(own_points, points, self.device)
-        terms["loss"] = total_loss / world_size()
+        nonfinite |= ~torch.isfinite(grad_norm)
+        total = reduce_step(
+            nonfinite, terms[names.index("loss")], points, torch.cat([terms, grad_norm.reshape(1).double()])
+        )
+        logged = dict(zip(names, total.logged))
+        logged["loss"] = total.loss / world_size()
 
-        if nonfinite:
+        if total.nonfinite:
             self.optimizer.zero_grad(set_to_none=True)
             self.progress.skipped_steps += 1
         else:
             self.optimizer.step()
             self.ssl_model.update_teacher()
-        self.nonfinite_guard.record(nonfinite, step + 1)
+        self.nonfinite_guard.record(total.nonfinite, step + 1)
         group = self.optimizer.param_groups[0]  # the parameters outside the encoder blocks, at the peak lr
         values = dict(
-            terms,
+            logged,
             lr=group["lr"],
             weight_decay=weight_decay,
             adam_beta1=group["betas"][0],
@@ -213,11 +221,11 @@ class Worker:
             teacher_temp=schedule.teacher_temp,
             mask_size=schedule.mask_size,
             mask_ratio=schedule.mask_ratio,
-            grad_norm=float(grad_norm),
+            grad_norm=total.logged[-1],
             skipped_steps=self.progress.skipped_steps,
             epoch=self.progress.epoch,
-            points=points,
-            points_imbalance=imbalance,
+            points=total.points,
+            points_imbalance=total.points_imbalance,
         )
         self.scheduler.step()
         return values
@@ -233,7 +241,9 @@ class Worker:
         report_checkpoint(
             name,
             dict(values, step=self.progress.global_step),
-            lambda folder: save_checkpoint(folder, self.ssl_model, self.optimizer, self.scheduler, self.progress),
+            lambda folder: save_checkpoint(
+                folder, self.ssl_model, self.optimizer, self.scheduler, self.progress, self.config.model.name
+            ),
         )
         self.last_saved_step = self.progress.global_step
         self.cadence.saved()

@@ -4,9 +4,12 @@
     seeding            `seed_model_init` (the same initial weights on every worker), `seed_draws` (the random draws
                        of a step or attempt, derived from the run's seed and where training is)
     gradients          `clip_gradients`, `agree_across_workers` (one all-reduce: whether any worker's step was
-                       non-finite, plus sums), `NonFiniteGuard` (too many skipped steps in a row stop the run)
+                       non-finite, plus sums), `reduce_step` (the same and the step's logged values, from device
+                       tensors with one device-to-host copy), `NonFiniteGuard` (too many skipped steps in a row stop
+                       the run)
     epochs             `epoch_steps` (an epoch's optimizer steps, skipping those a resumed checkpoint holds),
-                       `close_epoch` (an epoch whose stream ended early still counts as done)
+                       `DevicePrefetch` (each step's batches pinned and copied to the GPU while the step before
+                       runs), `close_epoch` (an epoch whose stream ended early still counts as done)
     checkpoints        `CheckpointCadence` (every N steps and/or every M minutes, the same decision on every
                        worker), `report_checkpoint` (rank 0 saves, Ray Train uploads in the background),
                        `wait_for_uploads`, `commit_metrics` (MLflow: pending step metrics, newest checkpoint)
@@ -21,9 +24,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,15 +103,41 @@ def agree_across_workers(nonfinite: bool, sums: list[float], device: torch.devic
     return bool(shared[0] > 0), shared[1:].tolist()
 
 
-def points_imbalance(points: float, total: float, device: torch.device) -> float:
-    """The most points any worker had in this step (`points`: this worker's) over the workers' mean (`total`: their
-    sum, from `agree_across_workers`); 1.0: equal work. Every worker waits for the slowest at the gradient all-reduce,
-    and a worker's time grows with its points."""
-    if world_size() == 1:
-        return 1.0
-    most = torch.tensor([points], dtype=torch.float64, device=device)
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    return most.item() * world_size() / max(total, 1.0)
+@dataclass
+class StepTotals:
+    """What the workers agree on after an optimizer step's backward and clipping (`reduce_step`)."""
+
+    nonfinite: bool  # whether any worker's loss or gradient norm was non-finite: every worker skips the step
+    loss: float  # the workers' summed loss
+    points: float  # the workers' summed points
+    points_imbalance: float  # the most points any worker had over the workers' mean; 1.0: equal work
+    logged: list[float]  # this worker's `logged` values
+
+
+def reduce_step(nonfinite: torch.Tensor, loss: torch.Tensor, points: int, logged: torch.Tensor) -> StepTotals:
+    """Agree on the step across workers from device tensors, in one all-reduce and one device-to-host copy: the step
+    waits for the device once, not once per value. `nonfinite`: this worker's flag; `loss`: its loss; `points`: its
+    points; `logged`: values to read back as they are (loss terms, the gradient norm).
+
+    Each worker puts its points in its own slot, so that the sum gives both their total and the most any had: every
+    worker waits for the slowest at the gradient all-reduce, and a worker's time grows with its points."""
+    workers = world_size()
+    shared = torch.zeros(2 + workers, dtype=torch.float64, device=loss.device)
+    shared[0] = nonfinite
+    shared[1] = loss
+    shared[2 + (dist.get_rank() if workers > 1 else 0)] = points
+    if workers > 1:
+        dist.all_reduce(shared)
+    values = torch.cat([shared, logged.double()]).tolist()
+    per_worker = values[2 : 2 + workers]
+    total = sum(per_worker)
+    return StepTotals(
+        nonfinite=values[0] > 0,
+        loss=values[1],
+        points=total,
+        points_imbalance=max(per_worker) * workers / max(total, 1.0) if workers > 1 else 1.0,
+        logged=values[2 + workers :],
+    )
 
 
 def rank0_decides(decision: bool, device: torch.device) -> bool:
@@ -137,6 +169,89 @@ def epoch_steps(
         if len(group) < accumulation:
             return
         yield group, time.perf_counter() - started
+
+
+class DevicePrefetch:
+    """The optimizer steps of `steps` ((micro-batches, data wait), as `epoch_steps` yields them) with their tensors
+    on `device`: a background thread pins the next step's batches and copies them on a side stream while the step
+    before runs, so the training thread neither copies nor waits for a copy. The data wait it yields is the time
+    the training thread waited for a step's batches (read and copied). On a CPU device the batches pass through.
+
+    Ray Data hands each worker its collated batches as CPU tensors in pageable memory; copied from the training
+    thread, such a copy holds the thread until it is done (hundreds of MB a step at the paper's batch).
+
+    Use as a context manager and iterate once."""
+
+    _END = object()
+
+    def __init__(self, steps: Iterator[tuple[list[dict], float]], device: torch.device):
+        self._device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._queue: queue.Queue = queue.Queue(maxsize=1)  # one step ahead: one more batch in device memory
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._copy, args=(steps,), daemon=True, name="device-prefetch")
+
+    def __enter__(self) -> DevicePrefetch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)  # a copier blocked on the stream is a daemon: it must not hold up an error
+
+    def __iter__(self) -> Iterator[tuple[list[dict], float]]:
+        while True:
+            started = time.perf_counter()
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):  # the copier's (or the stream's) error, raised here
+                raise item
+            micro_batches, copied = item
+            if copied is not None:
+                stream = torch.cuda.current_stream(self._device)
+                stream.wait_event(copied)  # the device waits for the copy, the host does not
+                for batch in micro_batches:
+                    for value in batch.values():
+                        if isinstance(value, torch.Tensor):
+                            value.record_stream(stream)  # allocated on the side stream, freed after this one's use
+            yield micro_batches, time.perf_counter() - started
+
+    def _copy(self, steps: Iterator[tuple[list[dict], float]]) -> None:
+        try:
+            for micro_batches, _ in steps:
+                if not self._put(self._to_device(micro_batches)):
+                    return
+            self._put(self._END)
+        except BaseException as exc:
+            self._put(exc)
+
+    def _to_device(self, micro_batches: list[dict]) -> tuple[list[dict], torch.cuda.Event | None]:
+        if self._stream is None:
+            return micro_batches, None
+        with torch.cuda.stream(self._stream):
+            moved = [
+                {
+                    key: value.pin_memory().to(self._device, non_blocking=True)
+                    if isinstance(value, torch.Tensor)
+                    else value
+                    for key, value in batch.items()
+                }
+                for batch in micro_batches
+            ]
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        return moved, copied
+
+    def _put(self, item) -> bool:
+        """Queue `item`; False once the consumer has gone away."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 def close_epoch(progress: Progress, epoch: int) -> None:
