@@ -258,6 +258,18 @@ def iter_batches(iterator, config: StreamConfig, *, drop_last: bool = True) -> I
     )
 
 
+def put_unless_stopped(target: queue.Queue, item, stop: threading.Event) -> bool:
+    """Queue `item` for a consumer thread, waiting while the queue is full; False once `stop` says the consumer has
+    gone away (a reader thread must not block forever on a queue nobody reads)."""
+    while not stop.is_set():
+        try:
+            target.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class EpochReadAhead:
     """The batches of `epochs` consecutive epochs of a Ray Data iterator (a worker's `get_dataset_shard`), read by a
     background thread that stays up to `config.read_ahead_batches` batches ahead of training.
@@ -303,14 +315,7 @@ class EpochReadAhead:
             self._put(exc)
 
     def _put(self, item) -> bool:
-        """Queue `item`; False once the consumer has gone away."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(self._queue, item, self._stop)
 
     def _get(self):
         if self._error is not None:  # the reader has stopped: asking again must not wait forever

@@ -37,6 +37,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from concerto_ray.data.pipeline import put_unless_stopped
 from concerto_ray.data.storage import Location
 from concerto_ray.errors import TrainingError
 from concerto_ray.train.state import Progress
@@ -244,14 +245,7 @@ class DevicePrefetch:
         return moved, copied
 
     def _put(self, item) -> bool:
-        """Queue `item`; False once the consumer has gone away."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_unless_stopped(self._queue, item, self._stop)
 
 
 def close_epoch(progress: Progress, epoch: int) -> None:

@@ -35,14 +35,6 @@ LABELS = {
     "structured3d": {"segment": ((1,), np.int16, 25), "instance": ((1,), np.int16, 5)},
 }
 LABELS["scannet200"] = LABELS["scannet"]
-CLASSES = {
-    "scannet": ("scannet", "ScanNetDataset"),
-    "scannet200": ("scannet", "ScanNet200Dataset"),
-    "scannetpp": ("scannetpp", "ScanNetPPDataset"),
-    "s3dis": ("s3dis", "S3DISDataset"),
-    "hm3d": ("hm3d", "HM3DDataset"),
-    "structured3d": ("structure3d", "Structured3DDataset"),
-}
 FOLDERS = {
     "scannet": {"train": ["scene0000_00", "scene0000_01"], "val": ["scene0100_00"]},
     "scannetpp": {"train": ["0a5c013435", "1ada7a0617"], "val": ["0d2ee665be"]},
@@ -71,13 +63,14 @@ def scene_files(flavour: str, rng: np.random.Generator) -> dict[str, dict[str, n
 
 
 def main(checkout: Path) -> None:
-    sys.path.insert(0, str(HERE.parent.parent / "benchmarks"))
+    sys.path[:0] = [str(HERE.parent.parent / "benchmarks"), str(HERE.parent)]
     from _reference_shim import _install_stand_ins
+    from test_flavors import REFERENCE_CLASSES
 
     _install_stand_ins(checkout)
     rng = np.random.default_rng(0)
     payload: dict[str, np.ndarray] = {}
-    for flavour, (module, cls) in CLASSES.items():
+    for flavour, (module, cls) in REFERENCE_CLASSES.items():
         files = scene_files(flavour, rng)
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
