@@ -252,12 +252,12 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
     settle_data_efficiency(run, manifest)
     if cfg.ppt is not None:
         return _plan_joint(run, manifest)
-    scenes = _split_samples(run, manifest, cfg.train_split, "finetune.train_split")
+    scenes = _split_samples(manifest, run.data.shards, cfg.train_split, "finetune.train_split")
     try:
         selected = training_scenes(scenes, cfg.data_efficiency)
     except DataError as exc:
         raise ConfigError(f"finetune.data_efficiency: {exc}") from exc
-    val_scenes = _split_samples(run, manifest, cfg.val_split, "finetune.val_split")
+    val_scenes = _split_samples(manifest, run.data.shards, cfg.val_split, "finetune.val_split")
     if not val_scenes:
         raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
     if not selected:
@@ -289,11 +289,11 @@ def _plan_joint(run: FinetuneRun, manifest: Manifest) -> FinetunePlan:
             source_manifest = read_manifest(run.source_shards(i), endpoint_url=run.data.endpoint_url)
         except DataError as exc:
             raise ConfigError(f"{where}.shards: {exc}") from exc
-        scenes = _split_samples(run, source_manifest, source.splits, f"{where}.splits")
+        scenes = _split_samples(source_manifest, run.source_shards(i), source.splits, f"{where}.splits")
         if not scenes:
             raise ConfigError(f"{where}: splits {list(source.splits)} hold no scenes")
         counts.append(len(scenes))
-    val_scenes = _split_samples(run, manifest, cfg.val_split, "finetune.val_split")
+    val_scenes = _split_samples(manifest, run.data.shards, cfg.val_split, "finetune.val_split")
     if not val_scenes:
         raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
     round_plan = RoundPlan(
@@ -313,16 +313,17 @@ def _plan_joint(run: FinetuneRun, manifest: Manifest) -> FinetunePlan:
     )
 
 
-def _split_samples(run: FinetuneRun, manifest: Manifest, splits: tuple[str, ...], where: str) -> list[str]:
-    """The scenes of `splits`: one per scene folder, as Pointcept's segmentation datasets list them."""
+def _split_samples(manifest: Manifest, uri: str, splits: tuple[str, ...], where: str) -> list[str]:
+    """The scenes of `splits` in the manifest of the shards at `uri`: one per scene folder, as Pointcept's
+    segmentation datasets list them."""
     try:
-        scenes = manifest.scene_splits(run.data.shards)
+        scenes = manifest.scene_splits(uri)
     except DataError as exc:
-        raise ConfigError(f"data.shards: {exc}") from exc
+        raise ConfigError(f"{where}: {exc}") from exc
     unknown = [s for s in splits if s not in scenes]
     if unknown:
         raise ConfigError(
-            f"{where}: {unknown[0]!r} has no scene folders in the manifest of {run.data.shards} "
+            f"{where}: {unknown[0]!r} has no scene folders in the manifest of {uri} "
             f"(splits with scene folders: {', '.join(scenes) or 'none'})"
         )
     return [name for split in splits for shard in scenes[split].shards for name in shard.samples]
