@@ -62,11 +62,13 @@ def check_reachable(field: str, path: str | None, nodes: int | None = None) -> N
 # Config fields, at any depth, that name something a worker reads or writes.
 PATH_FIELDS = (
     "shards",
+    "sources_root",
     "storage_path",
     "image_encoder_weights",
     "pretrained.path",
     "label_file",
     "scene_list_file",
+    "clip_model",
     "tracking_uri",
 )
 

@@ -106,6 +106,8 @@ def test_every_path_field_of_a_config_is_checked(tmp_path):
         ("pretrained.path", "/checkpoints/m.pth"),
         ("model.image_encoder_weights", str(tmp_path)),
         ("efficiency.label_file", "/lists/la.pth"),
+        ("data.sources_root", str(tmp_path / "shards")),  # PPT's sources under it
+        ("ppt.clip_model", str(tmp_path)),
         ("mlflow.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"),
     ):
         section, key = field.rsplit(".", 1)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from concerto_ray.data.flavors import FLAVORS
+from concerto_ray.data.flavors import FLAVORS, Flavor
 from concerto_ray.data.record import FrameRecord, SceneRecord, check_correspondence, check_points, image_size, load_npy
 from concerto_ray.errors import DataError
 
@@ -83,7 +83,7 @@ def list_samples(root: str | Path, splits: list[str] | None = None, dataset: str
         if split_file.is_file():
             samples.extend(_samples_from_split_file(root, split, split_file))
         elif (root / split).is_dir():
-            samples.extend(list_scenes(root, [split], dataset))
+            samples.extend(_split_scenes(root, split, FLAVORS.get(dataset or "")))
         else:
             raise DataError(f"split {split!r} has neither {split_file} nor a folder {root / split}")
     return samples
@@ -99,18 +99,23 @@ def list_scenes(root: str | Path, splits: list[str] | None = None, dataset: str 
     for split in splits or [s for s in available_splits(root) if (root / s).is_dir()]:
         if not (root / split).is_dir():
             raise DataError(f"split {split!r} has no scene folder {root / split}")
-        scenes.extend(
-            SampleFiles(
-                name=known.scene_name(split, name) if known else name,
-                split=split,
-                root=root,
-                pointcloud_dir=folder,
-                frames=(),
-            )
-            for name, folder in _scene_folders(root / split)
-            if not (known and known.labelled_scenes_only) or (folder / f"{known.label_asset}.npy").is_file()
-        )
+        scenes.extend(_split_scenes(root, split, known))
     return scenes
+
+
+def _split_scenes(root: Path, split: str, known: Flavor | None) -> list[SampleFiles]:
+    """The scene folders of one split folder, named and filtered as the dataset's class (`known`) does."""
+    return [
+        SampleFiles(
+            name=known.scene_name(split, name) if known else name,
+            split=split,
+            root=root,
+            pointcloud_dir=folder,
+            frames=(),
+        )
+        for name, folder in _scene_folders(root / split)
+        if not (known and known.labelled_scenes_only) or (folder / f"{known.label_asset}.npy").is_file()
+    ]
 
 
 def _checked_root(root: str | Path) -> Path:
