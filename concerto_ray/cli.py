@@ -355,9 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         formatter_class=fmt,
         help="the full test protocol on a fine-tuning checkpoint",
-        description="Fragments and test-time augmentations over the config's validation scenes, on a "
-        "checkpoint folder of a fine-tuning run (local or s3://), e.g. the best round's; prints per-class IoU "
-        "and mIoU / mAcc / allAcc. Runs in this process (on its GPU if it has one).",
+        description="Fragments and test-time augmentations over the config's test scenes (test_split, else "
+        "val_split), on a checkpoint folder of a fine-tuning run (local or s3://), e.g. the best round's; prints "
+        "per-class IoU and mIoU / mAcc / allAcc. Runs in this process (on its GPU if it has one).",
     )
     p.add_argument("--config", required=True, help="the run's fine-tuning config: a shipped name or a YAML path")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder of that run, e.g. RUN/round-0002")

@@ -40,6 +40,7 @@ from concerto_ray.finetune.data_efficiency import (
 from concerto_ray.finetune.evaluate import (
     evaluate,
     evaluate_scene,
+    protocol_confusion,
     scene_probabilities,
     validation_confusion,
 )
@@ -58,6 +59,7 @@ from concerto_ray.finetune.segmentor import (
     load_pretrained_backbone,
     param_groups,
 )
+from concerto_ray.finetune.submission import submission_text
 from concerto_ray.model.checkpoint import load_pointcept_state_dict, ray_to_pointcept
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.sonata import Sonata
@@ -340,6 +342,28 @@ def test_test_protocol_presamples_the_scene_and_scores_every_raw_point():
     assert len(raw_votes) == 600
 
 
+def test_submission_files_rank_every_raw_point_in_the_benchmarks_format():
+    assert submission_text("scannet", np.array([[0], [19]])) == "1\n39\n"  # ScanNet's label ids, not class indices
+    assert submission_text("scannet200", np.array([[199]])) == "1191\n"
+    assert submission_text("scannetpp", np.array([[2, 0, 1], [5, 4, 3]])) == "2,0,1\n5,4,3\n"  # top 3, best first
+    with pytest.raises(ValueError, match=r"expected \(points, 3\) class indices"):
+        submission_text("scannetpp", np.array([[0], [1]]))
+    cfg = dataclasses.replace(tiny_config("lin"), dataset="scannetpp")
+    model = deterministic(build_segmentor(cfg)).eval()
+    scene = make_scene("scene0", n=300)
+    written = {}
+    confusion = protocol_confusion(model, [scene], cfg, write_submission=written.__setitem__)
+    top3 = np.loadtxt(io.StringIO(written["scene0"]), delimiter=",", dtype=np.int64)
+    assert top3.shape == (300, 3)
+    np.testing.assert_array_equal(top3[:, 0], evaluate_scene(model, scene, cfg))
+    votes, sample = scene_probabilities(model, scene, cfg)
+    votes = votes.numpy()[sample["inverse"]] if "inverse" in sample else votes.numpy()
+    ranked_votes = np.take_along_axis(votes, top3, axis=1)
+    assert (np.diff(ranked_votes, axis=1) <= 0).all()  # most likely first
+    assert (ranked_votes[:, 2] >= np.sort(votes, axis=1)[:, -3]).all()  # and these are the three most likely
+    np.testing.assert_array_equal(confusion, evaluate(model, [scene], cfg).confusion)  # scored on the first
+
+
 def test_validation_pass_scores_every_raw_point_through_the_inverse_mapping():
     cfg = tiny_config("lin")
     model = deterministic(build_segmentor(cfg)).train()
@@ -497,6 +521,22 @@ def test_config_names_resolve_and_bad_input_is_named(tmp_path):
         bad.write_text(tiny_yaml.replace(old, new, 1))
         with pytest.raises(ConfigError, match=message):
             load_finetune_config(bad)
+
+
+def test_submit_configs_test_the_last_round_on_the_test_split_and_evaluation_settings_are_checked(tmp_path):
+    cfg = load_finetune_config("semseg-ptv3-large-v1m1-2f-scannetpp-ppt-submit")
+    assert (cfg.evaluate, cfg.test_last, cfg.submission) == (False, True, True)
+    assert (cfg.val_split, cfg.test_splits) == ((), ("test",))
+    assert load_finetune_config(TINY).test_splits == ("val",)  # no test_split: the reference's data.test is val
+    base = {"data.shards": str(tmp_path), "run.name": "x", "run.storage_path": str(tmp_path)}
+    for overrides, message in (
+        ({"evaluate": False}, r"val_split \['val'\]: evaluate is false, so nothing is validated"),
+        ({"evaluate": False, "val_split": []}, "evaluate: false leaves no best round to test: set test_last: true"),
+        ({"val_split": []}, "val_split: list the splits to validate on, or set evaluate: false"),
+        ({"dataset": "s3dis", "submission": True}, "submission: s3dis has no benchmark file format"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_finetune_run(TINY, {**base, **overrides})
 
 
 def test_class_count_and_ignore_index_overrides_reach_the_label_check(tmp_path):

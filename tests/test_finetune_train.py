@@ -25,8 +25,8 @@ from concerto_ray.finetune.segmentor import build_segmentor
 from concerto_ray.finetune.trainer import (
     BEST_CHECKPOINT_TAG,
     load_finetuned,
+    read_test_scenes,
     run_finetune,
-    validation_scenes,
 )
 from concerto_ray.model.configs import get_model_config
 from concerto_ray.model.sonata import Sonata
@@ -105,7 +105,7 @@ def test_linear_probe_beats_chance_and_logs_to_mlflow(ray_local, semseg_shards, 
     # as its IoU, and 0 for the other classes present (about 0.46 and 0.04 here). A linear head on a frozen random
     # tiny backbone plateaus low: runs of 24 steps measured mIoU 0.055-0.074 and allAcc 0.51-0.67 (48 steps gained
     # little), so the margins are what these features allow, not what a pre-trained backbone would reach.
-    labels = np.concatenate([scene["segment"] for scene in validation_scenes(run).take_all()])
+    labels = np.concatenate([scene["segment"] for scene in read_test_scenes(run).take_all()])
     counts = np.bincount(labels[labels != run.finetune.ignore_index])
     majority_share = counts.max() / counts.sum()
     assert best["val_all_acc"] > majority_share
@@ -182,7 +182,7 @@ def test_lora_trains_adapters_and_head_and_merges_identically(ray_local, semseg_
     for name in lora_b:
         assert not initial.state_dict()[name].any() and after[name].abs().sum() > 0, name
 
-    scenes = validation_scenes(run).take_all()
+    scenes = read_test_scenes(run).take_all()
     trained.backbone.set_order_shuffling(False)
     with_adapters = evaluate(trained, scenes, cfg)
     merged = merge_lora(trained)
@@ -247,7 +247,7 @@ def test_decoder_probe_and_full_finetune_start_from_a_pretrained_checkpoint_thro
         run = load_finetune_run("semseg-tiny-lin", parse_overrides(overrides))
         model = load_finetuned(run.finetune, kept)
         model.backbone.set_order_shuffling(False)
-        expected = evaluate(model, validation_scenes(run).take_all(), run.finetune)
+        expected = evaluate(model, read_test_scenes(run).take_all(), run.finetune)
         assert (
             f"mIoU {expected.miou:.4f}, mAcc {expected.macc:.4f}, allAcc {expected.all_acc:.4f}"
             in capsys.readouterr().out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -14,13 +15,26 @@ from mlflow.tracking import MlflowClient
 from concerto_ray.data.shards import prepare, read_manifest
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.errors import ConfigError
+from concerto_ray.finetune.evaluate import evaluate_scene
 from concerto_ray.finetune.multi_dataset import compose_round
 from concerto_ray.finetune.run_config import load_finetune_run, plan_finetune
-from concerto_ray.finetune.trainer import CONDITION_METRIC, run_finetune
+from concerto_ray.finetune.segmentor import for_evaluation
+from concerto_ray.finetune.submission import SCANNET20_IDS
+from concerto_ray.finetune.trainer import (
+    CONDITION_METRIC,
+    SUBMISSION_DIR,
+    load_finetuned,
+    read_test_scenes,
+    run_finetune,
+)
 from concerto_ray.model.text_encoder import write_random_clip
 from concerto_ray.train.tracking import RUN_ID_FILE
 
-SPLITS = {"structured3d": {"train": 0.75, "val": 0.25}, "scannet": {"train": 0.5, "val": 0.5}, "s3dis": {"Area_1": 1.0}}
+SPLITS = {
+    "structured3d": {"train": 0.75, "val": 0.25},
+    "scannet": {"train": 0.5, "val": 0.25, "test": 0.25},
+    "s3dis": {"Area_1": 1.0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +103,51 @@ def test_joint_training_takes_the_reference_turns_and_validates_on_its_own_datas
     assert len(table.read_text().splitlines()) >= 1 + 20  # ScanNet's 20 classes, not another dataset's
     state = torch.load(Path(result.checkpoint.path) / "model.pt", weights_only=True)["state_dict"]
     assert {"proj_head.weight", "proj_head.bias", "logit_scale"} <= set(state)
+
+
+def test_a_submit_run_trains_on_train_and_val_and_writes_the_last_rounds_test_predictions(
+    ray_local, sources_root, mlflow_server, tmp_path
+):
+    """The -submit configs' settings: no validation, the last round tested on the unlabelled test split, each
+    test scene's ScanNet label ids written to submit/<scene>.txt."""
+    sources = _sources(Area_5=False)
+    sources[1]["splits"] = ["train", "val"]
+    run = _run(
+        sources_root,
+        tmp_path,
+        mlflow_server,
+        **{
+            "run.name": "ppt-submit",
+            "val_split": [],
+            "test_split": ["test"],
+            "evaluate": False,
+            "test_last": True,
+            "submission": True,
+            "ppt.sources": sources,
+            # a deterministic test pass, so that the predictions can be recomputed here from the checkpoint
+            "backbone.shuffle_orders": False,
+            "backbone.pooling_shuffle_orders": False,
+        },
+    )
+    plan = plan_finetune(run)
+    test_root = sources_root / "raw" / "scannet" / "test"
+    scenes = sorted(path.name for path in test_root.iterdir() if path.is_dir())  # as Pointcept lists them
+    assert plan.val_scenes == [] and sorted(plan.test_scenes) == scenes != []
+    result = run_finetune(run)
+
+    client = MlflowClient(mlflow_server)
+    run_id = json.loads((Path(run.run.run_uri) / RUN_ID_FILE).read_text())["run_id"]
+    logged = client.get_run(run_id).data.metrics
+    assert not [key for key in logged if key.startswith(("val_", "test_", "best_"))]  # unlabelled: no test metric
+    assert result.metrics["round"] == 2
+    submit = Path(run.run.run_uri) / SUBMISSION_DIR
+    assert sorted(path.stem for path in submit.iterdir()) == scenes
+    model = for_evaluation(load_finetuned(run.finetune, result.checkpoint.path), run.finetune)  # the last round's
+    for scene in read_test_scenes(run).take_all():
+        ids = np.loadtxt(submit / f"{scene['name']}.txt", dtype=np.int64, ndmin=1)
+        raw = np.load(test_root / scene["name"] / "coord.npy")
+        assert ids.shape == (len(raw),) and set(ids) <= set(SCANNET20_IDS)
+        np.testing.assert_array_equal(ids, np.asarray(SCANNET20_IDS)[evaluate_scene(model, scene, run.finetune)])
 
 
 def test_ppt_runs_are_checked_before_ray(sources_root, tmp_path):

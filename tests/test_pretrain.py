@@ -98,7 +98,11 @@ def inject_faults(monkeypatch):
         def faulty_loop(loop_config: dict) -> None:  # a closure: Ray ships it to the workers by value
             config = from_dict(PretrainConfig, loop_config["config"])
             worker = Worker(
-                config, loop_config["steps_per_epoch"], loop_config["tracking_uri"], loop_config["mlflow_run_id"]
+                config,
+                loop_config["steps_per_epoch"],
+                loop_config["tracking_uri"],
+                loop_config["mlflow_run_id"],
+                keep_short_batch=loop_config["keep_short_batch"],
             )
             if worker.rank == 0:
                 restarted = ray.train.get_checkpoint() is not None
@@ -186,8 +190,8 @@ def test_config_typos_fail_before_ray_starts(dinov2_dir, pretrain_shards, tmp_pa
         load("run.epochs=two")
     with pytest.raises(ConfigError, match=r"data.shards: .*no shard manifest"):
         load("data.shards=/nonexistent/shards")
-    with pytest.raises(ConfigError, match="one epoch gives no optimizer step"):
-        load("data.batch_size=3")
+    with pytest.raises(ConfigError, match="one epoch gives no optimizer step"):  # 2 samples a worker, 2 x 2 a step
+        load("data.batch_size=2", "optim.grad_accumulation=2")
     with pytest.raises(ConfigError, match="model.image_encoder_weights: '/nonexistent' is neither"):
         load("model.image_encoder_weights=/nonexistent")
     with pytest.raises(ConfigError, match="data.sources_root is still the placeholder"):

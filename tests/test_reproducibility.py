@@ -61,7 +61,7 @@ def _epoch_losses(config) -> list[float]:
 
 @pytest.mark.slow
 def test_same_seed_same_losses_other_seed_other_losses(ray_local, dinov2_dir, pretrain_shards, mlflow_server, tmp_path):
-    def config(name: str, seed: int):
+    def config(name: str, seed: int, *extra: str):
         return load_pretrain_config(
             TINY_CONFIG,
             [
@@ -79,6 +79,7 @@ def test_same_seed_same_losses_other_seed_other_losses(ray_local, dinov2_dir, pr
                 "data.pretrain.crop_w=28",
                 "data.pretrain.max_size=1024",
                 "data.pretrain.enc2d_max_size=1024",
+                *extra,
             ],
         )
 
@@ -87,3 +88,6 @@ def test_same_seed_same_losses_other_seed_other_losses(ray_local, dinov2_dir, pr
     assert _epoch_losses(config("seed0-b", 0)) == first
     other = _epoch_losses(config("seed1", 1))
     assert len(other) == 4 and all(a != b for a, b in zip(other, first))
+    # An epoch smaller than the batch trains as Pointcept's loader does: one short batch, one step.
+    losses = _epoch_losses(config("short", 0, "data.batch_size=8"))
+    assert len(losses) == 1 and np.isfinite(losses[0]) and losses[0] not in first

@@ -26,7 +26,7 @@ from concerto_ray.data.sources import (
 )
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.errors import ConfigError, DataError
-from concerto_ray.train.config import load_pretrain_config, steps_per_epoch
+from concerto_ray.train.config import keeps_short_batch, load_pretrain_config, steps_per_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME_PAYLOADS = [f"frame_{k}" for k in FRAME_FILES]
@@ -225,15 +225,19 @@ def test_paper_configs_mix_the_references_datasets(config, video):
         load_pretrain_config(path)
 
 
-@pytest.mark.parametrize("samples, workers, batch", [(13, 4, 2), (10, 4, 1), (3, 2, 1), (25, 8, 3), (12, 4, 3)])
+@pytest.mark.parametrize(
+    "samples, workers, batch", [(13, 4, 2), (10, 4, 1), (3, 2, 1), (25, 8, 3), (12, 4, 3), (7, 4, 2), (3, 2, 4)]
+)
 def test_epochs_are_padded_and_stepped_as_the_reference_sampler_does(monkeypatch, samples, workers, batch):
     # Pointcept: DistributedSampler pads the epoch to a multiple of the workers with its first indices, and each
-    # worker's DataLoader drops its last partial batch: floor(ceil(L / W) / b) steps (floor(floor(L / W) / b)
-    # before, one step fewer for 13 / 4 / 2 and 10 / 4 / 1).
+    # worker's DataLoader drops its last partial batch when the epoch is larger than the global batch:
+    # floor(ceil(L / W) / b) steps (floor(floor(L / W) / b) before, one step fewer for 13 / 4 / 2 and 10 / 4 / 1),
+    # else one short step (refused before, 7 / 4 / 2 and 3 / 2 / 4).
     plan = EpochPlan([fake_source("s", rooms(samples, 1))], seed=0, workers=workers)
     order = [ref.name for ref, _ in plan.order(0)]
     assert len(order) % workers == 0 and order[samples:] == order[: len(order) - samples]
-    loader = DataLoader(range(samples), batch, sampler=DistributedSampler(range(samples), workers, 0), drop_last=True)
+    sampler = DistributedSampler(range(samples), workers, 0)
+    loader = DataLoader(range(samples), batch, sampler=sampler, drop_last=samples > batch * workers)
     monkeypatch.setattr("concerto_ray.train.config._train_samples", lambda config: samples)
     config = SimpleNamespace(
         run=SimpleNamespace(num_workers=workers),
@@ -241,3 +245,4 @@ def test_epochs_are_padded_and_stepped_as_the_reference_sampler_does(monkeypatch
         optim=SimpleNamespace(grad_accumulation=1),
     )
     assert steps_per_epoch(config) == len(loader) >= 1
+    assert keeps_short_batch(config) == (not loader.drop_last and len(sampler) < batch)

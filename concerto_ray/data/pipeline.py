@@ -281,17 +281,18 @@ class EpochReadAhead:
     every worker has asked for it.
 
     Use as a context manager; call `next_epoch()` once per epoch. Batches an epoch's consumer leaves unread are
-    dropped, as with a fresh iterator per epoch. Errors of the reader are raised in the consumer."""
+    dropped, as with a fresh iterator per epoch. Errors of the reader are raised in the consumer. `drop_last`: as
+    `iter_batches`'s."""
 
     _END_OF_EPOCH = object()
 
-    def __init__(self, iterator, config: StreamConfig, epochs: int):
+    def __init__(self, iterator, config: StreamConfig, epochs: int, *, drop_last: bool = True):
         self._queue: queue.Queue = queue.Queue(maxsize=config.read_ahead_batches)
         self._stop = threading.Event()
         self._unfinished_epoch = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._read, args=(iterator, config, epochs), daemon=True, name="epoch-read-ahead"
+            target=self._read, args=(iterator, config, epochs, drop_last), daemon=True, name="epoch-read-ahead"
         )
 
     def __enter__(self) -> EpochReadAhead:
@@ -302,10 +303,10 @@ class EpochReadAhead:
         self._stop.set()
         self._thread.join(timeout=5)  # a reader blocked on Ray is a daemon: it must not hold up an error
 
-    def _read(self, iterator, config: StreamConfig, epochs: int) -> None:
+    def _read(self, iterator, config: StreamConfig, epochs: int, drop_last: bool) -> None:
         try:
             for _ in range(epochs):
-                for batch in iter_batches(iterator, config):
+                for batch in iter_batches(iterator, config, drop_last=drop_last):
                     if not self._put(batch):
                         return
                 if not self._put(self._END_OF_EPOCH):

@@ -45,7 +45,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
     metrics = evaluate_checkpoint(run, args.checkpoint)
     print(per_class_table(metrics, run.finetune.class_names))
     print(
-        f"test protocol on {args.checkpoint} ({', '.join(run.finetune.val_split)}): mIoU {metrics.miou:.4f}, "
+        f"test protocol on {args.checkpoint} ({', '.join(run.finetune.test_splits)}): mIoU {metrics.miou:.4f}, "
         f"mAcc {metrics.macc:.4f}, allAcc {metrics.all_acc:.4f}"
     )
 

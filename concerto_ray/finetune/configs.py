@@ -21,6 +21,7 @@ from typing import Literal
 from concerto_ray.config import find_config, load_yaml, shipped_config_names
 from concerto_ray.data.presets import SemsegTransformConfig
 from concerto_ray.errors import ConfigError
+from concerto_ray.finetune.submission import SUBMISSION_DATASETS
 from concerto_ray.model.ptv3 import PTv3Config
 
 Mode = Literal["lin", "dec", "ft", "lora"]
@@ -155,7 +156,17 @@ class FinetuneConfig:
     mode: Mode
     dataset: Literal["scannet", "scannet200", "scannetpp", "s3dis"]
     train_split: tuple[str, ...] = ("train",)
-    val_split: tuple[str, ...] = ("val",)
+    val_split: tuple[str, ...] = ("val",)  # validated every round; empty when `evaluate` is off
+    # The scenes of the final test protocol (Pointcept's `data.test`); empty: `val_split`.
+    test_split: tuple[str, ...] = ()
+    # Pointcept's `evaluate`: a validation pass every round, the best round tested at the end. Off (the `-submit`
+    # configs, which train on train + val): no validation, and the last round is tested (`test_last`).
+    evaluate: bool = True
+    test_last: bool = False  # test the last round's model instead of the best (PreciseEvaluator's test_last)
+    # The test protocol also writes the benchmark's prediction file of every test scene to `submit/<scene>.txt`
+    # in the run folder (Pointcept's tester's submit folder), and test scenes may be unlabelled (they then count in
+    # no metric).
+    submission: bool = False
     backbone: PTv3Config
     num_classes: int
     class_names: tuple[str, ...]
@@ -212,11 +223,29 @@ class FinetuneConfig:
             self.ppt = dataclasses.replace(
                 self.ppt, sources=tuple(self._source_transform(source) for source in self.ppt.sources)
             )
+        if self.evaluate != bool(self.val_split):
+            raise ConfigError(
+                "val_split: list the splits to validate on, or set evaluate: false"
+                if self.evaluate
+                else f"val_split {list(self.val_split)}: evaluate is false, so nothing is validated; set val_split: []"
+            )
+        if not self.evaluate and not self.test_last:
+            raise ConfigError("evaluate: false leaves no best round to test: set test_last: true")
+        if not self.test_splits:
+            raise ConfigError("test_split: list the splits to test on (there is no val_split to fall back to)")
+        if self.submission and self.dataset not in SUBMISSION_DATASETS:
+            raise ConfigError(
+                f"submission: {self.dataset} has no benchmark file format; one of {', '.join(SUBMISSION_DATASETS)}"
+            )
         if self.epochs < 1 or self.batch_size < 1 or not 1 <= self.eval_epochs <= self.epochs:
             raise ConfigError(
                 f"need epochs >= 1, batch_size >= 1 and 1 <= eval_epochs <= epochs; got "
                 f"epochs={self.epochs}, batch_size={self.batch_size}, eval_epochs={self.eval_epochs}"
             )
+
+    @property
+    def test_splits(self) -> tuple[str, ...]:
+        return self.test_split or self.val_split
 
     def _source_transform(self, source: PPTSource) -> PPTSource:
         """The source's transform, checking labels against its own classes and the config's ignore index."""

@@ -14,7 +14,7 @@ the sum.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from concerto_ray.finetune.metrics import (
     confusion_matrix,
     segmentation_metrics,
 )
+from concerto_ray.finetune.submission import ranked_classes, submission_text
 
 LABEL_KEYS = ("segment", "origin_segment", "inverse")  # what the model must not see (it would compute a loss)
 
@@ -60,20 +61,34 @@ def scene_probabilities(model: nn.Module, data: dict, cfg: FinetuneConfig) -> tu
     return votes, sample
 
 
+def ranked_scene_classes(model: nn.Module, data: dict, cfg: FinetuneConfig, k: int = 1) -> np.ndarray:
+    """The `k` most likely classes of every raw point of the scene, most likely first, (points, k) int64."""
+    votes, sample = scene_probabilities(model, data, cfg)
+    # k = 1 as the reference's argmax (its first maximum on a tie); more as its topk
+    ranked = (votes.argmax(dim=1, keepdim=True) if k == 1 else votes.topk(k, dim=1).indices).numpy()
+    return ranked[sample["inverse"]] if "inverse" in sample else ranked
+
+
 def evaluate_scene(model: nn.Module, data: dict, cfg: FinetuneConfig) -> np.ndarray:
     """Predicted class of every raw point of the scene, (points,) int64."""
-    votes, sample = scene_probabilities(model, data, cfg)
-    pred = votes.argmax(dim=1).numpy()
-    return pred[sample["inverse"]] if "inverse" in sample else pred
+    return ranked_scene_classes(model, data, cfg)[:, 0]
 
 
-def protocol_confusion(model: nn.Module, scenes: Iterable[dict], cfg: FinetuneConfig) -> np.ndarray:
-    """The test protocol's confusion matrix over decoded full-resolution `scenes`."""
+def protocol_confusion(
+    model: nn.Module,
+    scenes: Iterable[dict],
+    cfg: FinetuneConfig,
+    write_submission: Callable[[str, str], None] | None = None,
+) -> np.ndarray:
+    """The test protocol's confusion matrix over decoded full-resolution `scenes`; with `write_submission`
+    (name, text), each scene's benchmark prediction file (`submission.submission_text`) is handed to it too."""
     confusion = np.zeros((cfg.num_classes, cfg.num_classes), dtype=np.int64)
+    k = ranked_classes(cfg.dataset) if write_submission is not None else 1
     for data in scenes:
-        confusion += confusion_matrix(
-            evaluate_scene(model, data, cfg), data["segment"], cfg.num_classes, cfg.ignore_index
-        )
+        ranked = ranked_scene_classes(model, data, cfg, k)
+        if write_submission is not None:
+            write_submission(str(data["name"]), submission_text(cfg.dataset, ranked))
+        confusion += confusion_matrix(ranked[:, 0], data["segment"], cfg.num_classes, cfg.ignore_index)
     return confusion
 
 

@@ -151,7 +151,8 @@ class FinetunePlan:
 
     train_scenes: list[str]  # after the limited-reconstruction selection (PPT: empty, every source's scenes train)
     limited_scenes: bool  # only a share of the training split is used
-    val_scenes: list[str]
+    val_scenes: list[str]  # validated every round (none with `evaluate` off)
+    test_scenes: list[str]  # the final test protocol's
     round: RoundPlan
     rounds: int  # evaluation rounds (Pointcept's eval_epoch)
 
@@ -257,9 +258,6 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
         selected = training_scenes(scenes, cfg.data_efficiency)
     except DataError as exc:
         raise ConfigError(f"finetune.data_efficiency: {exc}") from exc
-    val_scenes = _split_samples(manifest, run.data.shards, cfg.val_split, "finetune.val_split")
-    if not val_scenes:
-        raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
     if not selected:
         raise ConfigError(f"finetune.train_split {list(cfg.train_split)} has no samples to train on")
     round_plan = RoundPlan(
@@ -271,7 +269,7 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
     return FinetunePlan(
         train_scenes=selected,
         limited_scenes=len(selected) < len(scenes),
-        val_scenes=val_scenes,
+        **_evaluation_scenes(run, manifest),
         round=round_plan,
         rounds=cfg.eval_epochs,
     )
@@ -293,9 +291,6 @@ def _plan_joint(run: FinetuneRun, manifest: Manifest) -> FinetunePlan:
         if not scenes:
             raise ConfigError(f"{where}: splits {list(source.splits)} hold no scenes")
         counts.append(len(scenes))
-    val_scenes = _split_samples(manifest, run.data.shards, cfg.val_split, "finetune.val_split")
-    if not val_scenes:
-        raise ConfigError(f"finetune.val_split {list(cfg.val_split)} has no samples to evaluate on")
     round_plan = RoundPlan(
         samples=counts[0],
         loop=cfg.epochs // cfg.eval_epochs,
@@ -309,8 +304,26 @@ def _plan_joint(run: FinetuneRun, manifest: Manifest) -> FinetunePlan:
             f"{run.run.num_workers} workers x batch {round_plan.worker_batch_size} (full batches only)"
         )
     return FinetunePlan(
-        train_scenes=[], limited_scenes=False, val_scenes=val_scenes, round=round_plan, rounds=cfg.eval_epochs
+        train_scenes=[],
+        limited_scenes=False,
+        **_evaluation_scenes(run, manifest),
+        round=round_plan,
+        rounds=cfg.eval_epochs,
     )
+
+
+def _evaluation_scenes(run: FinetuneRun, manifest: Manifest) -> dict[str, list[str]]:
+    """The plan's val_scenes (none with `evaluate` off) and test_scenes."""
+    cfg = run.finetune
+    fields = {"val_scenes": ("val_split", cfg.val_split), "test_scenes": ("test_split", cfg.test_split)}
+    if not cfg.test_split:
+        fields["test_scenes"] = fields["val_scenes"]
+    scenes = {}
+    for key, (name, splits) in fields.items():
+        scenes[key] = _split_samples(manifest, run.data.shards, splits, f"finetune.{name}")
+        if splits and not scenes[key]:
+            raise ConfigError(f"finetune.{name} {list(splits)} has no samples to evaluate on")
+    return scenes
 
 
 def _split_samples(manifest: Manifest, uri: str, splits: tuple[str, ...], where: str) -> list[str]:

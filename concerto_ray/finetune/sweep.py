@@ -181,7 +181,10 @@ def load_sweep_config(path: str | Path, overrides: list[str] = ()) -> SweepConfi
     sweep.run.storage_path = absolute_uri(sweep.run.storage_path)
     check_storage(sweep.run, sweep.mlflow)
     for config in sweep.configs:
-        plan_finetune(trial_run(sweep, config, {}, "check"))  # the data, storage and files, once per config
+        run = trial_run(sweep, config, {}, "check")
+        if not run.finetune.evaluate:
+            raise ConfigError(f"configs: {config} has evaluate: false, but a sweep ranks its trials by {SCORE}")
+        plan_finetune(run)  # the data, storage and files, once per config
         for key, dimension in sweep.space.items():
             for value in dimension.probe_values():
                 try:
@@ -337,7 +340,7 @@ def run_trial(values: dict[str, Any], sweep: dict, parent_run_id: str) -> None:
 
 def _splits(sweep: SweepConfig, config: str) -> tuple[str, ...]:
     finetune = trial_run(sweep, config, {}, "check").finetune
-    return (*finetune.train_split, *finetune.val_split)
+    return (*finetune.train_split, *finetune.val_split, *finetune.test_splits)
 
 
 def _max_rounds(sweep: SweepConfig) -> int:

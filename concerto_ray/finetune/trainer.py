@@ -111,6 +111,7 @@ SOURCE_DATASET = "train_{}"  # PPT: the training stream of source i
 CONDITION_METRIC = "ppt_condition"  # PPT: per step, the index of its batch's condition in ppt.conditions
 VAL_DATASET = "val_{}"  # the validation samples of worker rank i
 TEST_DATASET = "test_{}"  # the decoded validation scenes of worker rank i, for the test protocol
+SUBMISSION_DIR = "submit"  # in the run folder: the test scenes' benchmark prediction files (`finetune.submission`)
 BEST_FILE = "best.json"  # in each checkpoint: the best round so far, for the test after a restart
 SCALER_FILE = "scaler.pt"  # in each checkpoint when float16 AMP scales the loss
 # Workers meet in collectives after uneven work: the evaluation shares and, longest, the final test protocol
@@ -139,12 +140,17 @@ def run_finetune(
     tracked = start_tracked_run(run, run.run, run.mlflow, resume, parent_run_id)
     datasets = training_datasets(run, plan)
     train_names = list(datasets)
-    for rank, share in enumerate(scene_shares(plan.val_scenes, run.run.num_workers)):
+    workers = run.run.num_workers
+    for rank, share in enumerate(scene_shares(plan.val_scenes, workers) if plan.val_scenes else []):
         verify = run.data.verify_checksums and rank == 0  # the validation shards once
         datasets[VAL_DATASET.format(rank)] = validation_samples(run, share, verify)
-        datasets[TEST_DATASET.format(rank)] = validation_scenes(run, share, verify=False)
+    for rank, share in enumerate(scene_shares(plan.test_scenes, workers)):
+        verify = run.data.verify_checksums and rank == 0 and run.finetune.test_split != run.finetune.val_split
+        datasets[TEST_DATASET.format(rank)] = read_test_scenes(run, share, verify)
+    # Without validation the rounds have no score: the latest checkpoints are kept.
+    score = SCORE if run.finetune.evaluate else None
     checkpoints = ray.train.CheckpointConfig(
-        num_to_keep=run.run.checkpoints_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+        num_to_keep=run.run.checkpoints_to_keep, checkpoint_score_attribute=score, checkpoint_score_order="max"
     )
     with StageBar(run.run.name, plan.total_steps, enabled=show_progress) as bar:
         trainer = ray.train.torch.TorchTrainer(
@@ -220,21 +226,21 @@ def validation_samples(run: FinetuneRun, scenes: Sequence[str], verify: bool) ->
     return build_dataset(stream, scenes=scenes)
 
 
-def validation_scenes(
+def read_test_scenes(
     run: FinetuneRun, scenes: Sequence[str] | None = None, verify: bool | None = None
 ) -> ray.data.Dataset:
-    """Decoded full-resolution validation scenes (name, coord, color, normal, segment), one per row; only those
-    named in `scenes` when given."""
+    """Decoded full-resolution test scenes (name, coord, color, normal, segment), one per row; only those named in
+    `scenes` when given. Unlabelled ones (all `segment` ignored) only where the run writes a submission."""
     ds = read_shards(
         run.data.shards,
-        splits=list(run.finetune.val_split),
+        splits=list(run.finetune.test_splits),
         endpoint_url=run.data.endpoint_url,
         verify=run.data.verify_checksums if verify is None else verify,
         scenes=True,
     )
     if scenes is not None:
         ds = ds.filter(NamedScenes(scenes))
-    return ds.map(DecodeScene(run.data.segment_asset))
+    return ds.map(DecodeScene(run.data.segment_asset, labels_optional=run.finetune.submission))
 
 
 class NamedScenes:
@@ -248,23 +254,30 @@ class NamedScenes:
 
 
 class DecodeScene:
-    """A shard row -> the point arrays the test protocol reads; picklable for Ray Data tasks."""
+    """A shard row -> the point arrays the test protocol reads; picklable for Ray Data tasks. A scene without its
+    label array is an error, unless `labels_optional` (a benchmark's test split): its `segment` is then all -1."""
 
     KEYS = ("name", "coord", "color", "normal", "segment")
 
-    def __init__(self, segment_asset: str | None):
+    def __init__(self, segment_asset: str | None, labels_optional: bool = False):
         self.segment_asset = segment_asset
+        self.labels_optional = labels_optional
 
     def __call__(self, row: dict) -> dict:
-        data = decode_record(
-            row_to_record(row), segment_asset=self.segment_asset, with_frames=False, require_labels=True
-        )
+        record = row_to_record(row)
+        assets = (self.segment_asset,) if self.segment_asset else ("segment", "segment20")  # decode_record's choice
+        if not self.labels_optional or any(asset in record.point_assets for asset in assets):
+            data = decode_record(record, segment_asset=self.segment_asset, with_frames=False, require_labels=True)
+        else:  # no other label array may stand in for the missing one
+            data = decode_record(record, segment_asset=None, with_frames=False)
+            data["segment"] = np.full_like(data["segment"], -1)
         return {key: data[key] for key in self.KEYS if key in data}
 
 
 def log_best_checkpoint(tracked: TrackedRun, result: ray.train.Result) -> None:
     """The best round's validation metrics (as best_*) and checkpoint URI on the MLflow run."""
-    rounds = [pair for pair in result.best_checkpoints if not math.isnan(pair[1][SCORE])]  # not those inside a round
+    # not those inside a round, nor those of a run without validation (`evaluate` off)
+    rounds = [pair for pair in result.best_checkpoints if not math.isnan(pair[1].get(SCORE, math.nan))]
     if not rounds:
         return
     checkpoint, metrics = max(rounds, key=lambda pair: pair[1][SCORE])
@@ -285,11 +298,12 @@ def load_finetuned(config: FinetuneConfig, checkpoint: str | Path) -> torch.nn.M
 
 def evaluate_checkpoint(run: FinetuneRun, checkpoint: str) -> SegMetrics:
     """The full test protocol on demand: the model of a fine-tuning checkpoint folder (local or `s3://`) over the
-    run's validation scenes, in this process, with order shuffling off so that a rerun gives the same numbers."""
+    run's test scenes (`test_split`, else `val_split`), in this process, with order shuffling off so that a rerun
+    gives the same numbers."""
     model = load_finetuned(run.finetune, local_copy(checkpoint, run.run.endpoint_url, field="--checkpoint"))
     model.backbone.set_order_shuffling(False)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate(for_evaluation(model, run.finetune), validation_scenes(run).iter_rows(), run.finetune)
+    return evaluate(for_evaluation(model, run.finetune), read_test_scenes(run).iter_rows(), run.finetune)
 
 
 # ------------------------------------------------------------------------------------------------ the workers
@@ -373,8 +387,12 @@ class FinetuneWorker:
         self.cadence = CheckpointCadence(None, run.run.checkpoint_every_minutes, self.device)
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
         # One fixed validation scene's feature picture at every evaluation, so a run can be judged by eye in MLflow.
-        self.feature_images = FeatureImages(
-            run.data.shards, cfg.val_split[0], run.data.endpoint_url, up_cast_levels=self.segmentor.up_cast_levels
+        self.feature_images = (
+            FeatureImages(
+                run.data.shards, cfg.val_split[0], run.data.endpoint_url, up_cast_levels=self.segmentor.up_cast_levels
+            )
+            if cfg.evaluate
+            else None
         )
         self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(run.run.run_uri, run.run.endpoint_url)
@@ -465,17 +483,10 @@ class FinetuneWorker:
         return values
 
     def end_round(self) -> None:
-        """Validate, then (after the last round) test the best model, and report with a checkpoint."""
+        """Validate (with `evaluate` on), then (after the last round) test the best or last model, and report with a
+        checkpoint."""
         round_index = self.progress.epoch
-        rows = ray.train.get_dataset_shard(VAL_DATASET.format(self.rank)).iter_rows()
-        model = for_evaluation(self.segmentor, self.cfg)
-        val = segmentation_metrics(self.sum_over_workers(validation_confusion(model, rows, self.cfg)))
-        self.best = self.best.after(round_index, val.miou)
-        values = self.log_evaluation(f"eval/round-{round_index:04d}", val, "val")
-        if self.metrics is not None:
-            self.feature_images.log(
-                self.metrics.client, self.metrics.run_id, self.segmentor.backbone, f"eval/round-{round_index:04d}"
-            )
+        values = self.validate() if self.cfg.evaluate else {}
         values.update(
             epoch=round_index,
             round=round_index,
@@ -483,8 +494,8 @@ class FinetuneWorker:
             best_round=self.best.round,
             **{ROUNDS_KEY: self.rounds},
         )
-        if round_index == self.rounds:
-            values.update(self.log_evaluation("eval/test", self.test_best_model(), "test"))
+        if round_index == self.rounds and (test := self.test_model()) is not None:
+            values.update(self.log_evaluation("eval/test", test, "test"))
         name = CHECKPOINT_DIR_FORMAT.format(round_index)
         report_checkpoint(name, values, self.save)
         self.cadence.saved()
@@ -502,18 +513,39 @@ class FinetuneWorker:
         if self.metrics is not None:
             commit_metrics(self.metrics, self.run_dir)
 
-    def test_best_model(self) -> SegMetrics:
-        """The full test protocol on this worker's share of the scenes, with the best round's weights."""
+    def validate(self) -> dict[str, float]:
+        """The round's validation pass over all workers' shares: its metrics, logged, and the best round updated."""
+        round_index = self.progress.epoch
+        rows = ray.train.get_dataset_shard(VAL_DATASET.format(self.rank)).iter_rows()
+        model = for_evaluation(self.segmentor, self.cfg)
+        val = segmentation_metrics(self.sum_over_workers(validation_confusion(model, rows, self.cfg)))
+        self.best = self.best.after(round_index, val.miou)
+        values = self.log_evaluation(f"eval/round-{round_index:04d}", val, "val")
+        if self.metrics is not None:
+            self.feature_images.log(
+                self.metrics.client, self.metrics.run_id, self.segmentor.backbone, f"eval/round-{round_index:04d}"
+            )
+        return values
+
+    def test_model(self) -> SegMetrics | None:
+        """The full test protocol on this worker's share of the test scenes, with the best round's weights (the
+        last round's with `test_last`); with `submission`, each scene's prediction file goes to `submit/`. None
+        when no test scene of any worker is labelled (a benchmark's test split: its submission is the outcome)."""
         model = self.segmentor
-        if self.best.round != self.progress.epoch:  # an earlier round's checkpoint, from the run's storage
+        if not self.cfg.test_last and self.best.round != self.progress.epoch:
+            # an earlier round's checkpoint, from the run's storage
             wait_for_uploads()  # it may still be on its way there
             raw = self.run_dir.read_bytes(f"{CHECKPOINT_DIR_FORMAT.format(self.best.round)}/{MODEL_FILE}")
             model = copy.deepcopy(self.segmentor)
             state = torch.load(io.BytesIO(raw), map_location=self.device, weights_only=True)["state_dict"]
             model.load_state_dict(state)
         scenes = ray.train.get_dataset_shard(TEST_DATASET.format(self.rank)).iter_rows()
-        confusion = protocol_confusion(for_evaluation(model, self.cfg), scenes, self.cfg)
-        return segmentation_metrics(self.sum_over_workers(confusion))
+        write = self.write_submission if self.cfg.submission else None
+        confusion = self.sum_over_workers(protocol_confusion(for_evaluation(model, self.cfg), scenes, self.cfg, write))
+        return segmentation_metrics(confusion) if confusion.any() else None
+
+    def write_submission(self, scene: str, text: str) -> None:
+        self.run_dir.write_bytes(f"{SUBMISSION_DIR}/{scene}.txt", text.encode())
 
     def sum_over_workers(self, confusion: np.ndarray) -> np.ndarray:
         if world_size() == 1:

@@ -264,9 +264,22 @@ def validate(config: PretrainConfig) -> None:
 
 def steps_per_epoch(config: PretrainConfig) -> int:
     """Optimizer steps per epoch, as Pointcept's: the epoch is padded so that each worker gets
-    ceil(samples / workers) of it (`EpochPlan`), and every worker drops its last partial batch."""
-    rows_per_worker = -(-_train_samples(config) // config.run.num_workers)
-    return rows_per_worker // config.data.batch_size // config.optim.grad_accumulation
+    ceil(samples / workers) of it (`EpochPlan`), and every worker drops its last partial batch, unless that batch
+    is the only one (`keeps_short_batch`)."""
+    if keeps_short_batch(config):
+        return 1
+    return _rows_per_worker(config) // config.data.batch_size // config.optim.grad_accumulation
+
+
+def keeps_short_batch(config: PretrainConfig) -> bool:
+    """Whether an epoch is one short batch per worker: Pointcept's loader drops the last partial batch only when the
+    epoch holds more samples than the global batch, so a smaller set still trains, one step an epoch. (With
+    gradient accumulation, which the reference has not, such an epoch is refused.)"""
+    return config.optim.grad_accumulation == 1 and 0 < _rows_per_worker(config) < config.data.batch_size
+
+
+def _rows_per_worker(config: PretrainConfig) -> int:
+    return -(-_train_samples(config) // config.run.num_workers)
 
 
 def resolve_tracking_uri(mlflow: MlflowSection, local_run_dir: str | None) -> str:

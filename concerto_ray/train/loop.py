@@ -57,12 +57,19 @@ CHECKPOINT_DIR_FORMAT = "step-{:08d}"
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
-    """`config_dict`: {"config": the PretrainConfig as a dict, "steps_per_epoch", "tracking_uri", "mlflow_run_id",
-    "progress": the driver's ProgressBoard or None}."""
+    """`config_dict`: {"config": the PretrainConfig as a dict, "steps_per_epoch", "keep_short_batch",
+    "tracking_uri", "mlflow_run_id", "progress": the driver's ProgressBoard or None}."""
     config = from_dict(PretrainConfig, config_dict["config"])
     tracking_uri, run_id = config_dict["tracking_uri"], config_dict["mlflow_run_id"]
     with node_system_metrics(tracking_uri, run_id, config.mlflow.system_metrics_interval_s):
-        Worker(config, config_dict["steps_per_epoch"], tracking_uri, run_id, config_dict.get("progress")).run()
+        Worker(
+            config,
+            config_dict["steps_per_epoch"],
+            tracking_uri,
+            run_id,
+            config_dict.get("progress"),
+            keep_short_batch=config_dict["keep_short_batch"],
+        ).run()
 
 
 def build_training_model(config: PretrainConfig) -> Sonata | Concerto:
@@ -82,9 +89,12 @@ class Worker:
         tracking_uri: str,
         mlflow_run_id: str,
         board: ray.actor.ActorHandle | None = None,
+        *,
+        keep_short_batch: bool,
     ):
         self.config = config
         self.steps_per_epoch = steps_per_epoch
+        self.keep_short_batch = keep_short_batch  # `train.config.keeps_short_batch`
         self.total_steps = steps_per_epoch * config.run.epochs
         self.rank = ray.train.get_context().get_world_rank()
         self.device = ray.train.torch.get_device()
@@ -131,7 +141,8 @@ class Worker:
         accumulation = self.config.optim.grad_accumulation
         step_started = time.perf_counter()
         last_metrics: dict[str, float] = {}
-        with EpochReadAhead(shard, self.config.data, self.config.run.epochs - self.progress.epoch) as reader:
+        epochs_left = self.config.run.epochs - self.progress.epoch
+        with EpochReadAhead(shard, self.config.data, epochs_left, drop_last=not self.keep_short_batch) as reader:
             while self.progress.epoch < self.config.run.epochs:
                 epoch = self.progress.epoch
                 steps = epoch_steps(

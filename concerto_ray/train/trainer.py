@@ -26,6 +26,7 @@ from concerto_ray.train.config import (
     MlflowSection,
     PretrainConfig,
     RunSettings,
+    keeps_short_batch,
     resolve_tracking_uri,
     steps_per_epoch,
 )
@@ -52,6 +53,7 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
             train_loop_config={
                 "config": to_dict(config),
                 "steps_per_epoch": steps_per_epoch(config),
+                "keep_short_batch": keeps_short_batch(config),
                 "tracking_uri": tracked.tracking_uri,
                 "mlflow_run_id": tracked.mlflow_run_id,
                 "progress": bar.board,
