@@ -137,6 +137,7 @@ def _embed(args: argparse.Namespace) -> None:
         grid_size=args.grid_size,
         up_cast_levels=args.up_cast_levels,
         seed=args.seed,
+        feat_keys=tuple(args.feat_keys),
         scenes_per_batch=args.scenes_per_batch,
         concurrency=args.concurrency,
         use_gpu=False if args.cpu else None,
@@ -166,6 +167,7 @@ def _viz(args: argparse.Namespace) -> None:
             source=args.source,
             grid_size=args.grid_size,
             up_cast_levels=args.up_cast_levels,
+            feat_keys=tuple(args.feat_keys),
             **where,
         )
     for path in images.values():
@@ -195,6 +197,8 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    from concerto_ray.data.presets import FEAT_KEYS, POINT_INPUTS
+
     p.add_argument(
         "--model",
         help="named model config the checkpoint was trained as, e.g. "
@@ -208,6 +212,14 @@ def _add_backbone_arguments(p: argparse.ArgumentParser) -> None:
         help="which backbone of a pre-training checkpoint",
     )
     p.add_argument("--grid-size", type=float, default=0.02, help="grid sampling voxel size (m)")
+    p.add_argument(
+        "--feat-keys",
+        nargs="+",
+        default=list(FEAT_KEYS),
+        choices=POINT_INPUTS,
+        help="the point arrays the backbone reads, in order, 3 channels each (default: coord color normal); "
+        "data without colours or normals leaves them out, for a backbone trained so",
+    )
     p.add_argument(
         "--up-cast-levels", type=int, help="coarse levels concatenated onto the finer ones (default: the model's, 2)"
     )

@@ -27,7 +27,7 @@ import logging
 import posixpath
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from concerto_ray.config import from_dict, to_dict
 from concerto_ray.data import storage
+from concerto_ray.data.presets import FEAT_KEYS, check_feat_keys, input_channels
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_manifest
 from concerto_ray.data.sources import ShardSampleDatasource, SourceConfig, check_shards, load_sources
@@ -55,9 +56,9 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "embed.json"
 FEATURE_SUFFIX = ".parquet"
 REFERENCE_UP_CAST_LEVELS = 2  # the reference demo's, for checkpoints that carry no model config of ours
-INPUT_CHANNELS = 9  # coord, color, normal
 # A backbone's weights that inference does not need: the pre-training mask token (absent from fine-tuned backbones).
 OPTIONAL_KEYS = ("embedding.mask_token",)
+STEM_WEIGHT = "embedding.stem.linear.weight"  # (embed channels, input channels)
 
 
 @dataclass
@@ -74,6 +75,8 @@ class EmbedConfig:
     grid_size: float = 0.02
     up_cast_levels: int | None = None  # None: the model config's up_cast_level (the reference demo's 2)
     seed: int = 0  # the grid sampling's choice of point per voxel
+    # The backbone's input, in this order (its in_channels: 3 per key); every scene must hold each.
+    feat_keys: tuple[str, ...] = FEAT_KEYS
     scenes_per_batch: int = 1  # scenes per forward pass
     concurrency: int | None = None  # actors; None: one per GPU of the cluster, or 1 without GPUs
     use_gpu: bool | None = None  # None: when the cluster has GPUs
@@ -83,6 +86,7 @@ class EmbedConfig:
     verify_checksums: bool = True
 
     def __post_init__(self):
+        check_feat_keys(self.feat_keys)
         if self.source not in ("student", "teacher"):
             raise ConfigError(f"source must be 'student' or 'teacher', got {self.source!r}")
         if self.model is not None and self.model not in MODEL_CONFIG_NAMES:
@@ -124,6 +128,7 @@ class EmbedSummary:
     grid_size: float
     up_cast_levels: int
     seed: int
+    feat_keys: list[str] = field(default_factory=lambda: list(FEAT_KEYS))  # summaries of before feat_keys: these
     embedded: int = 0  # scenes written by this run
     already_done: int = 0  # scenes whose output existed
     points: int = 0  # points written by this run
@@ -134,7 +139,7 @@ class EmbedSummary:
         return {
             k: v
             for k, v in to_dict(self).items()
-            if k in ("checkpoint", "model", "channels", "grid_size", "up_cast_levels", "seed")
+            if k in ("checkpoint", "model", "channels", "grid_size", "up_cast_levels", "seed", "feat_keys")
         }
 
     def text(self) -> str:
@@ -156,6 +161,7 @@ def load_backbone_spec(
     source: str = "student",
     up_cast_levels: int | None = None,
     endpoint_url: str | None = None,
+    feat_keys: tuple[str, ...] = FEAT_KEYS,
 ) -> BackboneSpec:
     """The backbone of `checkpoint` (ours or Pointcept's: pre-training, fine-tuning, backbone-only or the released
     inference files), checked against its config: every weight must be used and every weight found."""
@@ -180,17 +186,20 @@ def load_backbone_spec(
             f"{uri} holds no backbone config; name the model it was trained as with --model "
             f"(one of {', '.join(MODEL_CONFIG_NAMES)})"
         )
-    if config.in_channels != INPUT_CHANNELS:
-        raise ConfigError(
-            f"{uri}: the backbone takes {config.in_channels} input channels; embedding feeds "
-            f"{INPUT_CHANNELS} (coord, color, normal)"
-        )
+    if model is not None or MODEL_NAME_KEY in loaded:  # as pre-training derives it from its feat_keys
+        config = replace(config, in_channels=input_channels(feat_keys))
     levels = up_cast_levels if up_cast_levels is not None else levels
     if not config.enc_mode:
         levels = 0  # a decoder already returns the finest level
     elif not 0 <= levels < len(config.enc_channels):
         raise ConfigError(f"up_cast_levels must lie in [0, {len(config.enc_channels) - 1}], got {levels}")
     weights = backbone_state_dict(loaded["state_dict"], source)
+    stem = weights.get(STEM_WEIGHT)
+    if stem is not None and stem.shape[1] != input_channels(feat_keys):
+        raise ConfigError(
+            f"{uri}: the backbone reads {stem.shape[1]} input channels; feat_keys {list(feat_keys)} make "
+            f"{input_channels(feat_keys)} (3 per key): name the inputs it was trained on"
+        )
     try:
         result = PointTransformerV3(config).load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shape mismatches are raised even when not strict
@@ -229,22 +238,19 @@ def scene_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def preprocess(data: dict, grid_size: float, rng: np.random.Generator) -> dict:
+def preprocess(data: dict, grid_size: float, rng: np.random.Generator, feat_keys: tuple[str, ...] = FEAT_KEYS) -> dict:
     """A decoded scene -> the backbone input of the reference's inference transform.
 
-    Returns `feat` (M, 9) and `grid_coord` (M, 3) of the grid-sampled points and `inverse` (N,): each input point's
-    sampled point."""
+    Returns `feat` (M, 3 per feat key) and `grid_coord` (M, 3) of the grid-sampled points and `inverse` (N,): each
+    input point's sampled point. A scene without one of `feat_keys` is an error (nothing is filled in)."""
     name = str(data.get("name", "?"))
-    for key in ("coord", "color"):
+    for key in ("coord", *feat_keys):
         if key not in data:
-            raise DataError("missing", sample=name, field=key)
+            raise DataError(
+                f"the scene has no {key}.npy, which feat_keys {list(feat_keys)} read", sample=name, field=key
+            )
     n = len(data["coord"])
-    points = {
-        "coord": data["coord"],
-        "color": data["color"],
-        # no normals: zeros, Pointcept's value for "no normal"
-        "normal": data["normal"] if "normal" in data else np.zeros((n, 3), dtype=np.float32),
-    }
+    points = {key: data[key] for key in ("coord", *feat_keys)}
     for key, value in points.items():
         if value.shape != (n, 3):
             raise DataError(f"expected shape ({n}, 3), got {value.shape}", sample=name, field=key)
@@ -254,7 +260,7 @@ def preprocess(data: dict, grid_size: float, rng: np.random.Generator) -> dict:
         NormalizeColor(),
     )
     sampled = apply_transforms(transforms, points, rng)
-    feat = np.concatenate([sampled["coord"], sampled["color"], sampled["normal"]], axis=1).astype(np.float32)
+    feat = np.concatenate([sampled[key] for key in feat_keys], axis=1).astype(np.float32)
     return {
         "feat": feat,
         "grid_coord": sampled["grid_coord"].astype(np.int64),
@@ -286,10 +292,15 @@ def backbone_features(
 
 
 def scene_features(
-    backbone: PointTransformerV3, data: dict, up_cast_levels: int, grid_size: float = 0.02, seed: int = 0
+    backbone: PointTransformerV3,
+    data: dict,
+    up_cast_levels: int,
+    grid_size: float = 0.02,
+    seed: int = 0,
+    feat_keys: tuple[str, ...] = FEAT_KEYS,
 ) -> np.ndarray:
     """(N, C) float32 features of every point of one decoded scene, exactly as `embed` computes them (fp32)."""
-    sample = preprocess(data, grid_size, scene_rng(seed, str(data.get("name", "?"))))
+    sample = preprocess(data, grid_size, scene_rng(seed, str(data.get("name", "?"))), feat_keys)
     with inference(backbone):
         return backbone_features(backbone, [sample], up_cast_levels)[0].float().cpu().numpy()
 
@@ -301,9 +312,10 @@ class PrepareScene:
     """Shard row -> decoded, preprocessed scene. A scene that fails becomes a row carrying its error (and empty
     arrays), so that the driver decides between stopping and skipping. Picklable for Ray Data tasks."""
 
-    def __init__(self, grid_size: float, seed: int):
+    def __init__(self, grid_size: float, seed: int, feat_keys: tuple[str, ...]):
         self.grid_size = grid_size
         self.seed = seed
+        self.feat_keys = feat_keys
 
     def __call__(self, row: dict) -> dict:
         name, split = str(row.get("name", "?")), str(row.get("split", "?"))
@@ -314,7 +326,7 @@ class PrepareScene:
                 "split": split,
                 "error": "",
                 "coord": data["coord"],
-                **preprocess(data, self.grid_size, scene_rng(self.seed, name)),
+                **preprocess(data, self.grid_size, scene_rng(self.seed, name), self.feat_keys),
             }
         except DataError as exc:
             return {
@@ -322,7 +334,7 @@ class PrepareScene:
                 "split": split,
                 "error": str(exc),
                 "coord": np.zeros((0, 3), np.float32),
-                "feat": np.zeros((0, INPUT_CHANNELS), np.float32),
+                "feat": np.zeros((0, input_channels(self.feat_keys)), np.float32),
                 "grid_coord": np.zeros((0, 3), np.int64),
                 "inverse": np.zeros(0, np.int64),
             }
@@ -445,7 +457,7 @@ def run_embed(config: EmbedConfig, progress: bool = True) -> EmbedSummary:
             f"(splits with scene folders: {', '.join(scenes) or 'none'})"
         )
     spec = load_backbone_spec(
-        config.checkpoint, config.model, config.source, config.up_cast_levels, config.endpoint_url
+        config.checkpoint, config.model, config.source, config.up_cast_levels, config.endpoint_url, config.feat_keys
     )
     summary = EmbedSummary(
         checkpoint=spec.uri,
@@ -454,6 +466,7 @@ def run_embed(config: EmbedConfig, progress: bool = True) -> EmbedSummary:
         grid_size=config.grid_size,
         up_cast_levels=spec.up_cast_levels,
         seed=config.seed,
+        feat_keys=list(config.feat_keys),
     )
     _check_same_settings(out, summary)
     every = {(split, name) for split in splits for shard in scenes[split].shards for name in shard.samples}
@@ -506,7 +519,7 @@ def _embed(
     )
     check_shards(sources, config.verify_checksums)
     ds = ray.data.read_datasource(ShardSampleDatasource(sources, config.seed, with_frames=False))
-    ds = ds.map(PrepareScene(config.grid_size, config.seed))
+    ds = ds.map(PrepareScene(config.grid_size, config.seed, config.feat_keys))
     ds = ds.map_batches(
         EmbedScenes,
         fn_constructor_kwargs={"spec": [ray.put(spec)], "out": out, "use_gpu": use_gpu, "amp": config.amp},

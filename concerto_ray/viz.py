@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from concerto_ray.data.presets import FEAT_KEYS
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.sources import SourceConfig, load_sources, read_sample_row
 from concerto_ray.embed import load_backbone_spec, read_scene_features, scene_features
@@ -175,12 +176,13 @@ def images_from_checkpoint(
     grid_size: float = 0.02,
     up_cast_levels: int | None = None,
     endpoint_url: str | None = None,
+    feat_keys: tuple[str, ...] = FEAT_KEYS,
 ) -> dict[str, Path]:
     """The pictures of a scene (default: the first by name) of a shard set, embedded by a checkpoint's backbone
     exactly as `concerto-ray embed` does."""
-    spec = load_backbone_spec(checkpoint, model, source, up_cast_levels, endpoint_url)
+    spec = load_backbone_spec(checkpoint, model, source, up_cast_levels, endpoint_url, feat_keys)
     data = load_scene(shards, scene, split, endpoint_url)
-    feat = scene_features(spec.build(), data, spec.up_cast_levels, grid_size)
+    feat = scene_features(spec.build(), data, spec.up_cast_levels, grid_size, feat_keys=feat_keys)
     return save_feature_images(data["coord"], feat, out_dir, scene=data["name"], query=query, view=view)
 
 
@@ -212,6 +214,7 @@ class FeatureImages:
         *,
         up_cast_levels: int,
         grid_size: float = 0.02,
+        feat_keys: tuple[str, ...] = FEAT_KEYS,
         view: View = "oblique",
     ):
         self.shards = shards
@@ -219,6 +222,7 @@ class FeatureImages:
         self.endpoint_url = endpoint_url
         self.up_cast_levels = up_cast_levels
         self.grid_size = grid_size
+        self.feat_keys = feat_keys
         self.view = view
         self.scene: dict | None = None
 
@@ -234,6 +238,7 @@ class FeatureImages:
             artifact_path,
             up_cast_levels=self.up_cast_levels,
             grid_size=self.grid_size,
+            feat_keys=self.feat_keys,
             view=self.view,
         )
 
@@ -247,12 +252,13 @@ def log_feature_image(
     *,
     up_cast_levels: int,
     grid_size: float = 0.02,
+    feat_keys: tuple[str, ...] = FEAT_KEYS,
     view: View = "oblique",
 ) -> None:
     """Render the PCA picture of `backbone`'s features of `scene` (a decoded scene: name, coord, color, optional
     normal) and log it to MLflow run `run_id` as `<artifact_path>/pca.png`. The backbone's train/eval mode and order
     shuffling are left as they were."""
-    feat = scene_features(backbone, scene, up_cast_levels, grid_size)
+    feat = scene_features(backbone, scene, up_cast_levels, grid_size, feat_keys=feat_keys)
     name = str(scene["name"])
     with tempfile.TemporaryDirectory() as folder:
         png = render(

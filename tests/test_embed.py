@@ -109,6 +109,18 @@ def reference_features(backbone, scene: dict) -> np.ndarray:
     return point.feat[torch.from_numpy(sample["inverse"])].numpy()
 
 
+def test_preprocess_reads_the_named_inputs_only_and_invents_none():
+    rng = np.random.default_rng(0)
+    scene = {"name": "s", "coord": rng.random((500, 3)).astype(np.float32), "color": rng.random((500, 3)) * 255}
+    with pytest.raises(DataError, match=r"sample 's', field 'normal': the scene has no normal.npy"):
+        preprocess(scene, 0.02, scene_rng(0, "s"))  # the default inputs include normals
+    sample = preprocess(scene, 0.02, scene_rng(0, "s"), feat_keys=("coord", "color"))
+    normal = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (500, 1))
+    full = preprocess({**scene, "normal": normal}, 0.02, scene_rng(0, "s"))
+    assert sample["feat"].shape[1] == 6
+    np.testing.assert_array_equal(sample["feat"], full["feat"][:, :6])
+
+
 def _files(out: Path) -> dict[str, int]:
     return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in sorted(out.rglob("*.parquet"))}
 
@@ -198,6 +210,8 @@ def test_checkpoint_layouts_load_the_same_backbone(data, sonata, checkpoint, tmp
         loads(broken)
     with pytest.raises(ConfigError, match="not found"):
         load_backbone_spec(str(tmp_path / "absent.pth"), MODEL)
+    with pytest.raises(ConfigError, match=r"reads 9 input channels; feat_keys \['coord', 'normal'\] make 6"):
+        load_backbone_spec(str(checkpoint), MODEL, feat_keys=("coord", "normal"))
 
 
 def _corrupt_scene(shards: Path, split: str) -> str:

@@ -105,7 +105,9 @@ def make_scene(name: str, n: int = 400, seed: int = 0) -> dict:
     segment = (coord[:, 2] > 0.75).astype(np.int64) + 2 * (coord[:, 0] > 0.75)
     color = (60 * segment[:, None] + rng.integers(0, 40, (n, 3))).astype(np.float32)
     segment[::10] = -1
-    return {"name": name, "coord": coord, "color": color, "segment": segment}
+    normal = np.zeros((n, 3), np.float32)
+    normal[:, 2] = 1.0  # every point on a floor
+    return {"name": name, "coord": coord, "color": color, "normal": normal, "segment": segment}
 
 
 def lattice_scene(name: str = "lattice", side: int = 7) -> dict:
@@ -114,7 +116,8 @@ def lattice_scene(name: str = "lattice", side: int = 7) -> dict:
     coord = (idx * 0.05 + 0.01).astype(np.float32)
     segment = (idx[:, 0] >= side // 2).astype(np.int64)
     color = np.where(segment[:, None] == 1, 200.0, 30.0).repeat(3, axis=1).astype(np.float32)
-    return {"name": name, "coord": coord, "color": color, "segment": segment}
+    normal = np.tile(np.array([[0.0, 0.0, 1.0]], np.float32), (len(coord), 1))
+    return {"name": name, "coord": coord, "color": color, "normal": normal, "segment": segment}
 
 
 def train_batch(seed: int = 0) -> dict:
@@ -301,7 +304,7 @@ def test_fragment_voting_covers_every_point_of_every_pass():
     model = deterministic(build_segmentor(cfg)).train()
     scene = make_scene("dense", n=300)
     scene["coord"] = np.concatenate([scene["coord"], scene["coord"] + 0.001])  # several points per voxel
-    scene = {**scene, **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "segment")}}
+    scene = {**scene, **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "normal", "segment")}}
     votes, _ = scene_probabilities(model, scene, cfg)
     assert votes.shape == (600, 20)
     # Softmax rows sum to 1: every point is voted on at least once per pass.
@@ -323,7 +326,7 @@ def test_test_protocol_presamples_the_scene_and_scores_every_raw_point():
     # every point twice, 1 mm apart: the pre-sampling keeps one point per occupied 1 cm voxel
     scene = {
         **scene,
-        **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "segment")},
+        **{k: np.concatenate([scene[k], scene[k]]) for k in ("color", "normal", "segment")},
         "coord": np.concatenate([scene["coord"], scene["coord"] + 0.001]),
     }
     shifted = CenterShift(apply_z=True)(scene, np.random.default_rng(0))["coord"]
@@ -523,17 +526,25 @@ def test_config_names_resolve_and_bad_input_is_named(tmp_path):
             load_finetune_config(bad)
 
 
-def test_submit_configs_test_the_last_round_on_the_test_split_and_evaluation_settings_are_checked(tmp_path):
+def test_submit_configs_test_the_last_round_on_the_test_split_and_evaluation_and_input_settings_are_checked(tmp_path):
     cfg = load_finetune_config("semseg-ptv3-large-v1m1-2f-scannetpp-ppt-submit")
     assert (cfg.evaluate, cfg.test_last, cfg.submission) == (False, True, True)
     assert (cfg.val_split, cfg.test_splits) == ((), ("test",))
     assert load_finetune_config(TINY).test_splits == ("val",)  # no test_split: the reference's data.test is val
     base = {"data.shards": str(tmp_path), "run.name": "x", "run.storage_path": str(tmp_path)}
+    colourless = load_finetune_run(
+        TINY, {**base, "transform.feat_keys": ["coord", "normal"], "backbone.in_channels": 6}
+    )
+    assert build_segmentor(colourless.finetune).backbone.embedding.stem.linear.in_features == 6
     for overrides, message in (
         ({"evaluate": False}, r"val_split \['val'\]: evaluate is false, so nothing is validated"),
         ({"evaluate": False, "val_split": []}, "evaluate: false leaves no best round to test: set test_last: true"),
         ({"val_split": []}, "val_split: list the splits to validate on, or set evaluate: false"),
         ({"dataset": "s3dis", "submission": True}, "submission: s3dis has no benchmark file format"),
+        (
+            {"transform.feat_keys": ["coord", "color"]},
+            r"transform.feat_keys \['coord', 'color'\] make 6 input channels but backbone.in_channels is 9",
+        ),
     ):
         with pytest.raises(ConfigError, match=message):
             load_finetune_run(TINY, {**base, **overrides})
@@ -550,6 +561,7 @@ def test_class_count_and_ignore_index_overrides_reach_the_label_check(tmp_path):
         "name": "s",
         "coord": np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32),
         "color": np.zeros((50, 3), np.float32),
+        "normal": np.zeros((50, 3), np.float32),
         "segment": np.where(np.arange(50) % 5 == 0, 255, np.arange(50) % 13),
     }
     assert len(semseg_val_transform(transform)(scene, np.random.default_rng(0))["segment"]) > 0

@@ -194,6 +194,10 @@ def test_config_typos_fail_before_ray_starts(dinov2_dir, pretrain_shards, tmp_pa
         load("data.batch_size=2", "optim.grad_accumulation=2")
     with pytest.raises(ConfigError, match="model.image_encoder_weights: '/nonexistent' is neither"):
         load("model.image_encoder_weights=/nonexistent")
+    assert load().model_config().backbone.in_channels == 9
+    assert load("data.pretrain.feat_keys=[coord, normal]").model_config().backbone.in_channels == 6
+    with pytest.raises(ConfigError, match=r"feat_keys: distinct names out of"):
+        load("data.pretrain.feat_keys=[coord, coord]")
     with pytest.raises(ConfigError, match="data.sources_root is still the placeholder"):
         load_pretrain_config(REPO / "configs" / "pretrain-concerto-v1m1-0-base.yaml")
 

@@ -158,15 +158,31 @@ def test_semseg_test_fragments():
     assert extent[0] < extent[1] and fragment["feat"][:, 3:6].max() <= 1
 
 
-def test_same_seed_same_sample_and_missing_normal_is_zero():
+def test_same_seed_same_sample_and_a_missing_input_is_named_never_invented():
     transform = semseg_train_transform(SemsegTransformConfig(grid_size=0.05))
-    a = transform(make_scene(normal=False), np.random.default_rng(7))
-    b = transform(make_scene(normal=False), np.random.default_rng(7))
-    c = transform(make_scene(normal=False), np.random.default_rng(8))
+    a = transform(make_scene(), np.random.default_rng(7))
+    b = transform(make_scene(), np.random.default_rng(7))
+    c = transform(make_scene(), np.random.default_rng(8))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["coord"], c["coord"])
-    assert np.all(a["feat"][:, 6:] == 0)
+    # the config's input reads normals: a scene without them is refused, not given zeros
+    with pytest.raises(DataError, match=r"scene0.*field 'normal'|field 'normal'.*scene0") as error:
+        transform(make_scene(normal=False), np.random.default_rng(7))
+    assert "no normal.npy" in str(error.value) and "feat_keys" in str(error.value)
+    # data without normals (or colours) trains on what it has, in feat_keys' order
+    no_normals = SemsegTransformConfig(grid_size=0.05, feat_keys=("coord", "color"))
+    sample = semseg_val_transform(no_normals)(make_scene(normal=False), np.random.default_rng(7))
+    assert sample["feat"].shape == (len(sample["coord"]), 6)
+    np.testing.assert_array_equal(sample["feat"][:, :3], sample["coord"])
+    colourless = {k: v for k, v in make_scene().items() if k != "color"}
+    no_colours = SemsegTransformConfig(grid_size=0.05, feat_keys=("normal", "coord"))
+    for pipeline in (semseg_train_transform(no_colours), semseg_val_transform(no_colours)):
+        sample = pipeline(colourless, np.random.default_rng(7))
+        np.testing.assert_array_equal(sample["feat"][:, 3:], sample["coord"])
+        np.testing.assert_allclose(np.linalg.norm(sample["feat"][:, :3], axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"feat_keys: distinct names out of \['coord', 'color', 'normal'\]"):
+        SemsegTransformConfig(feat_keys=("coord", "intensity"))
 
 
 def test_bad_input_and_bad_config_are_named():

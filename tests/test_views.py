@@ -11,6 +11,7 @@ from concerto_ray.data.image_views import (
     prepare_frames,
 )
 from concerto_ray.data.presets import PRETRAIN_KEYS, ConcertoPretrainTransformConfig, concerto_pretrain_transform
+from concerto_ray.errors import DataError
 
 FRAME_W, FRAME_H = 200, 150
 CROP, PATCH = 112, 14  # 8 x 8 patch grid
@@ -144,6 +145,20 @@ def test_pretrain_sample_keys_views_and_sizes():
         np.testing.assert_array_equal(feat[:, :3], sample[f"{prefix}_coord"])
         color = sample[f"{prefix}_color"]
         assert color.min() >= 0 and color.max() <= 1
+
+
+def test_pretrain_sample_of_a_scene_without_colours_reads_the_config_inputs_only():
+    data = {key: value for key, value in make_scene().items() if key != "color"}
+    with pytest.raises(DataError, match="no color.npy"):
+        concerto_pretrain_transform(small_config())(data, np.random.default_rng(3))
+    sample = concerto_pretrain_transform(small_config(feat_keys=("coord", "normal")))(data, np.random.default_rng(3))
+    assert set(sample) == set(PRETRAIN_KEYS) - {"global_color", "local_color"} | {"global_feat", "local_feat"}
+    for prefix in ("global", "local"):
+        feat = sample[f"{prefix}_feat"]
+        assert feat.shape == (len(sample[f"{prefix}_coord"]), 6)
+        np.testing.assert_array_equal(feat[:, :3], sample[f"{prefix}_coord"])
+        # normals: unit length or dropped (zero) by RandomDropNormal, as the reference's
+        assert np.all(np.isin(np.round(np.linalg.norm(feat[:, 3:], axis=1), 5), (0.0, 1.0)))
 
 
 def test_correspondence_follows_its_point_through_voxelisation_and_views():

@@ -5,9 +5,11 @@ configs/concerto/semseg-ptv3-base-v1m1-0a-scannet-lin.py) step by step, with the
 ends with that config's Collect: the returned dict holds exactly the keys of one sample of Pointcept's batch, as
 numpy arrays; `concerto_ray.data.collate` turns a list of them into the torch batch.
 
-Input: the decoder's dict (`name`, `coord`, `color` 0..255, optional `normal`, `segment`, `instance`; for
-pre-training also `frames_color` and `frames_correspondence`). A missing `normal` becomes zeros, the value
-Pointcept's RandomDropNormal uses for "no normal", so the feature width stays that of the config.
+Input: the decoder's dict (`name`, `coord`, `color` 0..255, `normal`, `segment`, `instance`; for pre-training
+also `frames_color` and `frames_correspondence`). The model's input concatenates the config's `feat_keys` (Pointcept's
+Collect feat_keys); a scene without one of them is an error, never filled in (Pointcept fails on it too). Data
+without colours or normals leaves them out of `feat_keys` (and the backbone's `in_channels` follows); the colour
+augmentations then pass such a scene through, as the reference's do.
 """
 
 from __future__ import annotations
@@ -62,7 +64,19 @@ PRETRAIN_KEYS = (
     "global_correspondence",
     "img_num",
 )
-FEAT_KEYS = ("coord", "color", "normal")
+POINT_INPUTS = ("coord", "color", "normal")  # the per-point arrays a model input can be built from, 3 channels each
+OPTIONAL_PRETRAIN_KEYS = ("global_color", "local_color")  # absent for scenes without colours
+FEAT_KEYS = POINT_INPUTS  # the feat_keys of every Concerto config
+
+
+def check_feat_keys(feat_keys: tuple[str, ...]) -> None:
+    if not feat_keys or len(set(feat_keys)) != len(feat_keys) or not set(feat_keys) <= set(POINT_INPUTS):
+        raise ConfigError(f"feat_keys: distinct names out of {list(POINT_INPUTS)}, got {list(feat_keys)}")
+
+
+def input_channels(feat_keys: tuple[str, ...]) -> int:
+    """The backbone's `in_channels` for a model input of `feat_keys`."""
+    return 3 * len(feat_keys)
 
 
 @dataclass
@@ -113,8 +127,11 @@ class ConcertoPretrainTransformConfig:
     chromatic_translation_ratio: float = 0.05
     rotate_p: float = 0.8
     geometry: GeometryAugmentConfig = field(default_factory=GeometryAugmentConfig)
+    # The model input, in this order (backbone in_channels: 3 per key); each must be in every scene.
+    feat_keys: tuple[str, ...] = FEAT_KEYS
 
     def __post_init__(self):
+        check_feat_keys(self.feat_keys)
         if self.patch_size < 1 or self.crop_h < self.patch_size or self.crop_w < self.patch_size:
             raise ConfigError(f"crop {self.crop_h}x{self.crop_w} must hold at least one {self.patch_size}-pixel patch")
         if self.crop_h % self.patch_size or self.crop_w % self.patch_size:
@@ -157,8 +174,11 @@ class SemsegTransformConfig:
     test_rotations: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
     test_scales: tuple[float, ...] = (0.95, 1.05)
     test_flip: bool = True
+    # The model input, in this order (backbone in_channels: 3 per key); each must be in every scene.
+    feat_keys: tuple[str, ...] = FEAT_KEYS
 
     def __post_init__(self):
+        check_feat_keys(self.feat_keys)
         if self.grid_size <= 0 or self.point_max < 1:
             raise ConfigError("grid_size and point_max must be positive")
         if self.crop_sample_rate is not None and not 0 < self.crop_sample_rate <= 1:
@@ -214,7 +234,7 @@ def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> Transfo
     )
 
     def transform(data: dict, rng: np.random.Generator) -> dict:
-        data = _checked_points(data)
+        data = _checked_points(data, cfg.feat_keys)
         for key in ("frames_color", "frames_correspondence"):
             if key not in data:
                 raise DataError("pre-training needs camera frames", sample=data["name"], field=key)
@@ -230,10 +250,10 @@ def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> Transfo
         data = {**data, "images": image_augmentation(images, rng), "correspondence": correspondence}
         data = apply_transforms(point_transforms, data, rng)
         data["grid_size"] = cfg.grid_size
-        sample = {key: data[key] for key in PRETRAIN_KEYS}
+        sample = {key: data[key] for key in PRETRAIN_KEYS if key in data or key not in OPTIONAL_PRETRAIN_KEYS}
         sample["img_num"] = np.array([data["img_num"]], dtype=np.int64)
         for prefix in ("global", "local"):
-            sample[f"{prefix}_feat"] = _feat(data, prefix + "_")
+            sample[f"{prefix}_feat"] = _feat(data, cfg.feat_keys, prefix + "_")
         return sample
 
     return transform
@@ -264,7 +284,7 @@ def semseg_train_transform(cfg: SemsegTransformConfig) -> Transform:
 
     def transform(data: dict, rng: np.random.Generator) -> dict:
         data = apply_transforms(transforms, _checked_labelled_points(data, cfg), rng)
-        return _collect_semseg(data, ("coord", "grid_coord", "segment"))
+        return _collect_semseg(data, ("coord", "grid_coord", "segment"), cfg.feat_keys)
 
     return transform
 
@@ -281,7 +301,7 @@ def semseg_val_transform(cfg: SemsegTransformConfig) -> Transform:
 
     def transform(data: dict, rng: np.random.Generator) -> dict:
         data = apply_transforms(transforms, _checked_labelled_points(data, cfg), rng)
-        return _collect_semseg(data, ("coord", "grid_coord", "segment", "origin_segment", "inverse"))
+        return _collect_semseg(data, ("coord", "grid_coord", "segment", "origin_segment", "inverse"), cfg.feat_keys)
 
     return transform
 
@@ -319,7 +339,7 @@ def semseg_test_fragments(data: dict, cfg: SemsegTransformConfig) -> dict:
     for augmentation in semseg_test_augmentations(cfg):
         for fragment in voxelize.fragments(apply_transforms(augmentation, data, rng)):
             fragment = CenterShift(apply_z=False)(fragment, rng)
-            fragment_list.append(_collect_semseg(fragment, ("coord", "grid_coord", "index")))
+            fragment_list.append(_collect_semseg(fragment, ("coord", "grid_coord", "index"), cfg.feat_keys))
     sample = {"segment": data["segment"], "name": data["name"], "fragment_list": fragment_list}
     if cfg.test_presample_grid_size is not None:
         sample.update(origin_segment=data["origin_segment"], inverse=data["inverse"])
@@ -329,24 +349,30 @@ def semseg_test_fragments(data: dict, cfg: SemsegTransformConfig) -> dict:
 # -------------------------------------------------------------------------------------------------- helpers
 
 
-def _checked_points(data: dict) -> dict:
-    """The fields every pipeline reads, with a zero `normal` added where the scene has none."""
+def _checked_points(data: dict, feat_keys: tuple[str, ...]) -> dict:
+    """The fields every pipeline reads: name, coord, segment and each of the model input's `feat_keys`."""
     name = str(data.get("name", "?"))
-    for key in ("name", "coord", "color", "segment"):
+    for key in ("name", "coord", "segment"):
         if key not in data:
             raise DataError("missing", sample=name, field=key)
+    for key in feat_keys:
+        if key not in data:
+            raise DataError(
+                f"the scene has no {key}.npy, which the model input reads (feat_keys {list(feat_keys)}); for data "
+                f"without it, leave it out of feat_keys and set the backbone's in_channels to 3 per key",
+                sample=name,
+                field=key,
+            )
     n = len(data["coord"])
-    for key in ("coord", "color", "normal"):
+    for key in POINT_INPUTS:
         if key in data and data[key].shape != (n, 3):
             raise DataError(f"expected shape ({n}, 3), got {data[key].shape}", sample=name, field=key)
-    if "normal" not in data:
-        data = {**data, "normal": np.zeros((n, 3), dtype=np.float32)}
     return data
 
 
 def _checked_labelled_points(data: dict, cfg: SemsegTransformConfig) -> dict:
     """`_checked_points`, plus segment labels that are `cfg.ignore_index` or in [0, cfg.num_classes)."""
-    data = _checked_points(data)
+    data = _checked_points(data, cfg.feat_keys)
     segment = data["segment"]
     upper = np.inf if cfg.num_classes is None else cfg.num_classes
     bad = (segment != cfg.ignore_index) & ((segment < 0) | (segment >= upper))
@@ -361,12 +387,12 @@ def _checked_labelled_points(data: dict, cfg: SemsegTransformConfig) -> dict:
     return data
 
 
-def _feat(data: dict, prefix: str = "") -> np.ndarray:
-    return np.concatenate([data[prefix + key] for key in FEAT_KEYS], axis=1).astype(np.float32)
+def _feat(data: dict, feat_keys: tuple[str, ...], prefix: str = "") -> np.ndarray:
+    return np.concatenate([data[prefix + key] for key in feat_keys], axis=1).astype(np.float32)
 
 
-def _collect_semseg(data: dict, keys: tuple[str, ...]) -> dict:
+def _collect_semseg(data: dict, keys: tuple[str, ...], feat_keys: tuple[str, ...]) -> dict:
     sample = {key: data[key] for key in keys}
-    sample["feat"] = _feat(data)
+    sample["feat"] = _feat(data, feat_keys)
     sample["offset"] = np.array([len(data["coord"])], dtype=np.int64)
     return sample

@@ -423,6 +423,8 @@ class RandomColorJitter:
     p: float = 0.95
 
     def __call__(self, data: dict, rng: np.random.Generator) -> dict:
+        if "color" not in data:
+            return data
         order = rng.permutation(4)
         factors = [
             None if x == 0 else rng.uniform(max(1 - x, 0.0), 1 + x)

@@ -72,7 +72,7 @@ class MultiViewGenerator:
         globals_ = [apply_transforms(self.global_transforms, _view(shared, index), rng) for index in global_indices]
         locals_ = [apply_transforms(self.local_transforms, _view(data, index), rng) for index in local_indices]
         for prefix, views in (("global", globals_), ("local", locals_)):
-            for key in VIEW_KEYS:
+            for key in (key for key in VIEW_KEYS if key in data):
                 data[f"{prefix}_{key}"] = np.concatenate([view[key] for view in views], axis=0)
             data[f"{prefix}_offset"] = np.cumsum([len(view["coord"]) for view in views])
         return data
@@ -99,4 +99,4 @@ class MultiViewGenerator:
 
 
 def _view(data: dict, index: np.ndarray) -> dict:
-    return {key: data[key][index] for key in VIEW_KEYS}
+    return {key: data[key][index] for key in VIEW_KEYS if key in data}  # colours and normals where the scene has them

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from concerto_ray.config import find_config, load_yaml, shipped_config_names
-from concerto_ray.data.presets import SemsegTransformConfig
+from concerto_ray.data.presets import SemsegTransformConfig, input_channels
 from concerto_ray.errors import ConfigError
 from concerto_ray.finetune.submission import SUBMISSION_DATASETS
 from concerto_ray.model.ptv3 import PTv3Config
@@ -215,6 +215,16 @@ class FinetuneConfig:
                 f"lr and block_lr must be > 0 and weight_decay >= 0, got lr={self.lr}, "
                 f"block_lr={self.block_lr}, weight_decay={self.weight_decay}"
             )
+        for where, transform in [("transform", self.transform)] + [
+            (f"ppt.sources[{i}].transform", source.transform)
+            for i, source in enumerate(self.ppt.sources if self.ppt else ())
+            if source.transform is not None
+        ]:
+            if input_channels(transform.feat_keys) != self.backbone.in_channels:
+                raise ConfigError(
+                    f"{where}.feat_keys {list(transform.feat_keys)} make {input_channels(transform.feat_keys)} input "
+                    f"channels but backbone.in_channels is {self.backbone.in_channels}"
+                )
         if self.ppt is not None:
             if self.mode != "ft":
                 raise ConfigError(f"ppt trains the whole model: mode must be 'ft', not {self.mode!r}")

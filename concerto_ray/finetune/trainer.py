@@ -389,7 +389,11 @@ class FinetuneWorker:
         # One fixed validation scene's feature picture at every evaluation, so a run can be judged by eye in MLflow.
         self.feature_images = (
             FeatureImages(
-                run.data.shards, cfg.val_split[0], run.data.endpoint_url, up_cast_levels=self.segmentor.up_cast_levels
+                run.data.shards,
+                cfg.val_split[0],
+                run.data.endpoint_url,
+                up_cast_levels=self.segmentor.up_cast_levels,
+                feat_keys=cfg.transform.feat_keys,
             )
             if cfg.evaluate
             else None

@@ -21,6 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from concerto_ray.config import find_config, from_dict
 from concerto_ray.data.pipeline import StreamConfig
+from concerto_ray.data.presets import input_channels
 from concerto_ray.data.sources import EpochPlan, field_name, load_sources
 from concerto_ray.data.storage import S3_SCHEME
 from concerto_ray.errors import ConfigError
@@ -152,6 +153,8 @@ class PretrainConfig:
     def model_config(self) -> SonataConfig | ConcertoConfig:
         """The named model config with this run's overrides applied."""
         config = get_model_config(self.model.name)
+        # The backbone reads what the data pipeline feeds it: 3 channels per input array (9 for the paper's data).
+        config.backbone.in_channels = input_channels(self.data.pretrain.feat_keys)
         if isinstance(config, ConcertoConfig):
             if self.model.image_encoder_weights is not None:
                 config.image_encoder.weights = self.model.image_encoder_weights

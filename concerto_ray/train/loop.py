@@ -129,6 +129,7 @@ class Worker:
             source.splits[0] if source.splits else None,
             config.data.endpoint_url,
             up_cast_levels=model_config.up_cast_level,
+            feat_keys=config.data.pretrain.feat_keys,
         )
         self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(config.run.run_uri, config.run.endpoint_url)
