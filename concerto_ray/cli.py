@@ -49,6 +49,44 @@ def _prepare(args: argparse.Namespace) -> None:
     print(manifest.summary())
 
 
+def _ingest(args: argparse.Namespace) -> None:
+    from concerto_ray.console import default_log_file, start_ray
+    from concerto_ray.ingest import IngestConfig, run_ingest
+
+    if args.shards and args.out.startswith("s3://"):
+        raise ConfigError("--shards runs prepare on OUT, which reads a local or shared folder: give OUT as one")
+    config = IngestConfig(
+        src=args.src,
+        out=args.out,
+        split=args.split,
+        labels=args.labels,
+        skip_bad=args.skip_bad,
+        endpoint_url=args.endpoint_url,
+    )
+    start_ray(default_log_file("ingest"))  # Ray Data's progress logs go to the log file
+    print(run_ingest(config).text())
+    if args.shards:  # then `prepare OUT SHARDS`, every split, with the options ingest takes
+        shards = {"src": args.out, "dest": args.shards, "splits": None, "dataset_name": None, "workers": None}
+        _prepare(argparse.Namespace(**{**vars(args), **shards}))
+
+
+def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `ingest` (and of jobs/ingest.py)."""
+    p.add_argument("src", help="folder of point-cloud files: SRC/<split>/<scene>.<ext> (or SRC/<scene>.<ext>, --split)")
+    p.add_argument("out", help="the dataset root to write (local or shared folder, or s3://bucket/prefix)")
+    p.add_argument("--split", help="SRC's files are the scenes of this split (default: SRC's subfolders are splits)")
+    p.add_argument(
+        "--labels",
+        action="store_true",
+        help="write per-point labels as segment.npy (PLY segment/label/class, LAS classification, NPZ segment)",
+    )
+    p.add_argument("--skip-bad", action="store_true", help="skip (and list) files that cannot be read")
+    p.add_argument("--shards", help="then run `prepare OUT SHARDS` (local or s3://) with the options below")
+    p.add_argument("--format", choices=("parquet", "webdataset"), default="parquet", help="with --shards")
+    p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MB, with --shards")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+
+
 def _stream(args: argparse.Namespace) -> None:
     import ray
     import yaml
@@ -317,6 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_prepare_arguments(p)
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser(
+        "ingest",
+        formatter_class=fmt,
+        help="plain point-cloud files (PLY, LAS/LAZ, NPY, NPZ) to a dataset root, with Ray Data",
+        description="Read one point-cloud file per scene in Ray Data tasks across the cluster and write the "
+        "scene folders of Pointcept's processed layout (coord, and color / normal / segment where the files have "
+        "them; nothing is filled in). Resumable: finished scenes are skipped. OUT is then a root for `prepare` "
+        "(or pass --shards). Uses RAY_ADDRESS if set, else a local Ray. Same as `python jobs/ingest.py`.",
+    )
+    add_ingest_arguments(p)
+    p.set_defaults(func=_ingest)
 
     p = sub.add_parser(
         "stream",

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = [
     ["synth"],
     ["prepare"],
+    ["ingest"],
     ["stream"],
     ["finetune"],
     ["sweep"],
