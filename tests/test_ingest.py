@@ -3,12 +3,14 @@ dataset root that `prepare` shards and the loader decodes back to the files' own
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import laspy
 import numpy as np
 import pytest
+import torch
 from plyfile import PlyData, PlyElement
 
 from concerto_ray.cli import main as cli_main
@@ -16,7 +18,10 @@ from concerto_ray.data.point_files import read_point_file
 from concerto_ray.data.presets import SemsegTransformConfig, semseg_val_transform
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_shards
+from concerto_ray.embed import EmbedConfig, read_scene_features, run_embed
 from concerto_ray.errors import ConfigError, DataError
+from concerto_ray.finetune.run_config import load_finetune_run
+from concerto_ray.finetune.trainer import run_finetune
 from concerto_ray.ingest import IngestConfig, run_ingest
 
 
@@ -152,3 +157,45 @@ def test_ingest_refuses_what_it_cannot_map_to_scenes(tmp_path):
     np.savez(tmp_path / "a" / "x.npz", coord=np.zeros((5, 3)))
     with pytest.raises(ConfigError, match=r"scenes \['x'\] have more than one file"):
         run_ingest(IngestConfig(str(tmp_path), str(tmp_path / "out")), progress=False)
+
+
+def test_clouds_without_normals_fine_tune_and_embed_on_their_own_inputs(ray_local, mlflow_server, tmp_path):
+    """Own PLY scans (colours and labels, no normals) -> ingest -> prepare -> a fine-tuning run reading
+    [coord, color] into a 6-channel backbone -> embed with its checkpoint; nothing stands in for the normals."""
+    src, shards = tmp_path / "scans", tmp_path / "shards"
+    for i in range(4):
+        write_ply(src / ("val" if i == 3 else "train") / f"room{i}.ply", cloud(1500, i), with_normals=False)
+    assert cli_main(["ingest", str(src), str(tmp_path / "root"), "--labels", "--shards", str(shards)]) == 0
+    run = load_finetune_run(
+        "semseg-tiny-lin",
+        {
+            "data.shards": str(shards),
+            "data.segment_asset": "segment",  # ingest's label array (a ScanNet config reads segment20)
+            "run.name": "own-scans",
+            "run.storage_path": str(tmp_path / "runs"),
+            "run.cpus_per_worker": 0.5,
+            "mlflow.tracking_uri": mlflow_server,
+            "mix_prob": 0.0,
+            "epochs": 2,
+            "eval_epochs": 1,
+            "num_classes": 5,
+            "class_names": ["a", "b", "c", "d", "e"],
+            "transform.feat_keys": ["coord", "color"],
+            "backbone.in_channels": 6,
+            "transform.test_rotations": [0.0],
+            "transform.test_scales": [],
+            "transform.test_flip": False,
+        },
+    )
+    result = run_finetune(run)
+    assert 0 <= result.metrics["test_miou"] <= 1
+    checkpoint = Path(result.checkpoint.path)
+    stem = torch.load(checkpoint / "model.pt", weights_only=True)["state_dict"]["backbone.embedding.stem.linear.weight"]
+    assert stem.shape[1] == 6
+    config = EmbedConfig(str(checkpoint), str(shards), str(tmp_path / "features"), model="tiny-sonata")
+    with pytest.raises(ConfigError, match=r"reads 6 input channels; feat_keys \['coord', 'color', 'normal'\] make 9"):
+        run_embed(config, progress=False)
+    summary = run_embed(dataclasses.replace(config, feat_keys=("coord", "color")), progress=False)
+    assert summary.embedded == 4
+    name, coord, feat = read_scene_features(str(tmp_path / "features"), "room0")
+    assert coord.shape == (1500, 3) and len(feat) == 1500
