@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from concerto_ray.config import to_dict
+from concerto_ray.data.correspondence import no_correspondence, projected_correspondences
 from concerto_ray.data.flavors import FLAVORS, SCANNETPP_CHUNK_SPLIT, flavor
 from concerto_ray.data.scannet_classes import IGNORE_INDEX, class_id
 from concerto_ray.errors import ConfigError
@@ -639,7 +640,7 @@ def _sample_points(scene: _Scene, faces: _Faces, count: int, rng) -> tuple[np.nd
 
 
 # --------------------------------------------------------------------------------------------------
-# Cameras, ray casting, correspondences
+# Cameras and ray casting
 
 
 def _intrinsic(width: int, height: int) -> np.ndarray:
@@ -744,29 +745,6 @@ def _box_pixels(
     return (np.arange(r0, r1)[:, None] * width + np.arange(c0, c1)[None, :]).ravel()
 
 
-def correspondences(coord: np.ndarray, depth_mm: np.ndarray, intrinsic: np.ndarray, pose: np.ndarray) -> np.ndarray:
-    """Rows [column, row, point index] of the points a view sees, or -np.ones((1, 3)) if it sees none.
-
-    A point is seen at the pixel it projects to (nearest pixel centre) when its camera depth agrees
-    with the depth image there within DEPTH_TOLERANCE_M; points behind another surface do not.
-    """
-    world_to_camera = np.linalg.inv(pose.astype(np.float64))
-    camera = coord.astype(np.float64) @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]
-    z = camera[:, 2]
-    in_front = z > 1e-6
-    with np.errstate(divide="ignore", invalid="ignore"):
-        column = np.rint(intrinsic[0, 0] * camera[:, 0] / z + intrinsic[0, 2])
-        row = np.rint(intrinsic[1, 1] * camera[:, 1] / z + intrinsic[1, 2])
-    height, width = depth_mm.shape
-    index = np.flatnonzero(in_front & (column >= 0) & (column < width) & (row >= 0) & (row < height))
-    column, row = column[index].astype(np.int64), row[index].astype(np.int64)
-    surface = depth_mm[row, column] / 1000.0
-    seen = (surface > 0) & (np.abs(z[index] - surface) < DEPTH_TOLERANCE_M)
-    if not seen.any():
-        return -np.ones((1, 3))
-    return np.stack([column[seen], row[seen], index[seen]], axis=1).astype(np.float64)
-
-
 # --------------------------------------------------------------------------------------------------
 # One synthetic scene, before it is written in a flavour's files
 
@@ -776,7 +754,7 @@ class _View:
     rgb: np.ndarray  # (H, W, 3) uint8
     depth_mm: np.ndarray  # (H, W) uint16, 0 = no surface
     pose: np.ndarray  # (4, 4) float32 camera-to-world
-    correspondence: np.ndarray  # (M, 3) float64 [column, row, point index], or -np.ones((1, 3))
+    correspondence: np.ndarray  # (M, 3) float64 [column, row, point index], or no_correspondence()
 
 
 @dataclass
@@ -812,7 +790,9 @@ def _generate(config: SynthConfig, rng, lifted: bool) -> _Synthetic:
     if lifted:
         return _lift(faces, intrinsic, rendered)
     views = [
-        _View(rgb, depth_mm, pose, correspondences(coord, depth_mm, intrinsic, pose))
+        _View(
+            rgb, depth_mm, pose, projected_correspondences(coord, depth_mm / 1000.0, intrinsic, pose, DEPTH_TOLERANCE_M)
+        )
         for pose, _face, rgb, depth_mm in rendered
     ]
     return _Synthetic(
@@ -833,7 +813,7 @@ def _lift(faces: _Faces, intrinsic: np.ndarray, rendered: list) -> _Synthetic:
         face_ids.append(pixel_face[row, column])
         index = np.arange(count, count + len(row))
         count += len(row)
-        table = np.stack([column, row, index], axis=1).astype(np.float64) if len(row) else -np.ones((1, 3))
+        table = np.stack([column, row, index], axis=1).astype(np.float64) if len(row) else no_correspondence()
         views.append(_View(rgb, depth_mm, pose, table))
     face = np.concatenate(face_ids)
     return _Synthetic(
