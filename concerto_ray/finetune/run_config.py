@@ -313,17 +313,15 @@ def _plan_joint(run: FinetuneRun, manifest: Manifest) -> FinetunePlan:
 
 
 def _evaluation_scenes(run: FinetuneRun, manifest: Manifest) -> dict[str, list[str]]:
-    """The plan's val_scenes (none with `evaluate` off) and test_scenes."""
+    """The plan's val_scenes (none with `evaluate` off) and test_scenes (`test_split`, else the val_scenes)."""
     cfg = run.finetune
-    fields = {"val_scenes": ("val_split", cfg.val_split), "test_scenes": ("test_split", cfg.test_split)}
-    if not cfg.test_split:
-        fields["test_scenes"] = fields["val_scenes"]
     scenes = {}
-    for key, (name, splits) in fields.items():
+    for key, name in (("val_scenes", "val_split"), ("test_scenes", "test_split")):
+        splits = getattr(cfg, name)
         scenes[key] = _split_samples(manifest, run.data.shards, splits, f"finetune.{name}")
         if splits and not scenes[key]:
             raise ConfigError(f"finetune.{name} {list(splits)} has no samples to evaluate on")
-    return scenes
+    return {**scenes, "test_scenes": scenes["test_scenes"] or scenes["val_scenes"]}
 
 
 def _split_samples(manifest: Manifest, uri: str, splits: tuple[str, ...], where: str) -> list[str]:

@@ -259,18 +259,17 @@ class DecodeScene:
 
     KEYS = ("name", "coord", "color", "normal", "segment")
 
-    def __init__(self, segment_asset: str | None, labels_optional: bool = False):
+    def __init__(self, segment_asset: str, labels_optional: bool = False):
         self.segment_asset = segment_asset
         self.labels_optional = labels_optional
 
     def __call__(self, row: dict) -> dict:
         record = row_to_record(row)
-        assets = (self.segment_asset,) if self.segment_asset else ("segment", "segment20")  # decode_record's choice
-        if not self.labels_optional or any(asset in record.point_assets for asset in assets):
+        if self.labels_optional and self.segment_asset not in record.point_assets:
+            data = decode_record(record, with_frames=False)
+            data["segment"] = np.full_like(data["segment"], -1)  # no other label array may stand in
+        else:
             data = decode_record(record, segment_asset=self.segment_asset, with_frames=False, require_labels=True)
-        else:  # no other label array may stand in for the missing one
-            data = decode_record(record, segment_asset=None, with_frames=False)
-            data["segment"] = np.full_like(data["segment"], -1)
         return {key: data[key] for key in self.KEYS if key in data}
 
 
