@@ -90,6 +90,11 @@ class IngestScene:
 
     def __call__(self, row: dict) -> dict:
         result = {"split": row["split"], "scene": row["scene"], "source": row["source"], "error": "", "points": 0}
+        if not Path(row["source"]).is_file():  # not a bad file, which --skip-bad would pass over: a bad setup
+            raise FileNotFoundError(
+                f"{row['source']} is not on the node {ray.util.get_node_ip_address()}: SRC must be a folder that "
+                f"every node of the cluster reads at the same path (a shared file system)"
+            )
         try:
             cloud = read_point_file(Path(row["source"]), self.labels)
         except DataError as exc:

@@ -14,6 +14,7 @@ import torch
 from plyfile import PlyData, PlyElement
 
 from concerto_ray.cli import main as cli_main
+from concerto_ray.data import storage
 from concerto_ray.data.point_files import read_point_file
 from concerto_ray.data.presets import SemsegTransformConfig, semseg_val_transform
 from concerto_ray.data.record import decode_record, row_to_record
@@ -22,7 +23,7 @@ from concerto_ray.embed import EmbedConfig, read_scene_features, run_embed
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.finetune.run_config import load_finetune_run
 from concerto_ray.finetune.trainer import run_finetune
-from concerto_ray.ingest import IngestConfig, run_ingest
+from concerto_ray.ingest import IngestConfig, IngestScene, run_ingest
 
 
 def cloud(n: int, seed: int) -> dict[str, np.ndarray]:
@@ -147,6 +148,13 @@ def test_ingest_writes_a_root_that_prepare_shards_and_the_loader_reads_back(ray_
         scene, np.random.default_rng(0)
     )
     assert sample["feat"].shape[1] == 6
+
+
+def test_a_scene_file_a_node_cannot_see_stops_the_task_instead_of_counting_as_bad(tmp_path):
+    out = storage.resolve(tmp_path / "out")
+    row = {"split": "train", "scene": "a", "source": str(tmp_path / "elsewhere" / "a.ply")}
+    with pytest.raises(FileNotFoundError, match=r"elsewhere/a.ply is not on the node .*: SRC must be a folder"):
+        IngestScene(out, labels=False)(row)
 
 
 def test_ingest_refuses_what_it_cannot_map_to_scenes(tmp_path):
