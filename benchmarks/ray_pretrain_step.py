@@ -56,6 +56,32 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain-tiny.yaml"
 PROFILE_FIRST = 6  # the first profiled optimizer step (0-based): past start-up
 
 
+def write_inputs(work: Path, model_name: str, scenes: int, points: int, views: int, width: int, height: int) -> Path:
+    """Synthetic train scenes and their shards in `work/shards`, and a random-weight DINOv2 of the model config's
+    architecture (no downloads), unless `work` has them from an earlier invocation; returns the DINOv2 folder."""
+    started = time.perf_counter()
+    if not (work / "shards").exists():
+        write_synthetic_dataset(
+            work / "scenes",
+            SynthConfig(
+                scenes=scenes,
+                points_per_scene=points,
+                views_per_scene=views,
+                image_width=width,
+                image_height=height,
+                splits={"train": 1.0},
+            ),
+            progress=False,
+        )
+        prepare(work / "scenes", str(work / "shards"), target_shard_mb=16, progress=False)
+        print(f"scenes and shards written in {time.perf_counter() - started:.0f} s")
+    dinov2 = work / f"dinov2-{model_name}"
+    if not dinov2.exists():
+        torch.manual_seed(0)
+        Dinov2WithRegistersModel(get_model_config(model_name).image_encoder.architecture()).save_pretrained(dinov2)
+    return dinov2
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=CONFIG)
@@ -79,28 +105,9 @@ def main() -> None:
     width, height = (int(v) for v in args.image_size.split("x"))
 
     work = args.work or Path(tempfile.mkdtemp(prefix="concerto-ray-step-"))
-    started = time.perf_counter()
-    if not (work / "shards").exists():
-        write_synthetic_dataset(
-            work / "scenes",
-            SynthConfig(
-                scenes=args.scenes,
-                points_per_scene=args.points,
-                views_per_scene=args.views,
-                image_width=width,
-                image_height=height,
-                splits={"train": 1.0},
-            ),
-            progress=False,
-        )
-        prepare(work / "scenes", str(work / "shards"), target_shard_mb=16, progress=False)
-        print(f"scenes and shards written in {time.perf_counter() - started:.0f} s")
-    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     model_name = yaml.safe_load(args.config.read_text())["model"]["name"]
-    dinov2 = work / f"dinov2-{model_name}"
-    if not dinov2.exists():
-        torch.manual_seed(0)  # a frozen DINOv2 of the config's architecture with random weights (no downloads)
-        Dinov2WithRegistersModel(get_model_config(model_name).image_encoder.architecture()).save_pretrained(dinov2)
+    dinov2 = write_inputs(work, model_name, args.scenes, args.points, args.views, width, height)
+    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     profiled = range(PROFILE_FIRST + 1, PROFILE_FIRST + args.profile_steps + 2) if args.profile_steps else range(0)
 
     counts = [int(n) for n in args.workers.split(",")] if args.workers else [None]

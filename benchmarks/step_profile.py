@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from torch.autograd import DeviceType
+
 WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 OWN_CODE = ("concerto_ray/", "benchmarks/")
 
@@ -47,15 +49,17 @@ def summarize(prof, steps: int, wall_s: float, top: int = 15) -> dict:
     copies = defaultdict(lambda: [0, 0.0])  # kind -> [count, device us]
     waits = defaultdict(lambda: [0, 0.0])  # frame -> [count, host us]
     for event in prof.events():
-        for kernel in event.kernels:
-            busy.append((kernel.time_range.start, kernel.time_range.end))
-            if kernel.name.startswith("Memcpy"):
+        if event.device_type == DeviceType.CUDA:  # a kernel, copy or memset, as the device ran it
+            duration = event.time_range.elapsed_us()
+            busy.append((event.time_range.start, event.time_range.end))
+            if event.name.startswith("Memcpy"):
                 # e.g. "Memcpy HtoD (Pageable -> Device)"
-                entry = copies[kernel.name]
+                entry = copies[event.name]
                 entry[0] += 1
-                entry[1] += kernel.duration
-            elif not kernel.name.startswith("Memset"):
-                kernels.append(kernel.duration)
+                entry[1] += duration
+            elif not event.name.startswith("Memset"):
+                kernels.append(duration)
+            continue
         if event.name.startswith(WAITS):
             entry = waits[f"{event.name}  <-  {own_frame(event)}"]
             entry[0] += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import socket
@@ -10,6 +12,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
 import pytest
@@ -158,3 +161,108 @@ def sweep_scenes(tmp_path_factory):
         progress=False,
     )
     return root
+
+
+@pytest.fixture
+def inject_faults(monkeypatch):
+    """Make `run_pretrain` run the product's worker with faults on rank 0 (the product has no fault hooks):
+    `exit_before_step`: the worker process ends abruptly (os._exit) just before that optimizer step (1-based),
+    once Ray Train has recorded the latest checkpoint, unless its attempt started from a checkpoint (so that a
+    restart runs on); `nonfinite_steps`: the loss of those optimizer steps is multiplied by NaN; `record_to`: every
+    worker appends to `<record_to>/rank<R>.jsonl` the sample names it reads from its stream ("read", with the epoch)
+    and those of each optimizer step ("step"), and whether its attempt started from a checkpoint."""
+
+    import concerto_ray.train.trainer
+    from concerto_ray.config import from_dict
+    from concerto_ray.train.config import PretrainConfig
+    from concerto_ray.train.loop import CHECKPOINT_DIR_FORMAT, Worker
+    from concerto_ray.train.runtime import epoch_steps
+
+    def inject(
+        exit_before_step: int | None = None, nonfinite_steps: tuple[int, ...] = (), record_to: Path | None = None
+    ) -> None:
+        def wait_for_recorded_checkpoint(config: PretrainConfig, step: int, timeout_s: float = 300) -> None:
+            """Wait until Ray Train's record of the (local) run lists the latest checkpoint at or before `step`:
+            a worker reports a checkpoint without waiting for the controller to take note of it, and a failure
+            before that would restart from an older one."""
+            latest = CHECKPOINT_DIR_FORMAT.format(step - step % config.run.checkpoint_every)
+            record = Path(config.run.storage_path) / config.run.name / "checkpoint_manager_snapshot.json"
+            deadline = time.monotonic() + timeout_s
+            while step >= config.run.checkpoint_every and latest not in (record.read_text() if record.exists() else ""):
+                assert time.monotonic() < deadline, f"Ray Train did not record {latest} in {timeout_s} s"
+                time.sleep(0.5)
+
+        def record_samples(worker: Worker, path: Path, restarted: bool) -> None:
+            """Log what `worker` reads and trains on, in its own process (a closure: shipped by value)."""
+            import concerto_ray.train.loop as loop_module
+
+            def write(**event) -> None:
+                with path.open("a") as file:
+                    file.write(json.dumps(dict(event, restarted=restarted)) + "\n")
+
+            def recorded_epoch_steps(batches, *args, **kwargs):
+                epoch = worker.progress.epoch
+
+                def read():
+                    for batch in batches:
+                        write(kind="read", epoch=epoch, names=list(batch["name"]))
+                        yield batch
+
+                return epoch_steps(read(), *args, **kwargs)
+
+            loop_module.epoch_steps = recorded_epoch_steps
+            step = worker.optimizer_step
+
+            def recorded_step(micro_batches):
+                write(
+                    kind="step",
+                    step=worker.progress.global_step + 1,
+                    names=[n for b in micro_batches for n in b["name"]],
+                )
+                return step(micro_batches)
+
+            worker.optimizer_step = recorded_step
+
+        if record_to is not None:
+            record_to.mkdir(parents=True, exist_ok=True)
+
+        def faulty_loop(loop_config: dict) -> None:  # a closure: Ray ships it to the workers by value
+            config = from_dict(PretrainConfig, loop_config["config"])
+            worker = Worker(
+                config,
+                loop_config["steps_per_epoch"],
+                loop_config["tracking_uri"],
+                loop_config["mlflow_run_id"],
+                keep_short_batch=loop_config["keep_short_batch"],
+                stream_position=loop_config["stream_position"],
+            )
+            restarted = ray.train.get_checkpoint() is not None
+            if record_to is not None:
+                record_samples(worker, record_to / f"rank{worker.rank}.jsonl", restarted)
+            if worker.rank == 0:
+
+                def before_forward(module, args):
+                    if worker.progress.global_step + 1 == exit_before_step and not restarted:
+                        wait_for_recorded_checkpoint(config, worker.progress.global_step)
+                        os._exit(1)
+
+                def after_forward(module, args, losses):
+                    if worker.progress.global_step + 1 in nonfinite_steps:
+                        return dict(losses, loss=losses["loss"] * math.nan)
+                    return None
+
+                worker.ssl_model.register_forward_pre_hook(before_forward)
+                worker.ssl_model.register_forward_hook(after_forward)
+            worker.run()
+
+        monkeypatch.setattr(concerto_ray.train.trainer, "train_loop_per_worker", faulty_loop)
+
+    return inject
+
+
+def recorded(folder: Path) -> dict[int, list[dict]]:
+    """Each rank's events, as `record_samples` wrote them."""
+    return {
+        int(path.stem.removeprefix("rank")): [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted(folder.glob("rank*.jsonl"))
+    }

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from concerto_ray.config import to_dict
 from concerto_ray.data.presets import SemsegTransformConfig, semseg_train_transform
 from concerto_ray.data.shards import prepare, read_manifest
+from concerto_ray.data.sources import StreamPosition
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.data.transforms import (
     SAMPLED_INDEX,
@@ -234,7 +235,9 @@ def test_a_round_streams_the_planned_samples_with_padding(ray_local, scannet_sha
     plan = plan_finetune(run)
     assert (plan.round.loop, plan.round.samples_per_worker, plan.round.padding, plan.round.steps) == (2, 3, 3, 3)
     # 12 samples of the repeated scenes plus 3 of the padding pass: 5 workers x 3
-    assert training_dataset(run, plan).count() == 15
+    position = StreamPosition()
+    position.set(0)
+    assert training_dataset(run, plan, position).count() == 15
 
 
 # ------------------------------------------------------------------------ evaluation shares, AMP loss scaling

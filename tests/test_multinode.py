@@ -81,8 +81,8 @@ def pretrain(cluster: MultiNodeCluster, sets: list[str], log: Path, **env: str) 
 
 
 def driver_query(cluster: MultiNodeCluster, script: str):
-    """Run `script` as a driver of `cluster` in a subprocess (this process belongs to conftest's Ray); the JSON it
-    prints last."""
+    """Run `script` as a driver of `cluster` in a subprocess (this process belongs to conftest's Ray); the JSON object
+    it prints last."""
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)],
         env=cluster.driver_env(),
@@ -91,7 +91,8 @@ def driver_query(cluster: MultiNodeCluster, script: str):
         timeout=180,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # Ray may print notices (a node's lost heartbeats) after it: the JSON is the last line that is an object.
+    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
 
 
 def train_run(cluster: MultiNodeCluster, run_name: str) -> dict:
@@ -234,3 +235,64 @@ def read_object(s3, bucket: str, key: str) -> str:
         return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
     except s3.exceptions.NoSuchKey:
         return ""
+
+
+@pytest.mark.slow
+def test_an_elastic_run_shrinks_to_the_nodes_left_and_grows_back(
+    cluster, s3_inputs, s3_server, mlflow_server, tmp_path
+):
+    """`run.min_workers`: two nodes that fit one training worker each (3 CPUs, 2.5 a worker; the module's 2-CPU
+    nodes fit none and run the data tasks). One is killed: the run goes on with 1 worker. A node is added: it grows
+    back to 2. The global batch, so every step, stays as planned: each optimizer step is logged once, with 2
+    samples, and each epoch trains on each sample once (`run.log_sample_names`)."""
+    name, epochs = "mn-elastic", 25  # 50 steps: room for a node to start while the 1-worker attempt trains
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    first, second = cluster.add_node(cpus=3), cluster.add_node(cpus=3)
+    sets = overrides(s3_inputs, s3_server, mlflow_server, name)
+    sets += [f"run.epochs={epochs}", "run.min_workers=1", "run.cpus_per_worker=2.5", "run.resize_check_s=5"]
+    sets += ["run.log_sample_names=true"]
+    log = tmp_path / "driver.log"
+    driver = pretrain(cluster, sets, log)
+
+    wait_for_first_checkpoint(driver, log, s3, s3_server.bucket, f"multinode-runs/{name}/")
+    assert sorted(cluster.nodes_running("RayTrainWorker")) == [first, second]
+    cluster.kill_node(second)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not any(len(a["node_ids"]) == 1 and a["status"] == "RUNNING" for a in train_run(cluster, name)["attempts"]):
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    # The lone worker trains and checkpoints (its steps' metrics are sent with a checkpoint) before the group grows.
+    client = MlflowClient(mlflow_server)
+    run_id = json.loads(read_object(s3, s3_server.bucket, f"multinode-runs/{name}/{RUN_ID_FILE}"))["run_id"]
+    shrunk_at = len(client.get_metric_history(run_id, "loss"))
+    while len(client.get_metric_history(run_id, "loss")) < shrunk_at + 2:
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(1)
+    cluster.add_node(cpus=3)
+
+    assert driver.wait(timeout=RUN_TIMEOUT_S) == 0, log.read_text()[-3000:]
+    attempts = train_run(cluster, name)["attempts"]
+    assert [len(a["node_ids"]) for a in attempts] == [2, 1, 2], attempts
+    assert attempts[0]["status"] == "ERRORED" and attempts[-1]["status"] == "FINISHED"
+    steps = 2 * epochs
+    latest = f"multinode-runs/{name}/step-{steps:08d}/progress.json"
+    assert json.loads(read_object(s3, s3_server.bucket, latest)) == {
+        "global_step": steps,
+        "epoch": epochs,
+        "step_in_epoch": 0,
+        "skipped_steps": 0,
+    }
+    history = client.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))
+    # the global batch at both sizes: 2 workers x 1 sample, or 1 worker x 2 micro-batches of 1
+    samples = client.get_metric_history(run_id, "samples")
+    assert len(samples) == steps and {m.value for m in samples} == {2}
+    # Every epoch trained on each of the 4 scenes once, whatever the size of the group at each of its steps.
+    trained: dict[int, list[str]] = {}
+    for artifact in client.list_artifacts(run_id, "samples"):
+        by_step = json.loads(Path(client.download_artifacts(run_id, artifact.path, str(tmp_path))).read_text())
+        trained.update({int(step): [n for worker in names for n in worker] for step, names in by_step.items()})
+    assert sorted(trained) == list(range(1, steps + 1))
+    for epoch in range(epochs):
+        names = trained[2 * epoch + 1] + trained[2 * epoch + 2]
+        assert len(names) == len(set(names)) == 4, (epoch, names)

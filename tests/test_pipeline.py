@@ -22,7 +22,7 @@ from concerto_ray.data.pipeline import (
 )
 from concerto_ray.data.presets import ConcertoPretrainTransformConfig
 from concerto_ray.data.shards import prepare, read_manifest
-from concerto_ray.data.sources import EpochPlan
+from concerto_ray.data.sources import EpochPlan, StreamPosition
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.errors import ConfigError
 
@@ -208,10 +208,19 @@ def test_stream_config_is_validated():
 
 
 def test_the_stream_follows_each_epochs_permutation(ray_local, shards):
-    """Each pass over the dataset (an epoch) streams every sample once, in that epoch's order of the plan."""
-    config = StreamConfig(shards=str(shards), batch_size=1, seed=5, preserve_order=True, pretrain=TINY)
+    """Each pass over the dataset streams the epoch its position names, every sample once, in that epoch's order of
+    the plan, from the first sample not yet consumed."""
+    config = StreamConfig(shards=str(shards), batch_size=1, seed=5, pretrain=TINY)
     plan = EpochPlan(stream_sources(config), seed=5)
     orders = [[ref.name for ref, _ in plan.order(epoch)] for epoch in range(3)]
     assert len({tuple(order) for order in orders}) == 3
-    iterator = build_dataset(config).iterator()
-    assert [[b["name"][0] for b in iter_batches(iterator, config)] for _ in range(3)] == orders
+    position = StreamPosition()
+    iterator = build_dataset(config, position=position).iterator()
+
+    def read(epoch: int, consumed: int = 0) -> list[str]:
+        position.set(epoch, consumed)
+        return [b["name"][0] for b in iter_batches(iterator, config)]
+
+    assert [read(epoch) for epoch in range(3)] == orders
+    assert read(2, consumed=1) == orders[2][1:]  # a resumed epoch: on from its first unconsumed sample
+    assert read(0) == orders[0]  # the position names the epoch, not the count of passes

@@ -7,29 +7,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from pathlib import Path
 
 import boto3
 import pytest
 import ray
 import torch
+from conftest import recorded  # tests/ is on sys.path under pytest
 from mlflow.tracking import MlflowClient
 
 import concerto_ray.train.trainer
 from concerto_ray.cli import main as cli_main
-from concerto_ray.config import from_dict
 from concerto_ray.errors import ConfigError
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.configs import get_model_config
-from concerto_ray.train.config import OptimConfig, PretrainConfig, load_pretrain_config
-from concerto_ray.train.loop import CHECKPOINT_DIR_FORMAT, Worker, train_loop_per_worker
+from concerto_ray.train.config import OptimConfig, load_pretrain_config
+from concerto_ray.train.loop import CHECKPOINT_DIR_FORMAT, train_loop_per_worker
 from concerto_ray.train.optim import build_optimizer, param_groups, weight_decay_schedule
 from concerto_ray.train.runtime import NonFiniteLossError
 from concerto_ray.train.state import CheckpointError, load_checkpoint
 from concerto_ray.train.tracking import RUN_ID_FILE
-from concerto_ray.train.trainer import run_pretrain
+from concerto_ray.train.trainer import run_pretrain, scaling_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "pretrain-tiny.yaml"
@@ -74,56 +72,6 @@ def logged_steps(tracking_uri: str, run_id: str, key: str) -> list[int]:
 
 def progress_of(checkpoint_dir: Path) -> dict:
     return json.loads((checkpoint_dir / "progress.json").read_text())
-
-
-@pytest.fixture
-def inject_faults(monkeypatch):
-    """Make `run_pretrain` run the product's worker with faults on rank 0 (the product has no fault hooks):
-    `exit_before_step`: the worker process ends abruptly (os._exit) just before that optimizer step (1-based),
-    once Ray Train has recorded the latest checkpoint, unless its attempt started from a checkpoint (so that a
-    restart runs on); `nonfinite_steps`: the loss of those optimizer steps is multiplied by NaN."""
-
-    def inject(exit_before_step: int | None = None, nonfinite_steps: tuple[int, ...] = ()) -> None:
-        def wait_for_recorded_checkpoint(config: PretrainConfig, step: int, timeout_s: float = 300) -> None:
-            """Wait until Ray Train's record of the (local) run lists the latest checkpoint at or before `step`:
-            a worker reports a checkpoint without waiting for the controller to take note of it, and a failure
-            before that would restart from an older one."""
-            latest = CHECKPOINT_DIR_FORMAT.format(step - step % config.run.checkpoint_every)
-            record = Path(config.run.storage_path) / config.run.name / "checkpoint_manager_snapshot.json"
-            deadline = time.monotonic() + timeout_s
-            while step >= config.run.checkpoint_every and latest not in (record.read_text() if record.exists() else ""):
-                assert time.monotonic() < deadline, f"Ray Train did not record {latest} in {timeout_s} s"
-                time.sleep(0.5)
-
-        def faulty_loop(loop_config: dict) -> None:  # a closure: Ray ships it to the workers by value
-            config = from_dict(PretrainConfig, loop_config["config"])
-            worker = Worker(
-                config,
-                loop_config["steps_per_epoch"],
-                loop_config["tracking_uri"],
-                loop_config["mlflow_run_id"],
-                keep_short_batch=loop_config["keep_short_batch"],
-            )
-            if worker.rank == 0:
-                restarted = ray.train.get_checkpoint() is not None
-
-                def before_forward(module, args):
-                    if worker.progress.global_step + 1 == exit_before_step and not restarted:
-                        wait_for_recorded_checkpoint(config, worker.progress.global_step)
-                        os._exit(1)
-
-                def after_forward(module, args, losses):
-                    if worker.progress.global_step + 1 in nonfinite_steps:
-                        return dict(losses, loss=losses["loss"] * math.nan)
-                    return None
-
-                worker.ssl_model.register_forward_pre_hook(before_forward)
-                worker.ssl_model.register_forward_hook(after_forward)
-            worker.run()
-
-        monkeypatch.setattr(concerto_ray.train.trainer, "train_loop_per_worker", faulty_loop)
-
-    return inject
 
 
 def train_attempts(run_name: str) -> list[str]:
@@ -200,6 +148,17 @@ def test_config_typos_fail_before_ray_starts(dinov2_dir, pretrain_shards, tmp_pa
         load("data.pretrain.feat_keys=[coord, coord]")
     with pytest.raises(ConfigError, match="data.sources_root is still the placeholder"):
         load_pretrain_config(REPO / "configs" / "pretrain-concerto-v1m1-0-base.yaml")
+    # Elastic: 1 or 2 workers, the global batch of 2 kept by accumulating 2 micro-batches on 1 worker.
+    elastic = load("run.min_workers=1")
+    assert (elastic.accumulation(1), elastic.accumulation(2)) == (2, 1)
+    scaling = scaling_config(elastic.run)
+    assert (scaling.min_workers, scaling.max_workers) == (1, 2)
+    with pytest.raises(ConfigError, match="min_workers must be from 1 to num_workers"):
+        load("run.min_workers=3")
+    with pytest.raises(ConfigError, match=r"with 2 workers the global batch .* cannot be split evenly"):
+        load("run.num_workers=3", "run.min_workers=2")  # 3 micro-batches a step: not over 2 workers
+    with pytest.raises(ConfigError, match="one short batch per worker"):
+        load("data.batch_size=4", "run.min_workers=1")
 
     # The command (which jobs/pretrain.py runs) reports the error and exits before connecting to Ray.
     def no_ray(*args, **kwargs):
@@ -258,6 +217,7 @@ def test_run_checkpoints_to_s3_and_logs_to_mlflow(s3_run, s3_server, mlflow_serv
         "data_wait_fraction",
         "points_imbalance",
         "skipped_steps",
+        "samples",
     ):
         assert logged_steps(mlflow_server, run_id, key) == list(range(1, STEPS + 1)), key
     # 2 workers: the most points over the mean lies in [1, 2]
@@ -295,11 +255,38 @@ def test_corrupt_checkpoint_names_it(s3_run, s3_server):
 
 
 @pytest.mark.slow
-def test_killed_worker_recovers_from_the_latest_checkpoint(ray_local, tiny, mlflow_server, inject_faults, monkeypatch):
-    # rank 0 dies before step 3; Ray Train restarts the workers from the step-2 checkpoint.
+def test_killed_worker_recovers_mid_epoch_exactly_where_it_stopped(
+    ray_local, tiny, mlflow_server, inject_faults, monkeypatch, tmp_path
+):
+    """Rank 0 dies before step 4, the second step of the second epoch; Ray Train restarts the workers from the
+    step-3 checkpoint. The run is the uninterrupted run of its seed: the same samples on the same workers at every
+    step, the same losses, and the restarted stream reads on from the first sample the checkpoint had not
+    consumed."""
     monkeypatch.setenv("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    inject_faults(exit_before_step=3)
-    config = tiny("recovered", "run.max_failures=1")
+
+    def losses(config) -> list[float]:
+        history = MlflowClient(mlflow_server).get_metric_history(mlflow_run_id(config), "loss")
+        return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+    def steps_trained(events: dict[int, list[dict]]) -> dict[tuple[int, int], list[str]]:
+        """(step, rank) -> sample names; a step begun before the failure counts as retrained after it."""
+        return {(e["step"], rank): e["names"] for rank, log in events.items() for e in log if e["kind"] == "step"}
+
+    inject_faults(record_to=tmp_path / "plain")
+    plain = tiny("plain", "run.checkpoint_every=1", "run.log_sample_names=true")
+    run_pretrain(plain)
+    # run.log_sample_names: each step's samples, worker by worker, as MLflow artifacts
+    client, run_id, plain_steps = (
+        MlflowClient(mlflow_server),
+        mlflow_run_id(plain),
+        steps_trained(recorded(tmp_path / "plain")),
+    )
+    logged = {}
+    for artifact in client.list_artifacts(run_id, "samples"):
+        logged.update(json.loads(Path(client.download_artifacts(run_id, artifact.path, str(tmp_path))).read_text()))
+    assert logged == {str(step): [plain_steps[(step, 0)], plain_steps[(step, 1)]] for step in range(1, STEPS + 1)}
+    inject_faults(exit_before_step=4, record_to=tmp_path / "recovered")
+    config = tiny("recovered", "run.max_failures=1", "run.checkpoint_every=1")
     result = run_pretrain(config)
     # Ray Train saw the failure of its first attempt and finished in a second one.
     assert train_attempts("recovered") == ["ERRORED", "FINISHED"]
@@ -310,21 +297,38 @@ def test_killed_worker_recovers_from_the_latest_checkpoint(ray_local, tiny, mlfl
     for key in LOSS_TERMS:
         assert logged_steps(mlflow_server, run_id, key) == list(range(1, STEPS + 1)), key
 
+    trained = steps_trained(recorded(tmp_path / "recovered"))
+    assert trained == steps_trained(recorded(tmp_path / "plain"))
+    for epoch in range(2):  # each epoch's 4 samples, each once: 2 steps x 2 workers
+        names = [n for (step, _), batch in trained.items() if (step - 1) // 2 == epoch for n in batch]
+        assert sorted(names) == sorted(set(names)) and len(names) == 4
+    assert losses(config) == losses(plain)
+    # The restarted attempt read only step 4's samples of the interrupted epoch: step 3's were not read again.
+    for rank, log in recorded(tmp_path / "recovered").items():
+        reread = [n for e in log if e["kind"] == "read" and e["restarted"] and e["epoch"] == 1 for n in e["names"]]
+        assert reread == trained[(4, rank)], rank
+
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run(ray_local, tiny, mlflow_server, inject_faults, monkeypatch):
-    inject_faults(exit_before_step=4)
-    stopped = tiny("stopped", "run.max_failures=0")
+def test_resume_continues_a_stopped_run_on_another_number_of_workers(
+    ray_local, tiny, mlflow_server, inject_faults, tmp_path
+):
+    """A 2-worker run stops before step 4 (mid second epoch); it is resumed on 1 worker accumulating 2 micro-batches,
+    the same global batch: the same steps, and each epoch's samples each trained on once."""
+    inject_faults(exit_before_step=4, record_to=tmp_path / "samples")
+    stopped = tiny("stopped", "run.max_failures=0", "run.checkpoint_every=1")
     with pytest.raises(ray.train.WorkerGroupError):
         run_pretrain(stopped)
-    monkeypatch.undo()  # the resumed run is a plain one
     run_id = mlflow_run_id(stopped)
-    assert logged_steps(mlflow_server, run_id, "loss") == [1, 2]  # what the step-2 checkpoint covers
+    assert logged_steps(mlflow_server, run_id, "loss") == [1, 2, 3]  # what the step-3 checkpoint covers
     assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
 
     with pytest.raises(ConfigError, match="already exists"):
         run_pretrain(stopped)
-    result = run_pretrain(tiny("stopped"), resume=True)
+    with pytest.raises(CheckpointError, match="global batch"):  # another global batch: another run
+        run_pretrain(tiny("stopped", "run.num_workers=1", "run.max_failures=0"), resume=True)
+    inject_faults(record_to=tmp_path / "samples")  # no fault now: records only
+    result = run_pretrain(tiny("stopped", "run.num_workers=1", "optim.grad_accumulation=2"), resume=True)
     assert progress_of(Path(result.checkpoint.path)) == {
         "global_step": STEPS,
         "epoch": 2,
@@ -333,6 +337,14 @@ def test_resume_continues_a_stopped_run(ray_local, tiny, mlflow_server, inject_f
     }
     assert logged_steps(mlflow_server, run_id, "loss") == list(range(1, STEPS + 1))
     assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FINISHED"
+    trained: dict[int, list[str]] = {}  # step -> its samples over all workers, as finally trained
+    for log in recorded(tmp_path / "samples").values():
+        for event in (e for e in log if e["kind"] == "step"):
+            if event["restarted"] or event["step"] < 4:  # step 4 of the stopped attempt never finished
+                trained.setdefault(event["step"], []).extend(event["names"])
+    assert sorted(trained) == [1, 2, 3, 4] and all(len(names) == 2 for names in trained.values())
+    for first in (1, 3):  # each epoch: its 4 samples, each once
+        assert len(set(trained[first] + trained[first + 1])) == 4
 
 
 @pytest.mark.slow
@@ -356,6 +368,37 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, tiny, mlflow_s
     assert progress_of(run_dir / "step-00000004")["skipped_steps"] == 2
     history = MlflowClient(mlflow_server).get_metric_history(mlflow_run_id(config), "skipped_steps")
     assert [(m.step, m.value) for m in history] == [(1, 0), (2, 1), (3, 1), (4, 2)]
+
+
+@pytest.mark.slow
+def test_a_nonfinite_streak_rolls_back_to_the_latest_checkpoint(ray_local, tiny, mlflow_server, inject_faults):
+    inject_faults(nonfinite_steps=(4,))
+    config = tiny(
+        "rollback",
+        "run.epochs=3",
+        "run.checkpoint_every=2",
+        "run.checkpoints_to_keep=10",
+        "run.max_failures=0",
+        "run.max_nonfinite_steps=1",
+        "run.on_nonfinite=rollback",
+    )
+    result = run_pretrain(config)
+    assert result.metrics["step"] == 6
+    run_dir = Path(config.run.storage_path) / config.run.name
+    states = {step: torch.load(run_dir / f"step-{step:08d}" / "model.pt")["state_dict"] for step in (2, 4, 6)}
+    # Step 4 was non-finite: the weights went back to the step-2 checkpoint's (step 3's update is undone); steps 5
+    # and 6 trained on from there.
+    assert all(torch.equal(states[2][k], states[4][k]) for k in states[2])
+    assert not all(torch.equal(states[4][k], states[6][k]) for k in states[4])
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(mlflow_run_id(config), "rolled_back_to_step")
+    assert [(m.step, m.value) for m in history] == [(4, 2)]
+    assert progress_of(run_dir / "step-00000006") == {
+        "global_step": 6,
+        "epoch": 3,
+        "step_in_epoch": 0,
+        "skipped_steps": 1,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """`run.seed` fixes a run: the epoch order, every augmentation of a sample and the model's masks.
 
 The pre-training runs are the shipped tiny config on one CPU worker for one epoch (4 steps of one sample), with
-`data.preserve_order` so that the single worker sees the samples in the plan's order. (Without it the epoch's two
-read tasks hand their samples over as they finish: two same-seed runs once agreed at steps 1-2 and not at 3-4.)
+`data.preserve_order` (the default) so that the single worker sees the samples in the plan's order. (Without it the
+epoch's two read tasks hand their samples over as they finish: two same-seed runs once agreed at steps 1-2 and not at
+3-4.) Each step's sample names are compared as well as its loss: a changed order fails every time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import recorded  # tests/ is on sys.path under pytest
 from mlflow.tracking import MlflowClient
 
 from concerto_ray.data.layout import list_samples, read_sample
@@ -50,8 +52,10 @@ def test_a_sample_is_augmented_by_seed_epoch_and_draw(tmp_path):
         assert other.shape != first.shape or not np.allclose(other, first)
 
 
-def _epoch_losses(config) -> list[float]:
-    """The losses of a run's steps; checks the per-source sample count it logged (the fixture's 4 scenes)."""
+def _epoch_losses(config, inject_faults, record_to: Path) -> list[float]:
+    """The losses of a run's steps; checks the per-source sample count it logged (the fixture's 4 scenes). Each
+    step's sample names are recorded in `record_to` (`inject_faults`)."""
+    inject_faults(record_to=record_to)
     run_pretrain(config)
     run_id = json.loads((Path(config.run.storage_path) / config.run.name / RUN_ID_FILE).read_text())["run_id"]
     client = MlflowClient(config.mlflow.tracking_uri)
@@ -60,7 +64,9 @@ def _epoch_losses(config) -> list[float]:
 
 
 @pytest.mark.slow
-def test_same_seed_same_losses_other_seed_other_losses(ray_local, dinov2_dir, pretrain_shards, mlflow_server, tmp_path):
+def test_same_seed_same_losses_other_seed_other_losses(
+    ray_local, dinov2_dir, pretrain_shards, mlflow_server, inject_faults, tmp_path
+):
     def config(name: str, seed: int, *extra: str):
         return load_pretrain_config(
             TINY_CONFIG,
@@ -74,7 +80,6 @@ def test_same_seed_same_losses_other_seed_other_losses(ray_local, dinov2_dir, pr
                 "run.num_workers=1",
                 "run.epochs=1",
                 "run.checkpoint_every=100",
-                "data.preserve_order=true",
                 "data.pretrain.crop_h=28",
                 "data.pretrain.crop_w=28",
                 "data.pretrain.max_size=1024",
@@ -83,11 +88,18 @@ def test_same_seed_same_losses_other_seed_other_losses(ray_local, dinov2_dir, pr
             ],
         )
 
-    first = _epoch_losses(config("seed0-a", 0))
+    def run(name: str, seed: int, *extra: str) -> tuple[list[float], list[list[str]]]:
+        losses = _epoch_losses(config(name, seed, *extra), inject_faults, tmp_path / name)
+        return losses, [e["names"] for e in recorded(tmp_path / name)[0] if e["kind"] == "step"]
+
+    first, first_names = run("seed0-a", 0)
     assert len(first) == 4 and all(np.isfinite(first))
-    assert _epoch_losses(config("seed0-b", 0)) == first
-    other = _epoch_losses(config("seed1", 1))
+    every_name = [n for names in first_names for n in names]
+    assert len(every_name) == len(set(every_name)) == 4  # the epoch: each of the 4 scenes once
+    assert run("seed0-b", 0) == (first, first_names)
+    other, other_names = run("seed1", 1)
     assert len(other) == 4 and all(a != b for a, b in zip(other, first))
+    assert other_names != first_names  # another seed, another order
     # An epoch smaller than the batch trains as Pointcept's loader does: one short batch, one step.
-    losses = _epoch_losses(config("short", 0, "data.batch_size=8"))
+    losses = _epoch_losses(config("short", 0, "data.batch_size=8"), inject_faults, tmp_path / "short")
     assert len(losses) == 1 and np.isfinite(losses[0]) and losses[0] not in first

@@ -52,8 +52,10 @@ def test_checkpoint_cadence_by_steps_and_by_time():
 
 def test_epoch_steps_drop_the_steps_a_checkpoint_holds_and_close_an_epoch_cut_short():
     batches = iter([{"i": i} for i in range(7)])  # 3 steps of 2 micro-batches, and one left over
-    steps = [[b["i"] for b in group] for group, _ in epoch_steps(batches, 2, first_step=1, steps_per_epoch=4)]
+    steps = [[b["i"] for b in group] for group, _ in epoch_steps(batches, 2, 3, dropped_steps=1)]
     assert steps == [[2, 3], [4, 5]]  # step 0 was trained before the interruption; step 3 has no full group
+    batches = iter([{"i": i} for i in range(7)])  # a stream that starts where the run stopped: nothing dropped
+    assert [[b["i"] for b in group] for group, _ in epoch_steps(batches, 2, 2)] == [[0, 1], [2, 3]]
     progress = Progress(global_step=3, epoch=0, step_in_epoch=3)
     close_epoch(progress, 0)
     assert (progress.epoch, progress.step_in_epoch) == (1, 0)

@@ -48,6 +48,7 @@ from concerto_ray.data.sources import (
     ShardSampleDatasource,
     Source,
     SourceConfig,
+    StreamPosition,
     check_shards,
     draw_rng,
     load_sources,
@@ -77,9 +78,11 @@ class StreamConfig:
     read_ahead_batches: int = 4
     # Seed of the epoch order and of every augmentation; None: run.seed in training, 0 for `concerto-ray stream`.
     seed: int | None = None
-    # Hand samples out exactly in the epoch's order (Ray Data's preserve_order): with one worker, the same seed then
-    # gives the same batches. Off, a sample whose transform is slow does not hold up the ones behind it.
-    preserve_order: bool = False
+    # Hand samples out exactly in the epoch's order (Ray Data's preserve_order), to the workers in turn: the same
+    # seed gives every worker the same batches, and a resumed epoch reads on exactly where it stopped. Off, a sample
+    # whose transform is slow does not hold up the ones behind it, but which samples a step gets (and what a resume
+    # reads again or passes over) varies by the few samples in flight.
+    preserve_order: bool = True
     skip_bad: bool = False  # skip (and count, and log) samples that fail to decode instead of failing the run
     # Check each shard's sha256 against the manifest before streaming, once per shard and machine (a shard is
     # hashed again when its modification time changes), so in-place corruption is a clear error naming the shard.
@@ -209,18 +212,20 @@ def build_dataset(
     scenes: Collection[str] | None = None,
     scene_hook: SceneHook | None = None,
     workers: int = 1,
+    position: StreamPosition | None = None,
 ) -> ray.data.Dataset:
     """The lazily executed Ray dataset of transformed samples (one row per sample), in a new order every epoch.
 
     `scenes`: stream only the samples of these names (shards holding none of them are not read). `scene_hook`:
     applied to every decoded full-resolution scene before the transforms (fine-tuning limits the labelled points
-    there). `workers`: every epoch is padded to a multiple of them (`EpochPlan`)."""
+    there). `workers`: every epoch is padded to a multiple of them (`EpochPlan`). `position`: a training stream's,
+    which says the epoch each pass reads and where in it to start (`StreamPosition`); without it, epoch 0 whole."""
     sources = stream_sources(config, scenes)
     seed = 0 if config.seed is None else config.seed
     counts = EpochPlan(sources, seed).counts()
     log.info("samples per epoch: %s", ", ".join(f"{name} {n}" for name, n in counts.items()))
     ds = ray.data.read_datasource(
-        ShardSampleDatasource(sources, seed, with_frames=config.mode == "pretrain", workers=workers)
+        ShardSampleDatasource(sources, seed, with_frames=config.mode == "pretrain", workers=workers, position=position)
     )
     ds.context.execution_options.preserve_order = config.preserve_order
     return ds.flat_map(SampleTransform(config, bad_log if config.skip_bad else None, scene_hook))
@@ -282,17 +287,29 @@ class EpochReadAhead:
 
     Use as a context manager; call `next_epoch()` once per epoch. Batches an epoch's consumer leaves unread are
     dropped, as with a fresh iterator per epoch. Errors of the reader are raised in the consumer. `drop_last`: as
-    `iter_batches`'s."""
+    `iter_batches`'s. `before_epoch(i)`, if given, runs in the reader before it asks for the i-th epoch (0-based):
+    where the stream's position is set."""
 
     _END_OF_EPOCH = object()
 
-    def __init__(self, iterator, config: StreamConfig, epochs: int, *, drop_last: bool = True):
+    def __init__(
+        self,
+        iterator,
+        config: StreamConfig,
+        epochs: int,
+        *,
+        drop_last: bool = True,
+        before_epoch: Callable[[int], None] | None = None,
+    ):
         self._queue: queue.Queue = queue.Queue(maxsize=config.read_ahead_batches)
         self._stop = threading.Event()
         self._unfinished_epoch = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._read, args=(iterator, config, epochs, drop_last), daemon=True, name="epoch-read-ahead"
+            target=self._read,
+            args=(iterator, config, epochs, drop_last, before_epoch),
+            daemon=True,
+            name="epoch-read-ahead",
         )
 
     def __enter__(self) -> EpochReadAhead:
@@ -303,9 +320,11 @@ class EpochReadAhead:
         self._stop.set()
         self._thread.join(timeout=5)  # a reader blocked on Ray is a daemon: it must not hold up an error
 
-    def _read(self, iterator, config: StreamConfig, epochs: int, drop_last: bool) -> None:
+    def _read(self, iterator, config: StreamConfig, epochs: int, drop_last: bool, before_epoch) -> None:
         try:
-            for _ in range(epochs):
+            for epoch in range(epochs):
+                if before_epoch is not None:
+                    before_epoch(epoch)
                 for batch in iter_batches(iterator, config, drop_last=drop_last):
                     if not self._put(batch):
                         return

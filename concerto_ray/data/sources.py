@@ -24,8 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from concerto_ray.data import storage
 from concerto_ray.data.record import ARROW_SCHEMA
@@ -36,7 +38,7 @@ from concerto_ray.data.shards import (
     load_manifest,
     webdataset_sample_to_row,
 )
-from concerto_ray.errors import ConfigError, DataError
+from concerto_ray.errors import ConfigError, DataError, TrainingError
 
 # Columns a sample needs without its camera frames (segmentation); frame columns are then handed on empty.
 POINT_COLUMNS = ("name", "split", "dataset", "source", "point_asset_names", "point_asset_npy")
@@ -240,16 +242,64 @@ class EpochPlan:
         return order + order[: padding(len(order), self.workers)]
 
 
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class _PositionActor:
+    def __init__(self):
+        # Epoch 0 from its start until told otherwise (Ray Data also plans once when the dataset is created); a
+        # restarted actor knows nothing until the next `set`.
+        reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
+        self.at: tuple[int, int] | None = None if reconstructed else (0, 0)
+
+    def set(self, epoch: int, consumed: int) -> None:
+        self.at = (epoch, consumed)
+
+    def get(self) -> tuple[int, int] | None:
+        return self.at
+
+
+class StreamPosition:
+    """Where a training stream stands: the epoch Ray Data plans next, and how many of its samples (in the plan's
+    order) training has consumed already. The run's rank-0 worker sets it from the run's own progress before it asks
+    for each epoch; the datasource reads it when Ray Data plans that epoch, which a streaming split does only once
+    every worker has asked. The checkpoint is the truth: the actor only carries it to the planner (on the driver's
+    node where it can be, restarted anywhere if that node goes).
+
+    Picklable: the datasource and the workers hold the same actor."""
+
+    def __init__(self):
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self._actor = _PositionActor.options(scheduling_strategy=here).remote()
+
+    def set(self, epoch: int, consumed: int = 0) -> None:
+        ray.get(self._actor.set.remote(epoch, consumed))
+
+    def get(self) -> tuple[int, int]:
+        at = ray.get(self._actor.get.remote())
+        if at is None:  # the actor was restarted between the set and this plan: fail (and restart), never guess
+            raise TrainingError("the stream's position was lost before Ray Data planned the epoch")
+        return at
+
+
 class ShardSampleDatasource(Datasource):
     """Ray Data source of an epoch's samples in the plan's order, one row each: the columns of `ARROW_SCHEMA`
     (frame columns empty unless `with_frames`) plus the source name, the epoch and the draw.
 
-    Ray Data plans each pass over a dataset anew (one pass per epoch in training) and counts the passes in the
-    dataset's context; the epoch is that count, so epoch e of a run reads the same order in every run."""
+    Ray Data plans each pass over a dataset anew (one pass per epoch in training). With a `position`, the pass reads
+    the epoch it names, from its first sample not yet consumed: a resumed epoch reads on where it stopped, in the
+    order the uninterrupted run reads. Without one (a single pass: `concerto-ray stream`, evaluation), epoch 0."""
 
-    def __init__(self, sources: list[Source], seed: int, *, with_frames: bool, workers: int = 1):
+    def __init__(
+        self,
+        sources: list[Source],
+        seed: int,
+        *,
+        with_frames: bool,
+        workers: int = 1,
+        position: StreamPosition | None = None,
+    ):
         self.plan = EpochPlan(sources, seed, workers)
         self.with_frames = with_frames
+        self.position = position
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -260,9 +310,8 @@ class ShardSampleDatasource(Datasource):
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
     ) -> list[ReadTask]:
-        # Ray's own seeded shuffles key on this same per-pass counter of the dataset's context.
-        epoch = data_context._execution_idx if data_context is not None else 0
-        order = self.plan.order(epoch)
+        epoch, consumed = (0, 0) if self.position is None else self.position.get()
+        order = self.plan.order(epoch)[consumed:]
         # what a task needs of the sources (not their sample lists, which every task would otherwise carry)
         places = [SourcePlace(s.name, s.location, s.format) for s in self.plan.sources]
         tasks = []

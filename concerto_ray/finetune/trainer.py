@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import itertools
 import json
 import math
 import tempfile
@@ -51,6 +52,7 @@ from concerto_ray.data.pipeline import (
 )
 from concerto_ray.data.record import decode_record, row_to_record
 from concerto_ray.data.shards import read_shards
+from concerto_ray.data.sources import StreamPosition
 from concerto_ray.errors import ConfigError
 from concerto_ray.finetune.configs import FinetuneConfig
 from concerto_ray.finetune.data_efficiency import annotation_limiter
@@ -138,7 +140,8 @@ def run_finetune(
         raise ConfigError("run.checkpoint_every_minutes: not available in sweep trials, which checkpoint every round")
     plan = plan_finetune(run)
     tracked = start_tracked_run(run, run.run, run.mlflow, resume, parent_run_id)
-    datasets = training_datasets(run, plan)
+    positions = {name: StreamPosition() for name in training_stream_names(run)}
+    datasets = training_datasets(run, plan, positions)
     train_names = list(datasets)
     workers = run.run.num_workers
     for rank, share in enumerate(scene_shares(plan.val_scenes, workers) if plan.val_scenes else []):
@@ -159,6 +162,7 @@ def run_finetune(
                 "run": to_dict(run),
                 "round": dataclasses.asdict(plan.round),
                 "rounds": plan.rounds,
+                "stream_positions": positions,
                 "tracking_uri": tracked.tracking_uri,
                 "mlflow_run_id": tracked.mlflow_run_id,
                 "progress": bar.board,
@@ -178,31 +182,41 @@ def run_finetune(
     return result
 
 
-def training_datasets(run: FinetuneRun, plan: FinetunePlan) -> dict[str, ray.data.Dataset]:
-    """The training streams by their Ray Train name: "train", or for PPT one per source ("train_0", ...), each epoch
-    padded so that every worker gets ceil(samples / workers), as the reference's DistributedSampler."""
+def training_stream_names(run: FinetuneRun) -> list[str]:
+    """The training streams' Ray Train names: "train", or for PPT one per source ("train_0", ...)."""
     if run.finetune.ppt is None:
-        return {TRAIN_DATASET: training_dataset(run, plan)}
+        return [TRAIN_DATASET]
+    return [SOURCE_DATASET.format(i) for i in range(len(run.finetune.ppt.sources))]
+
+
+def training_datasets(
+    run: FinetuneRun, plan: FinetunePlan, positions: dict[str, StreamPosition]
+) -> dict[str, ray.data.Dataset]:
+    """The training streams by their Ray Train name, each epoch padded so that every worker gets
+    ceil(samples / workers), as the reference's DistributedSampler; `positions` name the epoch each pass reads."""
+    if run.finetune.ppt is None:
+        return {TRAIN_DATASET: training_dataset(run, plan, positions[TRAIN_DATASET])}
     return {
-        SOURCE_DATASET.format(i): build_dataset(stream, workers=run.run.num_workers)
-        for i, stream in enumerate(run.source_streams(plan.round))
+        name: build_dataset(stream, workers=run.run.num_workers, position=positions[name])
+        for name, stream in zip(training_stream_names(run), run.source_streams(plan.round))
     }
 
 
-def training_dataset(run: FinetuneRun, plan: FinetunePlan) -> ray.data.Dataset:
+def training_dataset(run: FinetuneRun, plan: FinetunePlan, position: StreamPosition) -> ray.data.Dataset:
     """One round of training samples: the (selected) training scenes `loop` times, plus the padding that gives
     every worker the same number of samples (`RoundPlan`)."""
     limiter = annotation_limiter(run.finetune.data_efficiency, run.finetune.ignore_index)
     scenes = plan.train_scenes if plan.limited_scenes else None
     stream = run.stream(plan.round)
-    samples = build_dataset(stream, scenes=scenes, scene_hook=limiter)
+    samples = build_dataset(stream, scenes=scenes, scene_hook=limiter, position=position)
     if not plan.round.padding:
         return samples
     # The padding: the first samples of a further single pass (its shards are checked already).
     one_pass = dataclasses.replace(
         stream, sources=[dataclasses.replace(stream.sources[0], loop=1)], verify_checksums=False
     )
-    return samples.union(build_dataset(one_pass, scenes=scenes, scene_hook=limiter).limit(plan.round.padding))
+    padding = build_dataset(one_pass, scenes=scenes, scene_hook=limiter, position=position)
+    return samples.union(padding.limit(plan.round.padding))
 
 
 def scene_shares(scenes: Sequence[str], workers: int) -> list[list[str]]:
@@ -310,7 +324,8 @@ def evaluate_checkpoint(run: FinetuneRun, checkpoint: str) -> SegMetrics:
 
 def finetune_loop_per_worker(loop_config: dict) -> None:
     """`loop_config`: {"run": the FinetuneRun as a dict, "round": the RoundPlan as a dict, "rounds",
-    "tracking_uri", "mlflow_run_id", "progress": the driver's ProgressBoard or None}."""
+    "stream_positions": {training stream name: its StreamPosition}, "tracking_uri", "mlflow_run_id", "progress": the
+    driver's ProgressBoard or None}."""
     run = from_dict(FinetuneRun, loop_config["run"])
     tracking_uri, run_id = loop_config["tracking_uri"], loop_config["mlflow_run_id"]
     with node_system_metrics(tracking_uri, run_id, run.mlflow.system_metrics_interval_s):
@@ -321,6 +336,7 @@ def finetune_loop_per_worker(loop_config: dict) -> None:
             tracking_uri,
             run_id,
             loop_config.get("progress"),
+            stream_positions=loop_config["stream_positions"],
         ).run()
 
 
@@ -344,11 +360,14 @@ class FinetuneWorker:
         tracking_uri: str,
         mlflow_run_id: str,
         board: ray.actor.ActorHandle | None = None,
+        *,
+        stream_positions: dict[str, StreamPosition],
     ):
         self.run_config = run
         self.cfg = cfg = run.finetune
         self.round = round_plan
         self.rounds = rounds
+        self.stream_positions = stream_positions
         self.rank = ray.train.get_context().get_world_rank()
         self.device = ray.train.torch.get_device()
 
@@ -405,6 +424,8 @@ class FinetuneWorker:
             round_index = self.progress.epoch
             if self.cfg.ppt is None:
                 shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+                if self.rank == 0:  # the round's epoch (a resumed round reads it from the start: `train_round`)
+                    self.stream_positions[TRAIN_DATASET].set(round_index)
                 # A round is one Ray Data epoch. No reading ahead into the next one: the evaluation's Ray Data
                 # pipelines must not compete for CPUs with tasks that would sit paused, waiting for training.
                 with EpochReadAhead(shard, self.run_config.stream(self.round), 1) as reader:
@@ -416,7 +437,8 @@ class FinetuneWorker:
 
     def train_round(self, batches: Iterator[dict]) -> None:
         round_index = self.progress.epoch
-        for (batch,), _ in epoch_steps(batches, 1, self.progress.step_in_epoch, self.round.steps):
+        done = self.progress.step_in_epoch  # a resumed round's stream starts over: its done steps are dropped
+        for (batch,), _ in epoch_steps(batches, 1, self.round.steps - done, dropped_steps=done):
             values = self.optimizer_step(batch)
             if self.cfg.ppt is not None:  # which dataset the step trained on, as its index among the conditions
                 values[CONDITION_METRIC] = float(self.cfg.ppt.conditions.index(batch["condition"]))
@@ -433,10 +455,19 @@ class FinetuneWorker:
         source's condition. A source that runs out mid-round starts a new pass (a new Ray Data epoch)."""
         sources = self.cfg.ppt.sources
         streams = self.run_config.source_streams(self.round)
+        round_index = self.progress.epoch
 
         def passes(i: int):
-            shard = ray.train.get_dataset_shard(SOURCE_DATASET.format(i))
-            return lambda: iter_batches(shard, streams[i])
+            name = SOURCE_DATASET.format(i)
+            shard = ray.train.get_dataset_shard(name)
+            count = itertools.count()
+
+            def new_pass():
+                if self.rank == 0:  # pass k of round r: an epoch of its own, the same in every run of the seed
+                    self.stream_positions[name].set(next(count) * self.rounds + round_index)
+                return iter_batches(shard, streams[i])
+
+            return new_pass
 
         for i, batch in compose_round([passes(i) for i in range(len(sources))], self.round.ratios):
             yield {**batch, "condition": sources[i].condition}

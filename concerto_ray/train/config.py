@@ -82,6 +82,13 @@ class RunSettings:
     storage_path: str  # local folder or s3://bucket/prefix for checkpoints and run state
     endpoint_url: str | None = None  # S3-compatible endpoint of storage_path
     num_workers: int = 1
+    # Elastic pre-training: train on any number of workers from min_workers to num_workers, as many as Ray Train can
+    # place (a lost spot node shrinks the group, a new one grows it back, each time from the latest checkpoint). The
+    # global batch stays num_workers x data.batch_size x optim.grad_accumulation: fewer workers accumulate more
+    # micro-batches, so the steps, the lr schedule and the samples of every step are those of the full size.
+    min_workers: int | None = None
+    # Elastic: how often Ray Train looks for room to grow the worker group (seconds).
+    resize_check_s: float = 60.0
     use_gpu: bool = False
     # The GPU kind every worker needs, as Ray names it and cluster.yaml's node types declare it ("H100", "A100");
     # None: any GPU. Ray Train then places workers (and the autoscaler launches nodes) of that kind only.
@@ -102,6 +109,10 @@ class RunSettings:
         for name in ("num_workers", "checkpoints_to_keep", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"min_workers must be from 1 to num_workers ({self.num_workers}), got {self.min_workers}")
+        if self.resize_check_s <= 0:
+            raise ValueError(f"resize_check_s must be positive, got {self.resize_check_s}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be positive, got {self.cpus_per_worker}")
         if self.accelerator_type is not None and not self.use_gpu:
@@ -125,6 +136,14 @@ class RunSection(RunSettings):
     amp: Literal["bf16", "off"] = "bf16"  # bf16 autocast needs no gradient scaler
     checkpoint_every: int = 1000  # optimizer steps; the last step is always checkpointed
     find_unused_parameters: bool = False  # DDP: only for model configs that leave trainable parameters unused
+    # After run.max_nonfinite_steps non-finite steps in a row: "stop" the run, or "rollback": restore the weights and
+    # optimizer moments of the latest checkpoint and go on with the next batches (the steps since that checkpoint
+    # count as done, as the schedules do; MLflow's rolled_back_to_step says when). A second rollback to the same
+    # checkpoint stops the run.
+    on_nonfinite: Literal["stop", "rollback"] = "stop"
+    # Record which samples every optimizer step trained on, worker by worker: at each checkpoint the steps since the
+    # last one go to MLflow as samples/step-NNNNNNNN.json ({step: [each worker's sample names]}).
+    log_sample_names: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -165,8 +184,13 @@ class PretrainConfig:
         return config
 
     def workers_batch(self) -> int:
-        """Samples per optimizer step over all workers."""
+        """Samples per optimizer step over all workers (the global batch, whatever the number of workers)."""
         return self.data.batch_size * self.run.num_workers * self.optim.grad_accumulation
+
+    def accumulation(self, workers: int) -> int:
+        """Micro-batches per optimizer step on each of `workers` workers: the global batch's share of each, in
+        `data.batch_size` samples (`optim.grad_accumulation` at the full size)."""
+        return self.optim.grad_accumulation * self.run.num_workers // workers
 
 
 def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
@@ -256,12 +280,34 @@ def validate(config: PretrainConfig) -> None:
     if isinstance(model_config, ConcertoConfig) and model_config.enc2d_loss_weight > 0:
         _check_image_encoder_weights(model_config)
     check_storage(config.run, config.mlflow)
+    _check_elastic(config)
     steps = steps_per_epoch(config)
     if steps < 1:
         raise ConfigError(
             f"one epoch gives no optimizer step: {_train_samples(config)} samples of "
             f"{data.where()} for {config.run.num_workers} workers x data.batch_size "
             f"{data.batch_size} x optim.grad_accumulation {config.optim.grad_accumulation}"
+        )
+
+
+def _check_elastic(config: PretrainConfig) -> None:
+    """An elastic run keeps its global batch at every size it may run at, or is refused before it starts."""
+    run = config.run
+    if run.min_workers is None:
+        return
+    if keeps_short_batch(config):
+        raise ConfigError(
+            f"run.min_workers: an epoch of {_train_samples(config)} samples is one short batch per worker, which "
+            "fewer workers cannot make up with gradient accumulation; use a fixed run.num_workers"
+        )
+    per_step = run.num_workers * config.optim.grad_accumulation  # micro-batches of data.batch_size a step
+    odd = [w for w in range(run.min_workers, run.num_workers + 1) if per_step % w]
+    if odd:
+        raise ConfigError(
+            f"run.min_workers {run.min_workers}: with {', '.join(map(str, odd))} workers the global batch "
+            f"(run.num_workers {run.num_workers} x optim.grad_accumulation {config.optim.grad_accumulation} "
+            f"micro-batches of data.batch_size) cannot be split evenly; raise run.min_workers or choose a "
+            "grad_accumulation that every size from min_workers to num_workers divides"
         )
 
 

@@ -3,15 +3,17 @@
 Per optimizer step: set the weight decay and the model's schedules (mask, teacher temperature, EMA momentum) for
 the step, run `grad_accumulation` micro-batches (forward under autocast, backward), clip, then either step
 (optimizer, then the EMA teacher) or, if the loss or the gradient is non-finite on any worker, skip the update and
-count it. The lr schedule advances either way, so the schedules stay tied to the data position. The step reads
+count it (too many in a row stop the run, or roll it back to its latest checkpoint: `run.on_nonfinite`). The lr
+schedule advances either way, so the schedules stay tied to the data position. The step reads
 back from the device once (`reduce_step`: the finiteness decision and every logged value), and `DevicePrefetch`
 copies the next step's batches to the GPU while a step runs.
 
 Every `checkpoint_every` steps, every `checkpoint_every_minutes` if set, and at the end, rank 0 saves the state
 (`state.py`) and every worker calls `ray.train.report`; Ray Train uploads the checkpoint in the background
-(`runtime.py`). A restarted worker resumes from `ray.train.get_checkpoint()`: the optimizer steps of the interrupted
-epoch that the checkpoint already holds have their batches read and dropped, so no optimizer step is repeated or
-skipped.
+(`runtime.py`). A restarted worker resumes from `ray.train.get_checkpoint()`, and the stream from the first sample
+of the interrupted epoch that the checkpoint's steps have not consumed (`StreamPosition`, set by rank 0 from the
+checkpoint's progress before each epoch): no sample or optimizer step is repeated or skipped, and nothing consumed
+is read again.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import time
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from concerto_ray.config import from_dict
 from concerto_ray.console import post_progress
 from concerto_ray.data import storage
-from concerto_ray.data.pipeline import EpochReadAhead, batch_points, batch_to_device
+from concerto_ray.data.pipeline import EpochReadAhead, batch_points, batch_samples, batch_to_device
+from concerto_ray.data.sources import StreamPosition
 from concerto_ray.model.build import build_ssl_model
 from concerto_ray.model.concerto import Concerto
 from concerto_ray.model.schedules import SslSchedules
@@ -38,6 +42,7 @@ from concerto_ray.train.runtime import (
     CheckpointCadence,
     DevicePrefetch,
     NonFiniteGuard,
+    NonFiniteLossError,
     clip_gradients,
     close_epoch,
     commit_metrics,
@@ -58,7 +63,8 @@ CHECKPOINT_DIR_FORMAT = "step-{:08d}"
 
 def train_loop_per_worker(config_dict: dict) -> None:
     """`config_dict`: {"config": the PretrainConfig as a dict, "steps_per_epoch", "keep_short_batch",
-    "tracking_uri", "mlflow_run_id", "progress": the driver's ProgressBoard or None}."""
+    "stream_position": the training stream's `StreamPosition`, "tracking_uri", "mlflow_run_id", "progress": the
+    driver's ProgressBoard or None}."""
     config = from_dict(PretrainConfig, config_dict["config"])
     tracking_uri, run_id = config_dict["tracking_uri"], config_dict["mlflow_run_id"]
     with node_system_metrics(tracking_uri, run_id, config.mlflow.system_metrics_interval_s):
@@ -69,6 +75,7 @@ def train_loop_per_worker(config_dict: dict) -> None:
             run_id,
             config_dict.get("progress"),
             keep_short_batch=config_dict["keep_short_batch"],
+            stream_position=config_dict["stream_position"],
         ).run()
 
 
@@ -91,8 +98,10 @@ class Worker:
         board: ray.actor.ActorHandle | None = None,
         *,
         keep_short_batch: bool,
+        stream_position: StreamPosition,
     ):
         self.config = config
+        self.stream_position = stream_position
         self.steps_per_epoch = steps_per_epoch
         self.keep_short_batch = keep_short_batch  # `train.config.keeps_short_batch`
         self.total_steps = steps_per_epoch * config.run.epochs
@@ -118,8 +127,8 @@ class Worker:
             if self.scheduler.total_steps != self.total_steps:  # loading replaced it with the checkpoint's
                 raise CheckpointError(
                     f"checkpoint {checkpoint_uri(checkpoint)} belongs to a run of {self.scheduler.total_steps} "
-                    f"optimizer steps but this config plans {self.total_steps}: keep run.epochs, run.num_workers, "
-                    f"data.batch_size and optim.grad_accumulation as they were when resuming"
+                    f"optimizer steps but this config plans {self.total_steps}: keep run.epochs and the global "
+                    f"batch (run.num_workers x data.batch_size x optim.grad_accumulation) as they were when resuming"
                 )
         self.metrics = StepMetrics(tracking_uri, mlflow_run_id) if self.rank == 0 else None
         # The teacher's features of one fixed scene at every checkpoint, so a run can be judged by eye in MLflow.
@@ -134,20 +143,35 @@ class Worker:
         self.board = board if self.rank == 0 else None  # the driver's progress bar
         self.run_dir = storage.resolve(config.run.run_uri, config.run.endpoint_url)
         self.nonfinite_guard = NonFiniteGuard(config.run.max_nonfinite_steps)
+        self.rolled_back_to: int | None = None  # the step of the checkpoint the last rollback restored
+        self.sample_names: list[tuple[int, list[str]]] = []  # run.log_sample_names: (step, names) since the last report
         self.cadence = CheckpointCadence(config.run.checkpoint_every, config.run.checkpoint_every_minutes, self.device)
         self.last_saved_step = self.progress.global_step
 
     def run(self) -> None:
         shard = ray.train.get_dataset_shard("train")
-        accumulation = self.config.optim.grad_accumulation
+        accumulation = self.config.accumulation(world_size())  # more micro-batches when an elastic group is smaller
         step_started = time.perf_counter()
         last_metrics: dict[str, float] = {}
         epochs_left = self.config.run.epochs - self.progress.epoch
-        with EpochReadAhead(shard, self.config.data, epochs_left, drop_last=not self.keep_short_batch) as reader:
+        first_epoch = self.progress.epoch
+        # The global batch's samples are consumed in the plan's order (a streaming split hands them out in turn).
+        consumed = self.progress.step_in_epoch * self.config.workers_batch()
+
+        def set_position(index: int) -> None:  # this attempt's epoch `index`: the interrupted one reads on
+            self.stream_position.set(first_epoch + index, consumed if index == 0 else 0)
+
+        with EpochReadAhead(
+            shard,
+            self.config.data,
+            epochs_left,
+            drop_last=not self.keep_short_batch,
+            before_epoch=set_position if self.rank == 0 else None,
+        ) as reader:
             while self.progress.epoch < self.config.run.epochs:
                 epoch = self.progress.epoch
                 steps = epoch_steps(
-                    reader.next_epoch(), accumulation, self.progress.step_in_epoch, self.steps_per_epoch
+                    reader.next_epoch(), accumulation, self.steps_per_epoch - self.progress.step_in_epoch
                 )
                 with DevicePrefetch(steps, self.device) as on_device:
                     for micro_batches, data_wait in on_device:
@@ -161,6 +185,9 @@ class Worker:
                             data_wait_fraction=data_wait / step_seconds,
                         )
                         self.progress.advance(self.steps_per_epoch)
+                        if self.config.run.log_sample_names:
+                            names = [name for batch in micro_batches for name in batch["name"]]
+                            self.sample_names.append((self.progress.global_step, names))
                         last_metrics = values
                         if self.metrics is not None:
                             self.metrics.add(self.progress.global_step, values)
@@ -194,7 +221,7 @@ class Worker:
         names: list[str] = []
         terms: torch.Tensor | None = None  # float64, averaged over the micro-batches
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        points = 0
+        points = samples = 0
         for index, batch in enumerate(micro_batches):
             with self.gradient_sync(last=index == len(micro_batches) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.run.amp == "bf16"):
@@ -207,6 +234,7 @@ class Worker:
             values = torch.stack([v.detach().float() for v in losses.values()]).double() / len(micro_batches)
             terms = values if terms is None else terms + values
             points += batch_points(batch)
+            samples += batch_samples(batch)
 
         grad_norm = clip_gradients(self.optimizer, self.config.optim.clip_grad)
         nonfinite |= ~torch.isfinite(grad_norm)
@@ -222,7 +250,7 @@ class Worker:
         else:
             self.optimizer.step()
             self.ssl_model.update_teacher()
-        self.nonfinite_guard.record(total.nonfinite, step + 1)
+        rolled_back = self.check_nonfinite_streak(total.nonfinite, step + 1)
         group = self.optimizer.param_groups[0]  # the parameters outside the encoder blocks, at the peak lr
         values = dict(
             logged,
@@ -237,10 +265,53 @@ class Worker:
             skipped_steps=self.progress.skipped_steps,
             epoch=self.progress.epoch,
             points=total.points,
+            # the global batch (workers hold full batches alike): what an elastic run keeps at every size
+            samples=samples * world_size(),
             points_imbalance=total.points_imbalance,
         )
+        if rolled_back is not None:
+            values["rolled_back_to_step"] = rolled_back
         self.scheduler.step()
         return values
+
+    def check_nonfinite_streak(self, nonfinite: bool, step_number: int) -> int | None:
+        """Count the step in the non-finite streak; at `run.max_nonfinite_steps` in a row, stop the run or (with
+        `run.on_nonfinite: rollback`) restore the latest checkpoint's weights and optimizer moments and return its
+        step. The schedules and the stream go on from here: the batches that gave non-finite steps are passed."""
+        try:
+            self.nonfinite_guard.record(nonfinite, step_number)
+            return None
+        except NonFiniteLossError as exc:
+            if self.config.run.on_nonfinite == "stop":
+                raise
+            # The run's checkpoints, every upload complete (ray.train.get_checkpoint() names only the one this
+            # attempt started from, and only on rank 0 the ones it reported since).
+            reported = ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+            )
+            if not reported:
+                raise NonFiniteLossError(f"{exc}; no checkpoint yet to roll back to") from exc
+            latest = max(reported, key=lambda r: r.metrics["step"]).checkpoint
+            restored = load_checkpoint(latest, self.ssl_model, self.optimizer, scheduler=None).global_step
+            if restored == self.rolled_back_to:
+                raise NonFiniteLossError(
+                    f"{exc}, again after rolling back to the checkpoint of step {restored}"
+                ) from exc
+            self.rolled_back_to = restored
+            self.nonfinite_guard.consecutive = 0
+            return restored
+
+    def log_sample_names(self, checkpoint_name: str) -> None:
+        """Rank 0 logs every worker's sample names of the steps up to this checkpoint (a collective: every worker
+        calls it). Steps redone after a restart are logged again with their checkpoint, over the same file."""
+        steps, self.sample_names = self.sample_names, []
+        every_worker = [steps]
+        if world_size() > 1:
+            every_worker = [None] * world_size()
+            dist.all_gather_object(every_worker, steps)
+        if self.metrics is not None:
+            by_step = {step: [dict(worker)[step] for worker in every_worker] for step, _ in steps}
+            self.metrics.client.log_dict(self.metrics.run_id, by_step, f"samples/{checkpoint_name}.json")
 
     def gradient_sync(self, last: bool):
         """DDP all-reduces gradients only on the last micro-batch of an accumulated step."""
@@ -259,6 +330,8 @@ class Worker:
         )
         self.last_saved_step = self.progress.global_step
         self.cadence.saved()
+        if self.config.run.log_sample_names:
+            self.log_sample_names(name)
         if self.metrics is not None:
             commit_metrics(self.metrics, self.run_dir)
             self.feature_images.log(

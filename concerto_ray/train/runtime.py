@@ -7,7 +7,7 @@
                        non-finite, plus sums), `reduce_step` (the same and the step's logged values, from device
                        tensors with one device-to-host copy), `NonFiniteGuard` (too many skipped steps in a row stop
                        the run)
-    epochs             `epoch_steps` (an epoch's optimizer steps, skipping those a resumed checkpoint holds),
+    epochs             `epoch_steps` (an epoch's optimizer steps, from where the run stands in it),
                        `DevicePrefetch` (each step's batches pinned and copied to the GPU while the step before
                        runs), `close_epoch` (an epoch whose stream ended early still counts as done)
     checkpoints        `CheckpointCadence` (every N steps and/or every M minutes, the same decision on every
@@ -155,16 +155,17 @@ def rank0_decides(decision: bool, device: torch.device) -> bool:
 
 
 def epoch_steps(
-    batches: Iterator[dict], accumulation: int, first_step: int, steps_per_epoch: int
+    batches: Iterator[dict], accumulation: int, steps: int, *, dropped_steps: int = 0
 ) -> Iterator[tuple[list[dict], float]]:
-    """(micro-batches, seconds spent waiting for them) of optimizer steps `first_step`.. of one epoch's `batches`.
+    """(micro-batches, seconds spent waiting for them) of the next `steps` optimizer steps of one epoch's `batches`.
 
-    The batches of the steps before `first_step`, trained on before an interruption, are read and dropped.
+    `dropped_steps`: steps whose batches are read and dropped first, for a stream that starts its epoch over from
+    the beginning after an interruption (fine-tuning's rounds); pre-training's stream starts where it stopped.
     """
-    for _ in range(first_step * accumulation):
+    for _ in range(dropped_steps * accumulation):
         if next(batches, None) is None:
             return
-    for _ in range(first_step, steps_per_epoch):
+    for _ in range(steps):
         started = time.perf_counter()
         group = list(itertools.islice(batches, accumulation))
         if len(group) < accumulation:

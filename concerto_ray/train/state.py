@@ -72,9 +72,9 @@ def load_checkpoint(
     checkpoint: ray.train.Checkpoint,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
 ) -> Progress:
-    """Restore model, optimizer and scheduler in place; returns where training stopped."""
+    """Restore model, optimizer and scheduler (None: leave it as it is) in place; returns where training stopped."""
     where = checkpoint_uri(checkpoint)
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
@@ -87,7 +87,8 @@ def load_checkpoint(
     try:
         result = model.load_state_dict(model_state["state_dict"], strict=False)
         optimizer.load_state_dict(optimizer_state["optimizer"])
-        scheduler.load_state_dict(optimizer_state["scheduler"])
+        if scheduler is not None:
+            scheduler.load_state_dict(optimizer_state["scheduler"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {where} does not fit this model and optimizer: {exc}") from exc
     missing = [k for k in result.missing_keys if not k.startswith(FROZEN_PREFIX)]

@@ -20,6 +20,7 @@ from concerto_ray.config import to_dict
 from concerto_ray.console import StageBar
 from concerto_ray.data import storage
 from concerto_ray.data.pipeline import BadSampleLog, StreamConfig, build_dataset, samples_per_epoch
+from concerto_ray.data.sources import StreamPosition
 from concerto_ray.errors import ConfigError
 from concerto_ray.node_cache import check_config_reachable
 from concerto_ray.train.config import (
@@ -47,6 +48,7 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
     log_samples_per_epoch(tracked.tracking_uri, tracked.mlflow_run_id, samples_per_epoch(config.data))
     bad_log = BadSampleLog.remote() if config.data.skip_bad else None
     total_steps = steps_per_epoch(config) * run.epochs
+    position = StreamPosition()
     with StageBar("pre-training", total_steps, enabled=show_progress) as bar:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -54,13 +56,14 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
                 "config": to_dict(config),
                 "steps_per_epoch": steps_per_epoch(config),
                 "keep_short_batch": keeps_short_batch(config),
+                "stream_position": position,
                 "tracking_uri": tracked.tracking_uri,
                 "mlflow_run_id": tracked.mlflow_run_id,
                 "progress": bar.board,
             },
             scaling_config=scaling_config(run),
             run_config=ray_run_config(run, ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep)),
-            datasets={"train": build_dataset(config.data, bad_log, workers=run.num_workers)},
+            datasets={"train": build_dataset(config.data, bad_log, workers=run.num_workers, position=position)},
             dataset_config=ray.train.DataConfig(execution_options={"train": ingest_options(config.data)}),
         )
         result = fit(trainer, tracked, _CLEAR_WORKER_ERRORS)
@@ -121,8 +124,10 @@ def start_tracked_run(
 
 
 def scaling_config(run: RunSettings) -> ray.train.ScalingConfig:
+    """Ray Train's workers: `run.num_workers`, or with `run.min_workers` an elastic group of that many to it."""
     return ray.train.ScalingConfig(
-        num_workers=run.num_workers,
+        num_workers=run.num_workers if run.min_workers is None else (run.min_workers, run.num_workers),
+        elastic_resize_monitor_interval_s=run.resize_check_s,
         use_gpu=run.use_gpu,
         accelerator_type=run.accelerator_type,
         resources_per_worker={"CPU": run.cpus_per_worker},
