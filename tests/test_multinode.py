@@ -241,7 +241,7 @@ def read_object(s3, bucket: str, key: str) -> str:
 def test_an_elastic_run_shrinks_to_the_nodes_left_and_grows_back(
     cluster, s3_inputs, s3_server, mlflow_server, tmp_path
 ):
-    """`run.min_workers`: two nodes that fit one training worker each (3 CPUs, 2.5 a worker; the module's 2-CPU
+    """`run.num_workers: [1, 2]`: two nodes that fit one training worker each (3 CPUs, 2.5 a worker; the module's 2-CPU
     nodes fit none and run the data tasks). One is killed: the run goes on with 1 worker. A node is added: it grows
     back to 2. The global batch, so every step, stays as planned: each optimizer step is logged once, with 2
     samples, and each epoch trains on each sample once (`run.log_sample_names`)."""
@@ -249,7 +249,7 @@ def test_an_elastic_run_shrinks_to_the_nodes_left_and_grows_back(
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
     first, second = cluster.add_node(cpus=3), cluster.add_node(cpus=3)
     sets = overrides(s3_inputs, s3_server, mlflow_server, name)
-    sets += [f"run.epochs={epochs}", "run.min_workers=1", "run.cpus_per_worker=2.5", "run.resize_check_s=5"]
+    sets += [f"run.epochs={epochs}", "run.num_workers=[1, 2]", "run.cpus_per_worker=2.5", "run.resize_check_s=5"]
     sets += ["run.log_sample_names=true"]
     log = tmp_path / "driver.log"
     driver = pretrain(cluster, sets, log)

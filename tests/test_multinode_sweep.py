@@ -7,7 +7,7 @@ several nodes every path must be reachable from all of them: shards and sweep st
 its server. Two trials of the tiny linear probe, one at a time: 2 rounds of `STEPS_PER_ROUND` optimizer steps each.
 
 Run as a script, this file is the `concerto-ray` command with a worker fault in one trial (`FAULT_ENV`), the way
-tests/test_pretrain.py's `inject_faults` replaces the workers' loop: the product has no fault hooks.
+tests/conftest.py's `inject_faults` replaces the workers' loop: the product has no fault hooks.
 """
 
 from __future__ import annotations

@@ -149,16 +149,19 @@ def test_config_typos_fail_before_ray_starts(dinov2_dir, pretrain_shards, tmp_pa
     with pytest.raises(ConfigError, match="data.sources_root is still the placeholder"):
         load_pretrain_config(REPO / "configs" / "pretrain-concerto-v1m1-0-base.yaml")
     # Elastic: 1 or 2 workers, the global batch of 2 kept by accumulating 2 micro-batches on 1 worker.
-    elastic = load("run.min_workers=1")
+    elastic = load("run.num_workers=[1, 2]")
+    assert (elastic.run.min_workers, elastic.run.num_workers, elastic.workers_batch()) == (1, 2, 2)
     assert (elastic.accumulation(1), elastic.accumulation(2)) == (2, 1)
     scaling = scaling_config(elastic.run)
     assert (scaling.min_workers, scaling.max_workers) == (1, 2)
-    with pytest.raises(ConfigError, match="min_workers must be from 1 to num_workers"):
-        load("run.min_workers=3")
-    with pytest.raises(ConfigError, match=r"with 2 workers the global batch .* cannot be split evenly"):
-        load("run.num_workers=3", "run.min_workers=2")  # 3 micro-batches a step: not over 2 workers
+    with pytest.raises(ConfigError, match=r"num_workers \[min, max\] needs 1 <= min <= max, got \[3, 2\]"):
+        load("run.num_workers=[3, 2]")
+    with pytest.raises(ConfigError, match=r"num_workers must be a number or \[min, max\]"):
+        load("run.num_workers=[1, 2, 3]")
+    with pytest.raises(ConfigError, match=r"\[2, 3\]: with 2 workers the global batch .* cannot be split evenly"):
+        load("run.num_workers=[2, 3]")  # 3 micro-batches a step: not over 2 workers
     with pytest.raises(ConfigError, match="one short batch per worker"):
-        load("data.batch_size=4", "run.min_workers=1")
+        load("data.batch_size=4", "run.num_workers=[1, 2]")
 
     # The command (which jobs/pretrain.py runs) reports the error and exits before connecting to Ray.
     def no_ray(*args, **kwargs):

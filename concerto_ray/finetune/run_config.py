@@ -236,7 +236,7 @@ def plan_finetune(run: FinetuneRun) -> FinetunePlan:
             f"({cfg.eval_epochs}): the epochs are cut into that many equal evaluation rounds"
         )
     if run.run.min_workers is not None:
-        raise ConfigError("run.min_workers: fine-tuning runs on a fixed number of workers (run.num_workers)")
+        raise ConfigError("run.num_workers: fine-tuning runs on a fixed number of workers, not a [min, max] range")
     if cfg.batch_size % run.run.num_workers:
         raise ConfigError(
             f"finetune.batch_size ({cfg.batch_size}, over all workers) must be a multiple of "

@@ -81,12 +81,13 @@ class RunSettings:
     name: str  # the run's folder under storage_path; reuse it with --resume
     storage_path: str  # local folder or s3://bucket/prefix for checkpoints and run state
     endpoint_url: str | None = None  # S3-compatible endpoint of storage_path
-    num_workers: int = 1
-    # Elastic pre-training: train on any number of workers from min_workers to num_workers, as many as Ray Train can
-    # place (a lost spot node shrinks the group, a new one grows it back, each time from the latest checkpoint). The
-    # global batch stays num_workers x data.batch_size x optim.grad_accumulation: fewer workers accumulate more
-    # micro-batches, so the steps, the lr schedule and the samples of every step are those of the full size.
-    min_workers: int | None = None
+    # Training workers: a number, or [MIN, MAX] for elastic pre-training: any number from MIN to MAX, as many as Ray
+    # Train can place (a lost spot node shrinks the group, a new one grows it back, each time from the latest
+    # checkpoint). The global batch stays MAX x data.batch_size x optim.grad_accumulation: fewer workers accumulate
+    # more micro-batches, so the steps, the lr schedule and the samples of every step are those of the full size.
+    # Once read, num_workers is MAX and min_workers is MIN.
+    num_workers: int | list[int] = 1
+    min_workers: int | None = None  # the elastic group's smallest size (None: a fixed number of workers)
     # Elastic: how often Ray Train looks for room to grow the worker group (seconds).
     resize_check_s: float = 60.0
     use_gpu: bool = False
@@ -106,11 +107,16 @@ class RunSettings:
     max_nonfinite_steps: int = 10  # consecutive non-finite steps (skipped) before the run stops
 
     def __post_init__(self):
+        if isinstance(self.num_workers, list):
+            if len(self.num_workers) != 2 or self.min_workers is not None:
+                raise ValueError(f"num_workers must be a number or [min, max], got {self.num_workers}")
+            self.min_workers, self.num_workers = self.num_workers
         for name in ("num_workers", "checkpoints_to_keep", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
-            raise ValueError(f"min_workers must be from 1 to num_workers ({self.num_workers}), got {self.min_workers}")
+            got = f"[{self.min_workers}, {self.num_workers}]"
+            raise ValueError(f"num_workers [min, max] needs 1 <= min <= max, got {got}")
         if self.resize_check_s <= 0:
             raise ValueError(f"resize_check_s must be positive, got {self.resize_check_s}")
         if self.cpus_per_worker <= 0:
@@ -295,19 +301,19 @@ def _check_elastic(config: PretrainConfig) -> None:
     run = config.run
     if run.min_workers is None:
         return
+    elastic = f"run.num_workers [{run.min_workers}, {run.num_workers}]"
     if keeps_short_batch(config):
         raise ConfigError(
-            f"run.min_workers: an epoch of {_train_samples(config)} samples is one short batch per worker, which "
-            "fewer workers cannot make up with gradient accumulation; use a fixed run.num_workers"
+            f"{elastic}: an epoch of {_train_samples(config)} samples is one short batch per worker, which "
+            "fewer workers cannot make up with gradient accumulation; use a fixed number of workers"
         )
     per_step = run.num_workers * config.optim.grad_accumulation  # micro-batches of data.batch_size a step
     odd = [w for w in range(run.min_workers, run.num_workers + 1) if per_step % w]
     if odd:
         raise ConfigError(
-            f"run.min_workers {run.min_workers}: with {', '.join(map(str, odd))} workers the global batch "
-            f"(run.num_workers {run.num_workers} x optim.grad_accumulation {config.optim.grad_accumulation} "
-            f"micro-batches of data.batch_size) cannot be split evenly; raise run.min_workers or choose a "
-            "grad_accumulation that every size from min_workers to num_workers divides"
+            f"{elastic}: with {', '.join(map(str, odd))} workers the global batch ({run.num_workers} workers x "
+            f"optim.grad_accumulation {config.optim.grad_accumulation} micro-batches of data.batch_size) cannot be "
+            "split evenly; raise the minimum or choose a grad_accumulation that every size in the range divides"
         )
 
 

@@ -124,7 +124,7 @@ def start_tracked_run(
 
 
 def scaling_config(run: RunSettings) -> ray.train.ScalingConfig:
-    """Ray Train's workers: `run.num_workers`, or with `run.min_workers` an elastic group of that many to it."""
+    """Ray Train's workers: `run.num_workers`, or an elastic group of `run.min_workers` to `run.num_workers`."""
     return ray.train.ScalingConfig(
         num_workers=run.num_workers if run.min_workers is None else (run.min_workers, run.num_workers),
         elastic_resize_monitor_interval_s=run.resize_check_s,
