@@ -58,10 +58,16 @@ def _ingest(args: argparse.Namespace) -> None:
     config = IngestConfig(
         src=args.src,
         out=args.out,
+        adapter=args.adapter,
         split=args.split,
         labels=args.labels,
         skip_bad=args.skip_bad,
         endpoint_url=args.endpoint_url,
+        frame_skip=args.frame_skip,
+        depth=args.depth,
+        label_map=args.label_map,
+        split_lists=args.split_lists,
+        device=args.device,
     )
     start_ray(default_log_file("ingest"))  # Ray Data's progress logs go to the log file
     print(run_ingest(config).text())
@@ -72,15 +78,42 @@ def _ingest(args: argparse.Namespace) -> None:
 
 def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `ingest` (and of jobs/ingest.py)."""
-    p.add_argument("src", help="folder of point-cloud files: SRC/<split>/<scene>.<ext> (or SRC/<scene>.<ext>, --split)")
+    p.add_argument(
+        "src",
+        help="clouds: folder of point-cloud files, SRC/<split>/<scene>.<ext> (or SRC/<scene>.<ext> with --split); "
+        "scannet: the raw ScanNet v2 download, SRC/scans*/<scene>/; capture: RGB-D capture folders, "
+        "SRC/<split>/<scene>/{color,depth,pose}/ + intrinsic (or SRC/<scene>/ with --split; format in README)",
+    )
     p.add_argument("out", help="the dataset root to write (local or shared folder, or s3://bucket/prefix)")
-    p.add_argument("--split", help="SRC's files are the scenes of this split (default: SRC's subfolders are splits)")
+    p.add_argument(
+        "--adapter",
+        choices=("clouds", "scannet", "capture"),
+        default="clouds",
+        help="what SRC holds: plain point-cloud files; raw ScanNet (.sens, mesh, labels), processed as Pointcept's "
+        "Concerto preprocessing does; or own RGB-D captures (frames with depth, pose and intrinsic, and a point "
+        "cloud or none: then one is fused from the depth)",
+    )
+    p.add_argument("--split", help="SRC's scenes are this split's (default: SRC's subfolders are splits); not scannet")
     p.add_argument(
         "--labels",
         action="store_true",
-        help="write per-point labels as segment.npy (PLY segment/label/class, LAS classification, NPZ segment)",
+        help="write per-point labels of the cloud files as segment.npy (PLY segment/label/class, LAS classification, "
+        "NPZ segment); not scannet, whose labels always come from its annotations",
     )
-    p.add_argument("--skip-bad", action="store_true", help="skip (and list) files that cannot be read")
+    p.add_argument(
+        "--frame-skip", type=int, help="keep every N-th frame (default: scannet 75, as Pointcept; capture 1)"
+    )
+    p.add_argument("--depth", action="store_true", help="scannet, capture: also write the depth frames (uint16 mm)")
+    p.add_argument("--label-map", help="scannet: ScanNet's label map (default SRC/scannetv2-labels.combined.tsv)")
+    p.add_argument(
+        "--split-lists",
+        help="scannet: folder of the benchmark's scannetv2_train.txt and scannetv2_val.txt (default SRC); other "
+        "scenes are the test split",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="scannet, capture: torch device of the mesh cast and point search (cuda)"
+    )
+    p.add_argument("--skip-bad", action="store_true", help="skip (and list) scenes that cannot be read")
     p.add_argument("--shards", help="then run `prepare OUT SHARDS` (local or s3://) with the options below")
     p.add_argument("--format", choices=("parquet", "webdataset"), default="parquet", help="with --shards")
     p.add_argument("--shard-mb", type=float, default=256, help="target shard size in MB, with --shards")
@@ -359,11 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ingest",
         formatter_class=fmt,
-        help="plain point-cloud files (PLY, LAS/LAZ, NPY, NPZ) to a dataset root, with Ray Data",
-        description="Read one point-cloud file per scene in Ray Data tasks across the cluster and write the "
-        "scene folders of Pointcept's processed layout (coord, and color / normal / segment where the files have "
-        "them; nothing is filled in). Resumable: finished scenes are skipped. OUT is then a root for `prepare` "
-        "(or pass --shards). Uses RAY_ADDRESS if set, else a local Ray. Same as `python jobs/ingest.py`.",
+        help="own data (point-cloud files, raw ScanNet, RGB-D captures) to a dataset root, with Ray Data",
+        description="Convert one scene per Ray Data task across the cluster into Pointcept's processed layout. "
+        "--adapter clouds (PLY, LAS/LAZ, NPY, NPZ): coord, and color / normal / segment where the files have them; "
+        "nothing is filled in. --adapter scannet: the raw ScanNet v2 download, as Pointcept's Concerto "
+        "preprocessing writes it (frames, poses, mesh-cast correspondences, ScanNet-20/200 labels, split files). "
+        "--adapter capture: own RGB-D captures (colour, depth, pose, intrinsic per frame; a point cloud or one "
+        "fused from the depth), with depth-based correspondences. "
+        "Resumable: finished scenes are skipped. OUT is then a root for `prepare` (or pass --shards). Uses "
+        "RAY_ADDRESS if set, else a local Ray. Same as `python jobs/ingest.py`.",
     )
     add_ingest_arguments(p)
     p.set_defaults(func=_ingest)

@@ -1,50 +1,71 @@
-"""`concerto-ray ingest`: plain point-cloud files -> Pointcept's processed layout, as a Ray Data job.
+"""`concerto-ray ingest`: own data -> Pointcept's processed layout, as a Ray Data job. Two adapters:
 
-    SRC/<split>/<scene>.{ply,las,laz,npy,npz}   (or SRC/<scene>.* with --split NAME)
-      -> ray.data.from_items: one row per scene file not yet ingested
-      -> map(IngestScene): read the file (`data.point_files`), write OUT/<split>/<scene>/{coord,color,normal,
-         segment}.npy in CPU tasks spread over the cluster, one scene in memory per task
-      -> the driver counts the small result rows (progress bar, bad files)
+- `clouds` (default): plain point-cloud files, SRC/<split>/<scene>.{ply,las,laz,npy,npz} (or SRC/<scene>.* with
+  --split NAME) -> OUT/<split>/<scene>/{coord,color,normal,segment}.npy (`data.point_files`). Georeferenced clouds
+  are moved near the origin so that float32 keeps millimetres; the shift is recorded.
+- `scannet`: the raw ScanNet v2 download (.sens streams, meshes, labels) -> what Pointcept's Concerto ScanNet
+  preprocessing writes, point assets, frames, poses, intrinsics, mesh-cast correspondences and the split files
+  (`data.scannet_raw`).
+- `capture`: own RGB-D captures in the folder format of `data.capture` (colour, depth, pose, intrinsic per frame,
+  and a point cloud or none: then one is fused from the depth) -> the same kind of root, with split files.
 
-OUT (a local or shared folder, or s3://) is then a dataset root that `concerto-ray prepare` turns into shards for
-pre-training (Sonata-style: no camera frames), segmentation (with --labels) and `embed`; with --shards, ingest runs
-that `prepare` itself (OUT must then be a local or shared folder). A scene folder is complete once its coord.npy
-exists (written last), so a rerun skips finished scenes and redoes interrupted ones. `OUT/ingest.json` records every
-scene's source file, points, arrays and coordinate shift (`point_files`: georeferenced clouds are moved near the
-origin so that float32 keeps millimetres).
+    ray.data.from_items: one row per scene not yet ingested
+      -> map(IngestScene): convert one scene in a CPU task spread over the cluster, one scene in memory per task
+      -> the driver counts the small result rows (progress bar, bad scenes)
+
+OUT (a local or shared folder, or s3://) is then a dataset root that `concerto-ray prepare` turns into shards; with
+--shards, ingest runs that `prepare` itself (OUT must then be a local or shared folder). A scene folder is complete
+once its coord.npy exists (written last), so a rerun skips finished scenes and redoes interrupted ones.
+`OUT/ingest.json` records every scene's source, points, arrays, coordinate shift and kept frames.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import ray
 from tqdm import tqdm
 
 from concerto_ray.config import to_dict
-from concerto_ray.data import storage
+from concerto_ray.data import capture, scannet_raw, storage
 from concerto_ray.data.point_files import POINT_FILE_SUFFIXES, read_point_file
 from concerto_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "ingest.json"
+FRAMES_PER_ENTRY = 4  # frames per pre-training sample in the split files, as Pointcept's splits.py groups them
 FINAL_ASSET = "coord"  # written last: its presence marks a complete scene folder
 
 
 @dataclass
 class IngestConfig:
-    src: str  # a local or shared folder of point-cloud files
+    src: str  # a local or shared folder: point-cloud files, the raw ScanNet download, or capture folders
     out: str  # local or shared folder, or s3://bucket/prefix
-    split: str | None = None  # SRC's files are this split's scenes; None: SRC's subfolders are the splits
-    labels: bool = False  # per-point labels from the files, written as segment.npy
+    adapter: Literal["clouds", "scannet", "capture"] = "clouds"
+    split: str | None = None  # clouds, capture: SRC's scenes are this split's; None: SRC's subfolders are the splits
+    labels: bool = False  # clouds, capture: per-point labels from the cloud files, written as segment.npy
     skip_bad: bool = False
     endpoint_url: str | None = None
+    frame_skip: int | None = (
+        None  # every frame_skip-th frame is kept (default: scannet 75, as the reference; capture 1)
+    )
+    depth: bool = False  # scannet, capture: also write the depth frames
+    label_map: str | None = None  # scannet: default SRC/scannetv2-labels.combined.tsv
+    split_lists: str | None = None  # scannet: the folder of scannetv2_{train,val}.txt, default SRC
+    device: str = "cpu"  # scannet, capture: the torch device of the mesh cast and point search ("cuda" on GPUs)
+
+    def __post_init__(self):
+        if self.adapter not in ("clouds", "scannet", "capture"):
+            raise ConfigError(f"adapter: {self.adapter!r} is not one of clouds, scannet, capture")
+        if self.frame_skip is None:
+            self.frame_skip = 75 if self.adapter == "scannet" else 1
+        if self.frame_skip < 1:
+            raise ConfigError(f"frame_skip: {self.frame_skip} must be at least 1")
 
 
 @dataclass
@@ -81,37 +102,55 @@ def list_scene_files(src: Path, split: str | None) -> list[tuple[str, str, Path]
 
 
 class IngestScene:
-    """One scene file -> its folder of .npy arrays under OUT; a file that fails becomes a row carrying its error,
-    so that the driver decides between stopping and skipping. Picklable for Ray Data tasks."""
+    """One scene (a file, or a raw ScanNet folder) -> its files under OUT; a scene that fails becomes a row carrying
+    its error, so that the driver decides between stopping and skipping. Picklable for Ray Data tasks."""
 
-    def __init__(self, out: storage.Location, labels: bool):
+    def __init__(self, out: storage.Location, labels: bool, framed=None):
         self.out = out
         self.labels = labels
+        self.framed = framed  # the adapter of scenes with frames (ScannetScene, CaptureScene), None for clouds
 
     def __call__(self, row: dict) -> dict:
-        result = {"split": row["split"], "scene": row["scene"], "source": row["source"], "error": "", "points": 0}
-        if not Path(row["source"]).is_file():  # not a bad file, which --skip-bad would pass over: a bad setup
+        result = {"split": row["split"], "scene": row["scene"], "source": row["source"], "error": "", "points": 0,
+                  "arrays": "", "shift": [0.0, 0.0, 0.0], "frames": ""}  # fmt: skip
+        if not Path(row["source"]).exists():  # not a bad scene, which --skip-bad would pass over: a bad setup
             raise FileNotFoundError(
                 f"{row['source']} is not on the node {ray.util.get_node_ip_address()}: SRC must be a folder that "
                 f"every node of the cluster reads at the same path (a shared file system)"
             )
         try:
+            if self.framed is not None:
+                done = self.framed.convert(row["split"], row["scene"], Path(row["source"]))
+                return {**result, "points": done["points"], "arrays": ",".join(done["arrays"]),
+                        "frames": ",".join(done["frames"])}  # fmt: skip
             cloud = read_point_file(Path(row["source"]), self.labels)
         except DataError as exc:
-            return {**result, "error": str(exc), "arrays": "", "shift": [0.0, 0.0, 0.0]}
+            return {**result, "error": str(exc)}
         folder = f"{row['split']}/{row['scene']}"
         for key in sorted(cloud.arrays, key=lambda k: k == FINAL_ASSET):  # coord.npy last
-            buffer = io.BytesIO()
-            np.save(buffer, cloud.arrays[key])
-            self.out.write_bytes(f"{folder}/{key}.npy", buffer.getvalue())
+            self.out.write_npy(f"{folder}/{key}.npy", cloud.arrays[key])
         arrays = ",".join(sorted(cloud.arrays))
         return {**result, "points": len(cloud.arrays["coord"]), "arrays": arrays, "shift": list(cloud.shift)}
 
 
 def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
-    """Ingest every scene file of SRC that OUT does not hold yet; uses the connected Ray cluster."""
+    """Ingest every scene of SRC that OUT does not hold yet; uses the connected Ray cluster."""
     out = storage.resolve(config.out, config.endpoint_url)
-    files = list_scene_files(Path(config.src).expanduser().resolve(), config.split)
+    src = Path(config.src).expanduser().resolve()
+    convert = IngestScene(out, config.labels)
+    if config.adapter == "scannet":
+        files = scannet_raw.list_scenes(src, Path(config.split_lists).expanduser() if config.split_lists else src)
+        labelled = any(split != "test" for split, _, _ in files)
+        label_map = Path(config.label_map).expanduser() if config.label_map else src / scannet_raw.LABEL_MAP
+        convert.framed = scannet_raw.ScannetScene(
+            out, scannet_raw.read_label_map(label_map) if labelled else None, config.frame_skip, config.depth,
+            config.device,
+        )  # fmt: skip
+    elif config.adapter == "capture":
+        files = capture.list_captures(src, config.split)
+        convert.framed = capture.CaptureScene(out, config.labels, config.frame_skip, config.depth, config.device)
+    else:
+        files = list_scene_files(src, config.split)
     summary = IngestSummary()
     if out.exists(SUMMARY_FILE):
         summary.scenes = json.loads(out.read_bytes(SUMMARY_FILE))["scenes"]
@@ -123,16 +162,50 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
             pending.append({"split": split, "scene": scene, "source": str(path)})
     try:
         if pending:
-            _ingest(pending, out, config, summary, progress)
-    finally:  # what was written is recorded, also when a bad file stops the run
+            _ingest(pending, convert, config, summary, progress)
+    finally:  # what was written is recorded, also when a bad scene stops the run
         out.write_bytes(SUMMARY_FILE, json.dumps(to_dict(summary), indent=1).encode())
+        if config.adapter != "clouds":
+            prefix = scannet_raw.SPLIT_PATH_PREFIX if config.adapter == "scannet" else ""
+            _write_split_files(out, summary, prefix)
     return summary
 
 
-def _ingest(pending: list[dict], out: storage.Location, config: IngestConfig, summary: IngestSummary, progress: bool):
+def _write_split_files(out: storage.Location, summary: IngestSummary, prefix: str) -> None:
+    """splits/<split>.json over every scene ingested so far (this run's and earlier runs')."""
+    by_split: dict[str, dict[str, list[str]]] = {}
+    for key, scene in summary.scenes.items():
+        split, name = key.split("/", 1)
+        by_split.setdefault(split, {})[name] = scene["frames"]
+    for split, scenes in sorted(by_split.items()):
+        entries = split_entries(scenes, split, prefix)
+        out.write_bytes(f"splits/{split}.json", json.dumps(entries, indent=1).encode())
+
+
+def split_entries(scenes: dict[str, list[str]], split: str, prefix: str = "") -> dict:
+    """A split file as Pointcept's splits.py writes it: per scene (by name), its frames (colour file names, in the
+    order given) in groups of FRAMES_PER_ENTRY, each group one pre-training sample "<scene>_<group>"; paths below
+    `prefix` (our reader resolves them against the root)."""
+    entries = {}
+    for scene in sorted(scenes):
+        frames = scenes[scene]
+        images = f"{prefix}images/{split}/{scene}"
+        for group, i in enumerate(range(0, len(frames), FRAMES_PER_ENTRY)):
+            names = frames[i : i + FRAMES_PER_ENTRY]
+            entries[f"{scene}_{group}"] = {
+                "pointclouds": f"{prefix}{split}/{scene}",
+                "images": [f"{images}/color/{name}" for name in names],
+                "correspondences": [f"{images}/correspondence/{Path(name).stem}.npy" for name in names],
+            }
+    return entries
+
+
+def _ingest(pending: list[dict], convert: IngestScene, config: IngestConfig, summary: IngestSummary, progress: bool):
     log.info("ingesting %d scenes", len(pending))
     # One row per block, so that Ray Data spreads the scenes over the cluster's CPUs.
-    ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map(IngestScene(out, config.labels))
+    # A task that casts on a GPU asks Ray for one: Ray hides the GPUs from tasks that ask for none.
+    gpus = 1 if config.device.startswith("cuda") else 0
+    ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map(convert, num_gpus=gpus)
     bad: list[tuple[str, str]] = []
     # Every row is taken, also after a bad file, so that each scene written is recorded with its shift.
     with tqdm(total=len(pending), desc="scenes", unit="scene", disable=not progress) as bar:
@@ -149,9 +222,11 @@ def _ingest(pending: list[dict], out: storage.Location, config: IngestConfig, su
                     "arrays": row["arrays"].split(","),
                     "shift": [float(x) for x in row["shift"]],
                 }
+                if config.adapter != "clouds":
+                    summary.scenes[scene]["frames"] = row["frames"].split(",") if row["frames"] else []
             bar.update()
     if bad and not config.skip_bad:
         scene, error = bad[0]
-        more = f"; {len(bad) - 1} more bad files in the log" if len(bad) > 1 else ""
-        raise DataError(f"cannot be ingested: {error} (--skip-bad skips such files{more})", sample=scene)
+        more = f"; {len(bad) - 1} more bad scenes in the log" if len(bad) > 1 else ""
+        raise DataError(f"cannot be ingested: {error} (--skip-bad skips such scenes{more})", sample=scene)
     summary.skipped += [f"{scene}: {error}" for scene, error in bad]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from concerto_ray.data.scannet_classes import SCANNET20_IDS
 from concerto_ray.data.shards import prepare, read_manifest
 from concerto_ray.data.synth import SynthConfig, write_synthetic_dataset
 from concerto_ray.errors import ConfigError
@@ -19,7 +20,6 @@ from concerto_ray.finetune.evaluate import evaluate_scene
 from concerto_ray.finetune.multi_dataset import compose_round
 from concerto_ray.finetune.run_config import load_finetune_run, plan_finetune
 from concerto_ray.finetune.segmentor import for_evaluation
-from concerto_ray.finetune.submission import SCANNET20_IDS
 from concerto_ray.finetune.trainer import (
     CONDITION_METRIC,
     SUBMISSION_DIR,

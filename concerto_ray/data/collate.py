@@ -22,10 +22,13 @@ def collate_semseg(samples: list[dict]) -> dict:
 
 def collate_concerto(samples: list[dict]) -> dict:
     """Like `collate_semseg`, but each correspondence array (points, frames, 2) is first padded with -1 to the
-    largest frame count in the batch, so that the arrays of all samples can be concatenated."""
+    largest frame count in the batch, so that the arrays of all samples can be concatenated. Samples without
+    frames (for a model without the 2D-3D term) have no images, img_num or correspondence: nothing to pad."""
     _check_same_keys(samples)
     _check_offsets(samples)
-    max_frames = max(int(np.asarray(sample["img_num"]).reshape(-1)[0]) for sample in samples)
+    max_frames = max(
+        (int(np.asarray(sample["img_num"]).reshape(-1)[0]) for sample in samples if "img_num" in sample), default=0
+    )
     batch = {}
     for key in samples[0]:
         values = [sample[key] for sample in samples]

@@ -47,7 +47,7 @@ def nearest_point_correspondences(
     pose = np.asarray(pose)
     if not np.isfinite(pose).all():
         return no_correspondence()
-    pixel, lifted = _lift_pixels(depth, intrinsic, pose)
+    pixel, lifted = lift_pixels(depth, intrinsic, pose)
     if len(lifted) == 0 or len(coord) == 0:
         return no_correspondence()
     if device is None:
@@ -59,7 +59,7 @@ def nearest_point_correspondences(
     return np.column_stack([pixel[near], index[near]]).astype(np.float64)
 
 
-def _lift_pixels(depth: np.ndarray, intrinsic: np.ndarray, pose: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def lift_pixels(depth: np.ndarray, intrinsic: np.ndarray, pose: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(pixels [column, row] (M, 2) float64, their world points (M, 3) float32) of the pixels with a surface, in
     row-major order: point = R (depth K^-1 [column, row, 1]) + t.
 

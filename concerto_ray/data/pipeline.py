@@ -141,16 +141,18 @@ class BadSampleLog:
 
 
 class SampleTransform:
-    """decode -> validate -> transform one shard row. Picklable; runs inside Ray Data tasks."""
+    """decode -> validate -> transform one shard row. Picklable; runs inside Ray Data tasks. `frames`: as
+    `build_dataset`'s."""
 
-    def __init__(self, config: StreamConfig, bad_log=None, scene_hook: SceneHook | None = None):
+    def __init__(self, config: StreamConfig, bad_log=None, scene_hook: SceneHook | None = None, *, frames: bool = True):
         self.mode = config.mode
+        self.with_frames = config.mode == "pretrain" and frames
         self.scene_hook = scene_hook
         self.seed = 0 if config.seed is None else config.seed
         self.segment_asset = config.segment_asset
         self.bad_log = bad_log
         if config.mode == "pretrain":
-            self.transform = concerto_pretrain_transform(config.pretrain)
+            self.transform = concerto_pretrain_transform(config.pretrain, frames=frames)
         elif config.mode == "semseg_train":
             self.transform = semseg_train_transform(config.semseg)
         else:
@@ -167,7 +169,7 @@ class SampleTransform:
             record = row_to_record(row)
             pretrain = self.mode == "pretrain"
             data = decode_record(
-                record, segment_asset=self.segment_asset, with_frames=pretrain, require_labels=not pretrain
+                record, segment_asset=self.segment_asset, with_frames=self.with_frames, require_labels=not pretrain
             )
             if self.scene_hook is not None:
                 data = self.scene_hook(data)
@@ -213,22 +215,26 @@ def build_dataset(
     scene_hook: SceneHook | None = None,
     workers: int = 1,
     position: StreamPosition | None = None,
+    frames: bool = True,
 ) -> ray.data.Dataset:
     """The lazily executed Ray dataset of transformed samples (one row per sample), in a new order every epoch.
 
     `scenes`: stream only the samples of these names (shards holding none of them are not read). `scene_hook`:
     applied to every decoded full-resolution scene before the transforms (fine-tuning limits the labelled points
     there). `workers`: every epoch is padded to a multiple of them (`EpochPlan`). `position`: a training stream's,
-    which says the epoch each pass reads and where in it to start (`StreamPosition`); without it, epoch 0 whole."""
+    which says the epoch each pass reads and where in it to start (`StreamPosition`); without it, epoch 0 whole.
+    `frames`: pre-training samples bring their camera frames as image views (Concerto's 2D-3D term reads them);
+    False for a model without that term: no frame is read or decoded, so samples without any stream too."""
     sources = stream_sources(config, scenes)
     seed = 0 if config.seed is None else config.seed
     counts = EpochPlan(sources, seed).counts()
     log.info("samples per epoch: %s", ", ".join(f"{name} {n}" for name, n in counts.items()))
+    transform = SampleTransform(config, bad_log if config.skip_bad else None, scene_hook, frames=frames)
     ds = ray.data.read_datasource(
-        ShardSampleDatasource(sources, seed, with_frames=config.mode == "pretrain", workers=workers, position=position)
+        ShardSampleDatasource(sources, seed, with_frames=transform.with_frames, workers=workers, position=position)
     )
     ds.context.execution_options.preserve_order = config.preserve_order
-    return ds.flat_map(SampleTransform(config, bad_log if config.skip_bad else None, scene_hook))
+    return ds.flat_map(transform)
 
 
 class KeepScenes:

@@ -6,10 +6,10 @@ ends with that config's Collect: the returned dict holds exactly the keys of one
 numpy arrays; `concerto_ray.data.collate` turns a list of them into the torch batch.
 
 Input: the decoder's dict (`name`, `coord`, `color` 0..255, `normal`, `segment`, `instance`; for pre-training
-also `frames_color` and `frames_correspondence`). The model's input concatenates the config's `feat_keys` (Pointcept's
-Collect feat_keys); a scene without one of them is an error, never filled in (Pointcept fails on it too). Data
-without colours or normals leaves them out of `feat_keys` (and the backbone's `in_channels` follows); the colour
-augmentations then pass such a scene through, as the reference's do.
+with Concerto's 2D-3D term also `frames_color` and `frames_correspondence`). The model's input concatenates the
+config's `feat_keys` (Pointcept's Collect feat_keys); a scene without one of them is an error, never filled in
+(Pointcept fails on it too). Data without colours or normals leaves them out of `feat_keys` (and the backbone's
+`in_channels` follows); the colour augmentations then pass such a scene through, as the reference's do.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ PRETRAIN_KEYS = (
     "global_correspondence",
     "img_num",
 )
+IMAGE_VIEW_KEYS = ("images", "global_correspondence", "img_num")  # Concerto's image views: samples with frames only
 POINT_INPUTS = ("coord", "color", "normal")  # the per-point arrays a model input can be built from, 3 channels each
 OPTIONAL_PRETRAIN_KEYS = ("global_color", "local_color")  # absent for scenes without colours
 FEAT_KEYS = POINT_INPUTS  # the feat_keys of every Concerto config
@@ -192,7 +193,10 @@ class SemsegTransformConfig:
 # ------------------------------------------------------------------------------------------------ pre-training
 
 
-def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> Transform:
+def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig, *, frames: bool = True) -> Transform:
+    """`frames`: every sample's camera frames become its image views (`IMAGE_VIEW_KEYS`) for Concerto's 2D-3D term,
+    and a sample without frames is an error. False, for a model without that term (Sonata's losses): a sample needs
+    no frames and gets no image views, and its views are cut as Sonata cuts them (`MultiViewGenerator`)."""
     image_augmentation = ImageAugmentation(
         jitter_p=cfg.image_jitter_p,
         jitter_std=cfg.image_jitter_std,
@@ -233,25 +237,34 @@ def concerto_pretrain_transform(cfg: ConcertoPretrainTransformConfig) -> Transfo
         ),
     )
 
+    keys = PRETRAIN_KEYS if frames else tuple(key for key in PRETRAIN_KEYS if key not in IMAGE_VIEW_KEYS)
+
     def transform(data: dict, rng: np.random.Generator) -> dict:
         data = _checked_points(data, cfg.feat_keys)
-        for key in ("frames_color", "frames_correspondence"):
-            if key not in data:
-                raise DataError("pre-training needs camera frames", sample=data["name"], field=key)
-        images, correspondence = prepare_frames(
-            data["frames_color"],
-            data["frames_correspondence"],
-            len(data["coord"]),
-            cfg.crop_h,
-            cfg.crop_w,
-            cfg.patch_size,
-            sample=data["name"],
-        )
-        data = {**data, "images": image_augmentation(images, rng), "correspondence": correspondence}
+        if frames:
+            for key in ("frames_color", "frames_correspondence"):
+                if not data.get(key):
+                    raise DataError(
+                        "has no camera frames, which the 2D-3D term reads (enc2d_loss_weight > 0); point clouds "
+                        "without frames pre-train with model.enc2d_loss_weight: 0 (Sonata's point losses only)",
+                        sample=data["name"],
+                        field=key,
+                    )
+            images, correspondence = prepare_frames(
+                data["frames_color"],
+                data["frames_correspondence"],
+                len(data["coord"]),
+                cfg.crop_h,
+                cfg.crop_w,
+                cfg.patch_size,
+                sample=data["name"],
+            )
+            data = {**data, "images": image_augmentation(images, rng), "correspondence": correspondence}
         data = apply_transforms(point_transforms, data, rng)
         data["grid_size"] = cfg.grid_size
-        sample = {key: data[key] for key in PRETRAIN_KEYS if key in data or key not in OPTIONAL_PRETRAIN_KEYS}
-        sample["img_num"] = np.array([data["img_num"]], dtype=np.int64)
+        sample = {key: data[key] for key in keys if key in data or key not in OPTIONAL_PRETRAIN_KEYS}
+        if frames:
+            sample["img_num"] = np.array([data["img_num"]], dtype=np.int64)
         for prefix in ("global", "local"):
             sample[f"{prefix}_feat"] = _feat(data, cfg.feat_keys, prefix + "_")
         return sample

@@ -118,6 +118,11 @@ class Manifest:
             )
         return self.scenes
 
+    def frameless_splits(self) -> list[str]:
+        """The splits whose pre-training samples hold no camera frames: those without split file, whose samples are
+        their scene folders (the same shards serve both listings). None in manifests written before `scenes`."""
+        return [name for name, info in self.splits.items() if info.samples and (self.scenes or {}).get(name) == info]
+
     def summary(self) -> str:
         lines = [
             f"{self.total_samples} samples in {self.total_shards} {self.format} shards "

@@ -8,12 +8,14 @@ the pickled filesystem to the workers.
 
 from __future__ import annotations
 
+import io
 import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import pyarrow.fs as pafs
 
 from concerto_ray.errors import ConfigError
@@ -52,6 +54,18 @@ class Location:
         self.make_parent(relative)
         with self.filesystem.open_output_stream(self.path(relative)) as out:
             out.write(data)
+
+    def write_npy(self, relative: str, array) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        self.write_bytes(relative, buffer.getvalue())
+
+    def write_png(self, relative: str, image) -> None:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        self.write_bytes(relative, buffer.getvalue())
 
     def make_parent(self, relative: str) -> None:
         # S3 has no folders; create_dir there would only add empty marker objects.

@@ -650,7 +650,7 @@ def _intrinsic(width: int, height: int) -> np.ndarray:
     )
 
 
-def _look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
+def look_at(position: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Camera-to-world pose with OpenCV axes: x right, y down, z forward."""
     forward = (target - position) / np.linalg.norm(target - position)
     right = np.cross(forward, [0.0, 0.0, 1.0])
@@ -669,7 +669,7 @@ def _random_pose(scene: _Scene, rng) -> np.ndarray:
             continue
         local = np.einsum("bij,bi->bj", np.stack([_rotation_z(y) for y in scene.yaw]), position - scene.center)
         if not np.any(np.all(np.abs(local) < scene.half + 0.15, axis=1)):  # camera not inside furniture
-            return _look_at(position, target)
+            return look_at(position, target)
     raise RuntimeError("no free camera position found in the synthetic room")
 
 

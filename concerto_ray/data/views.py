@@ -3,7 +3,9 @@
 Follows Pointcept's MultiViewGenerator (as configured for Concerto, i.e. with image correspondences):
 
 * the major global view holds the `enc2d_max_size` points nearest to the mean of the points seen in every frame;
-  frames that see none of its points are dropped from the sample;
+  frames that see none of its points are dropped from the sample. A sample without frames (no `correspondence`:
+  a model without the 2D-3D term) gets Sonata's major view instead, as the reference's generator does: a crop of
+  `global_view_scale` around a random point within `center_height_scale` of the height range;
 * further global views and all local views are crops (nearest points to a centre) centred on points of the major
   view; local centres avoid points already covered by earlier local views;
 * global views are cut from the cloud after `global_shared_transforms` (colour augmentation applied once, shared by
@@ -35,20 +37,24 @@ class MultiViewGenerator:
     local_transforms: tuple[Transform, ...] = ()
 
     def __call__(self, data: dict, rng: np.random.Generator) -> dict:
-        """Adds global_/local_ + VIEW_KEYS (views concatenated), global_/local_offset (cumulative sizes), and
-        narrows `images`, `img_num` and `correspondence` to the frames the major view sees."""
+        """Adds global_/local_ + VIEW_KEYS (views concatenated), global_/local_offset (cumulative sizes), and, with
+        frames, narrows `images`, `img_num` and `correspondence` to the frames the major view sees."""
         coord = data["coord"]
         shared = apply_transforms(self.global_shared_transforms, data, rng)
 
-        major_index = nearest_indices(coord, self._major_center(data, rng), self.enc2d_max_size)
-        seen_frames = np.flatnonzero(np.any(data["correspondence"][major_index] != -1, axis=(0, 2)))
-        data = {
-            **data,
-            "images": data["images"][seen_frames],
-            "img_num": len(seen_frames),
-            "correspondence": data["correspondence"][:, seen_frames],
-        }
-        shared = {**shared, "correspondence": data["correspondence"]}
+        if "correspondence" in data:
+            major_index = nearest_indices(coord, self._major_center(data, rng), self.enc2d_max_size)
+            seen_frames = np.flatnonzero(np.any(data["correspondence"][major_index] != -1, axis=(0, 2)))
+            data = {
+                **data,
+                "images": data["images"][seen_frames],
+                "img_num": len(seen_frames),
+                "correspondence": data["correspondence"][:, seen_frames],
+            }
+            shared = {**shared, "correspondence": data["correspondence"]}
+        else:
+            center = self._height_band_point(coord, rng)
+            major_index = nearest_indices(coord, center, self._random_size(len(coord), rng, self.global_view_scale))
         major_coord = coord[major_index]
 
         global_indices = [major_index] + [
@@ -84,6 +90,10 @@ class MultiViewGenerator:
         seen_everywhere = np.all(correspondence.reshape(len(coord), -1) != -1, axis=1)
         if seen_everywhere.any():
             return coord[seen_everywhere].mean(axis=0)
+        return self._height_band_point(coord, rng)
+
+    def _height_band_point(self, coord: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A random point whose height lies within `center_height_scale` of the cloud's height range."""
         z = coord[:, 2]
         z_low = z.min() + (z.max() - z.min()) * self.center_height_scale[0]
         z_high = z.min() + (z.max() - z.min()) * self.center_height_scale[1]

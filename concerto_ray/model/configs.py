@@ -81,6 +81,10 @@ class SonataConfig:
     def _extra_loss_weight(self) -> float:
         return 0.0
 
+    def reads_frames(self) -> bool:
+        """Whether training reads the samples' camera frames: only Concerto's 2D-3D term does."""
+        return False
+
     def teacher_backbone(self) -> PTv3Config:
         return dataclasses.replace(self.backbone, **self.teacher_custom)
 
@@ -127,6 +131,9 @@ class ConcertoConfig(SonataConfig):
 
     def _extra_loss_weight(self) -> float:
         return self.enc2d_loss_weight
+
+    def reads_frames(self) -> bool:
+        return self.enc2d_loss_weight > 0
 
 
 def _pointcept_backbone(enc_channels: tuple[int, ...], enc_num_head: tuple[int, ...]) -> PTv3Config:

@@ -20,8 +20,10 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from concerto_ray.config import find_config, from_dict
+from concerto_ray.data import storage
 from concerto_ray.data.pipeline import StreamConfig
 from concerto_ray.data.presets import input_channels
+from concerto_ray.data.shards import load_manifest
 from concerto_ray.data.sources import EpochPlan, field_name, load_sources
 from concerto_ray.data.storage import S3_SCHEME
 from concerto_ray.errors import ConfigError
@@ -37,9 +39,17 @@ class ModelSection:
     # Concerto: a local save_pretrained directory, an s3:// copy of one, or a Hugging Face hub name (downloaded once
     # per node by the workers; HF_HUB_OFFLINE=1 reads only each node's Hugging Face cache)
     image_encoder_weights: str | None = None
+    # Concerto: the 2D-3D term's weight instead of the named config's. 0 drops the term, and with it the image encoder
+    # (no weights needed) and the camera frames: Sonata's point losses only, which train on point clouds without
+    # frames (a Sonata config, e.g. tiny-sonata, has no such term in the first place).
+    enc2d_loss_weight: float | None = None
     # Recompute the student backbone's attention and MLP activations in backward instead of keeping them: less
     # memory for a longer step (BENCHMARKS.md: the paper's batch on an H200, 97 -> 58 GiB at +5 % step time)
     activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.enc2d_loss_weight is not None and not self.enc2d_loss_weight >= 0:
+            raise ValueError(f"enc2d_loss_weight must be >= 0, got {self.enc2d_loss_weight}")
 
 
 @dataclass
@@ -178,6 +188,13 @@ class PretrainConfig:
     def model_config(self) -> SonataConfig | ConcertoConfig:
         """The named model config with this run's overrides applied."""
         config = get_model_config(self.model.name)
+        if self.model.enc2d_loss_weight is not None:
+            if not isinstance(config, ConcertoConfig):
+                raise ConfigError(
+                    f"enc2d_loss_weight: model {self.model.name!r} is a Sonata config, which has no 2D-3D term"
+                )
+            # A new config, so that its checks (some loss weight positive) see the weight.
+            config = dataclasses.replace(config, enc2d_loss_weight=self.model.enc2d_loss_weight)
         # The backbone reads what the data pipeline feeds it: 3 channels per input array (9 for the paper's data).
         config.backbone.in_channels = input_channels(self.data.pretrain.feat_keys)
         if isinstance(config, ConcertoConfig):
@@ -283,8 +300,6 @@ def validate(config: PretrainConfig) -> None:
     except ValueError as exc:  # ConfigError, or a model config check on the derived patch grid
         raise ConfigError(f"model: {exc}") from exc
     _check_views(config, model_config)
-    if isinstance(model_config, ConcertoConfig) and model_config.enc2d_loss_weight > 0:
-        _check_image_encoder_weights(model_config)
     check_storage(config.run, config.mlflow)
     _check_elastic(config)
     steps = steps_per_epoch(config)
@@ -294,6 +309,31 @@ def validate(config: PretrainConfig) -> None:
             f"{data.where()} for {config.run.num_workers} workers x data.batch_size "
             f"{data.batch_size} x optim.grad_accumulation {config.optim.grad_accumulation}"
         )
+    if model_config.reads_frames():  # Concerto's 2D-3D term; the manifests are known to be readable by now
+        _check_frames(config, model_config)
+        _check_image_encoder_weights(model_config)
+
+
+def _check_frames(config: PretrainConfig, model_config: ConcertoConfig) -> None:
+    """The 2D-3D term reads every sample's camera frames. A split without split file has its scene folders as
+    samples, points only (`Manifest.frameless_splits`): refused here, before Ray starts. Any other sample without
+    frames fails where it is read (`concerto_pretrain_transform`)."""
+    data = config.data
+    for i, source in enumerate(data.source_configs()):
+        location = storage.resolve(source.shards, data.endpoint_url)
+        manifest = load_manifest(location)
+        frameless = manifest.frameless_splits()
+        for split in source.splits or list(manifest.splits):
+            if split in frameless:
+                sample = next(name for shard in manifest.splits[split].shards for name in shard.samples)
+                raise ConfigError(
+                    f"{field_name(data.where(), i, 'shards')}: sample {sample!r} of split {split!r} ({location.uri}) "
+                    "has no camera frames (the split has no split file: its samples are scene folders, points only), "
+                    f"but model {config.model.name!r} reads frames for its 2D-3D term (enc2d_loss_weight "
+                    f"{model_config.enc2d_loss_weight:g}). Point clouds without frames pre-train with "
+                    "model.enc2d_loss_weight: 0 (Sonata's point losses only) or a Sonata model, as "
+                    "configs/pretrain-sonata-tiny.yaml does"
+                )
 
 
 def _check_elastic(config: PretrainConfig) -> None:

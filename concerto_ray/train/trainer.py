@@ -49,6 +49,8 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
     bad_log = BadSampleLog.remote() if config.data.skip_bad else None
     total_steps = steps_per_epoch(config) * run.epochs
     position = StreamPosition()
+    # A model without Concerto's 2D-3D term reads no camera frames: the stream then reads, decodes and views none.
+    frames = config.model_config().reads_frames()
     with StageBar("pre-training", total_steps, enabled=show_progress) as bar:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -63,7 +65,9 @@ def run_pretrain(config: PretrainConfig, resume: bool = False, show_progress: bo
             },
             scaling_config=scaling_config(run),
             run_config=ray_run_config(run, ray.train.CheckpointConfig(num_to_keep=run.checkpoints_to_keep)),
-            datasets={"train": build_dataset(config.data, bad_log, workers=run.num_workers, position=position)},
+            datasets={
+                "train": build_dataset(config.data, bad_log, workers=run.num_workers, position=position, frames=frames)
+            },
             dataset_config=ray.train.DataConfig(execution_options={"train": ingest_options(config.data)}),
         )
         result = fit(trainer, tracked, _CLEAR_WORKER_ERRORS)
