@@ -69,7 +69,6 @@ class CaptureScene:
     def convert(self, split: str, scene: str, folder: Path) -> dict:
         settings = _settings(folder)
         frames = _frames(folder)[:: self.frame_skip]
-        views = [_read_view(folder, name, settings) for name in frames]
         cloud_file = next((p for p in sorted(folder.glob("cloud.*")) if p.suffix.lower() in POINT_FILE_SUFFIXES), None)
         if cloud_file is not None:
             cloud = read_point_file(cloud_file, self.labels)
@@ -78,10 +77,11 @@ class CaptureScene:
                                 "frame", file=str(cloud_file))  # fmt: skip
             arrays = cloud.arrays
         else:
-            arrays = _fuse(views, settings.voxel_size)
+            arrays = _fuse(folder, frames, settings)
         images = f"images/{split}/{scene}"
         search = None if self.device == "cpu" else self.device  # scipy's k-d tree on the CPU, torch on a GPU
-        for view in views:
+        for name in frames:  # one frame in memory at a time
+            view = _read_view(folder, name, settings)
             stem = Path(view.name).stem
             self.out.write_bytes(f"{images}/color/{view.name}", view.color_bytes)
             if self.depth:
@@ -92,7 +92,7 @@ class CaptureScene:
             self.out.write_npy(f"{images}/correspondence/{stem}.npy", table)
         for key in sorted(arrays, key=lambda k: k == "coord"):  # coord.npy last
             self.out.write_npy(f"{split}/{scene}/{key}.npy", arrays[key])
-        return {"points": len(arrays["coord"]), "arrays": sorted(arrays), "frames": [v.name for v in views]}
+        return {"points": len(arrays["coord"]), "arrays": sorted(arrays), "frames": frames}
 
 
 @dataclass
@@ -174,21 +174,25 @@ def _read_view(folder: Path, name: str, settings: CaptureSettings) -> _View:
     return _View(name, color_bytes, color, depth, pose, intrinsic)
 
 
-def _fuse(views: list[_View], voxel_size: float) -> dict[str, np.ndarray]:
-    """The views' lifted pixels averaged per voxel: coord float32, color uint8."""
-    points, colors = [], []
-    for view in views:
+def _fuse(folder: Path, frames: list[str], settings: CaptureSettings) -> dict[str, np.ndarray]:
+    """The frames' lifted pixels averaged per voxel: coord float32, color uint8. Frames are read one at a time into
+    running per-voxel sums, so memory follows the scene's surface, not its frame count."""
+    cells = np.empty((0, 3), dtype=np.int64)
+    sums = np.empty((0, 6))  # x, y, z, r, g, b
+    counts = np.empty(0)
+    for name in frames:
+        view = _read_view(folder, name, settings)
         if not np.isfinite(view.pose).all():
             continue
         pixel, world = lift_pixels(view.depth, view.intrinsic, view.pose)
-        points.append(world)
-        colors.append(view.color[pixel[:, 1].astype(np.int64), pixel[:, 0].astype(np.int64)])
-    if not points or not sum(len(p) for p in points):
+        color = view.color[pixel[:, 1].astype(np.int64), pixel[:, 0].astype(np.int64)]
+        merged = np.concatenate([cells, np.floor(world / settings.voxel_size).astype(np.int64)])
+        values = np.concatenate([sums, np.column_stack([world, color]).astype(np.float64)])
+        cells, inverse = np.unique(merged, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        sums = np.stack([np.bincount(inverse, values[:, i], len(cells)) for i in range(6)], axis=1)
+        counts = np.bincount(inverse, np.concatenate([counts, np.ones(len(world))]), len(cells))
+    if not len(cells):
         raise DataError("no depth readings in the kept frames to fuse a cloud from (and no cloud.* file)")
-    points, colors = np.concatenate(points).astype(np.float64), np.concatenate(colors).astype(np.float64)
-    _, cell, count = np.unique(np.floor(points / voxel_size).astype(np.int64), axis=0, return_inverse=True,
-                               return_counts=True)  # fmt: skip
-    cell = cell.reshape(-1)
-    coord = np.stack([np.bincount(cell, points[:, i]) for i in range(3)], axis=1) / count[:, None]
-    color = np.stack([np.bincount(cell, colors[:, i]) for i in range(3)], axis=1) / count[:, None]
-    return {"coord": coord.astype(np.float32), "color": np.round(color).astype(np.uint8)}
+    mean = sums / counts[:, None]
+    return {"coord": mean[:, :3].astype(np.float32), "color": np.round(mean[:, 3:]).astype(np.uint8)}

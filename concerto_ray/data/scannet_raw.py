@@ -215,13 +215,11 @@ class ScannetScene:
             arrays.update(scene_labels(scene_dir, scene, len(coord), self.label_map))
         sens = read_sens(_required(scene_dir / f"{scene}.sens"), self.frame_skip)
         images = f"images/{split}/{scene}"
-        height, width = sens.color_size
         self.out.write_npy(f"{images}/intrinsic/intrinsic.npy", sens.intrinsic_color)
         for frame in sens.frames:
             self.out.write_png(f"{images}/color/{frame.index}.png", _decode_jpeg(frame, scene_dir, scene))
             if self.depth:
-                depth = np.frombuffer(zlib.decompress(frame.depth_zlib), dtype=np.uint16).reshape(sens.depth_size)
-                self.out.write_png(f"{images}/depth/{frame.index}.png", depth)
+                self.out.write_png(f"{images}/depth/{frame.index}.png", _decode_depth(frame, sens, scene_dir, scene))
             self.out.write_npy(f"{images}/pose/{frame.index}.npy", frame.camera_to_world)
             self.out.write_npy(
                 f"{images}/correspondence/{frame.index}.npy", self._correspondences(coord, faces, sens, frame)
@@ -238,6 +236,14 @@ class ScannetScene:
         return nearest_point_correspondences(
             coord, depth, K, pose, device=None if self.device == "cpu" else self.device
         )
+
+
+def _decode_depth(frame: SensFrame, sens: SensData, scene_dir: Path, scene: str) -> np.ndarray:
+    try:
+        return np.frombuffer(zlib.decompress(frame.depth_zlib), dtype=np.uint16).reshape(sens.depth_size)
+    except (zlib.error, ValueError) as exc:
+        message = f"frame {frame.index}'s depth is not {sens.depth_size} zlib uint16: {exc}"
+        raise DataError(message, file=str(scene_dir / f"{scene}.sens")) from exc
 
 
 def _decode_jpeg(frame: SensFrame, scene_dir: Path, scene: str) -> np.ndarray:
