@@ -62,6 +62,14 @@ class IngestConfig:
     def __post_init__(self):
         if self.adapter not in ("clouds", "scannet", "capture"):
             raise ConfigError(f"adapter: {self.adapter!r} is not one of clouds, scannet, capture")
+        unused = {
+            "clouds": ("frame_skip", "depth", "label_map", "split_lists"),
+            "scannet": ("split", "labels"),
+            "capture": ("label_map", "split_lists"),
+        }[self.adapter]
+        wrong = [name for name in unused if getattr(self, name) not in (None, False)]
+        if wrong:  # an option the adapter would not read is refused, not ignored
+            raise ConfigError(f"--adapter {self.adapter} does not take {', '.join(wrong)}")
         if self.frame_skip is None:
             self.frame_skip = 75 if self.adapter == "scannet" else 1
         if self.frame_skip < 1:
@@ -102,8 +110,9 @@ def list_scene_files(src: Path, split: str | None) -> list[tuple[str, str, Path]
 
 
 class IngestScene:
-    """One scene (a file, or a raw ScanNet folder) -> its files under OUT; a scene that fails becomes a row carrying
-    its error, so that the driver decides between stopping and skipping. Picklable for Ray Data tasks."""
+    """One scene (a cloud file, a raw ScanNet folder or a capture folder) -> its files under OUT; a scene that fails
+    becomes a row carrying its error, so that the driver decides between stopping and skipping. Picklable for Ray
+    Data tasks."""
 
     def __init__(self, out: storage.Location, labels: bool, framed=None):
         self.out = out

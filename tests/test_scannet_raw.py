@@ -95,6 +95,8 @@ def test_the_mesh_cast_is_the_same_on_a_torch_device_and_refuses_bad_inputs(tmp_
     (scene / "scene0000_00.sens").write_bytes(b"\x05\x00\x00\x00" + b"\x00" * 8)
     with pytest.raises(DataError, match=r"scene0000_00.sens.*version 5, expected 4"):
         read_sens(scene / "scene0000_00.sens", FRAME_SKIP)
+    with pytest.raises(ConfigError, match="--adapter scannet does not take split, labels"):
+        IngestConfig(str(tmp_path), str(tmp_path / "out"), adapter="scannet", split="train", labels=True)
     (tmp_path / "scannetv2_val.txt").unlink()
     with pytest.raises(ConfigError, match=r"scannetv2_val.txt is missing \(Tasks/Benchmark"):
         run_ingest(IngestConfig(str(tmp_path), str(tmp_path / "out"), adapter="scannet"), progress=False)
