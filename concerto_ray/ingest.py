@@ -21,6 +21,7 @@ once its coord.npy exists (written last), so a rerun skips finished scenes and r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -51,9 +52,8 @@ class IngestConfig:
     labels: bool = False  # clouds, capture: per-point labels from the cloud files, written as segment.npy
     skip_bad: bool = False
     endpoint_url: str | None = None
-    frame_skip: int | None = (
-        None  # every frame_skip-th frame is kept (default: scannet 75, as the reference; capture 1)
-    )
+    # scannet, capture: every frame_skip-th frame is kept (None: scannet 75, as the reference; capture 1)
+    frame_skip: int | None = None
     depth: bool = False  # scannet, capture: also write the depth frames
     label_map: str | None = None  # scannet: default SRC/scannetv2-labels.combined.tsv
     split_lists: str | None = None  # scannet: the folder of scannetv2_{train,val}.txt, default SRC
@@ -63,17 +63,20 @@ class IngestConfig:
         if self.adapter not in ("clouds", "scannet", "capture"):
             raise ConfigError(f"adapter: {self.adapter!r} is not one of clouds, scannet, capture")
         unused = {
-            "clouds": ("frame_skip", "depth", "label_map", "split_lists"),
+            "clouds": ("frame_skip", "depth", "label_map", "split_lists", "device"),
             "scannet": ("split", "labels"),
             "capture": ("label_map", "split_lists"),
         }[self.adapter]
-        wrong = [name for name in unused if getattr(self, name) not in (None, False)]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        wrong = [name for name in unused if getattr(self, name) != defaults[name]]
         if wrong:  # an option the adapter would not read is refused, not ignored
             raise ConfigError(f"--adapter {self.adapter} does not take {', '.join(wrong)}")
-        if self.frame_skip is None:
-            self.frame_skip = 75 if self.adapter == "scannet" else 1
-        if self.frame_skip < 1:
+        if self.frame_skip is not None and self.frame_skip < 1:
             raise ConfigError(f"frame_skip: {self.frame_skip} must be at least 1")
+
+    def every_nth_frame(self) -> int:
+        """frame_skip, or the adapter's default: the reference's 75 for ScanNet, every frame of a capture."""
+        return self.frame_skip or (75 if self.adapter == "scannet" else 1)
 
 
 @dataclass
@@ -146,20 +149,21 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
     """Ingest every scene of SRC that OUT does not hold yet; uses the connected Ray cluster."""
     out = storage.resolve(config.out, config.endpoint_url)
     src = Path(config.src).expanduser().resolve()
-    convert = IngestScene(out, config.labels)
+    framed = None  # the adapter of scenes with frames
     if config.adapter == "scannet":
         files = scannet_raw.list_scenes(src, Path(config.split_lists).expanduser() if config.split_lists else src)
         labelled = any(split != "test" for split, _, _ in files)
         label_map = Path(config.label_map).expanduser() if config.label_map else src / scannet_raw.LABEL_MAP
-        convert.framed = scannet_raw.ScannetScene(
-            out, scannet_raw.read_label_map(label_map) if labelled else None, config.frame_skip, config.depth,
+        framed = scannet_raw.ScannetScene(
+            out, scannet_raw.read_label_map(label_map) if labelled else None, config.every_nth_frame(), config.depth,
             config.device,
         )  # fmt: skip
     elif config.adapter == "capture":
         files = capture.list_captures(src, config.split)
-        convert.framed = capture.CaptureScene(out, config.labels, config.frame_skip, config.depth, config.device)
+        framed = capture.CaptureScene(out, config.labels, config.every_nth_frame(), config.depth, config.device)
     else:
         files = list_scene_files(src, config.split)
+    convert = IngestScene(out, config.labels, framed)
     summary = IngestSummary()
     if out.exists(SUMMARY_FILE):
         summary.scenes = json.loads(out.read_bytes(SUMMARY_FILE))["scenes"]

@@ -21,7 +21,7 @@ from concerto_ray.cli import main as cli_main
 from concerto_ray.data.correspondence import nearest_point_correspondences
 from concerto_ray.data.raycast import mesh_depth_image
 from concerto_ray.data.record import decode_record, row_to_record
-from concerto_ray.data.scannet_raw import read_mesh, read_sens
+from concerto_ray.data.scannet_raw import read_mesh, read_sens, scene_labels
 from concerto_ray.data.shards import read_shards
 from concerto_ray.errors import ConfigError, DataError
 from concerto_ray.ingest import IngestConfig, run_ingest
@@ -92,6 +92,9 @@ def test_the_mesh_cast_is_the_same_on_a_torch_device_and_refuses_bad_inputs(tmp_
         nearest_point_correspondences(coord, depth, K, pose, device="cpu"),
         nearest_point_correspondences(coord, depth, K, pose),
     )
+    (scene / "scene0000_00.aggregation.json").write_text('{"sceneId": "scene0000_00"}')
+    with pytest.raises(DataError, match=r"scene0000_00.aggregation.json', field 'segGroups': missing from the file"):
+        scene_labels(scene, "scene0000_00", len(coord), {})
     (scene / "scene0000_00.sens").write_bytes(b"\x05\x00\x00\x00" + b"\x00" * 8)
     with pytest.raises(DataError, match=r"scene0000_00.sens.*version 5, expected 4"):
         read_sens(scene / "scene0000_00.sens", FRAME_SKIP)

@@ -80,7 +80,7 @@ class CaptureScene:
             arrays = _fuse(folder, frames, settings)
         images = f"images/{split}/{scene}"
         search = None if self.device == "cpu" else self.device  # scipy's k-d tree on the CPU, torch on a GPU
-        for name in frames:  # one frame in memory at a time
+        for name in frames:  # one frame in memory at a time (a fused cloud read them once before)
             view = _read_view(folder, name, settings)
             stem = Path(view.name).stem
             self.out.write_bytes(f"{images}/color/{view.name}", view.color_bytes)
@@ -143,7 +143,7 @@ def _matrix(candidates: list[Path], what: str, shapes: tuple[tuple[int, int], ..
         raise DataError(f"missing: the frame's {what}", file=str(candidates[0]))
     try:
         matrix = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=2)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise DataError(f"not a {what} matrix: {exc}", file=str(path)) from exc
     if matrix.shape not in shapes:
         raise DataError(f"a {what} is {' or '.join(f'{a}x{b}' for a, b in shapes)}, not {matrix.shape}", file=str(path))
@@ -162,7 +162,10 @@ def _read_view(folder: Path, name: str, settings: CaptureSettings) -> _View:
         raise DataError(f"not an image: {exc}", file=str(color_path)) from exc
     if not depth_path.is_file():
         raise DataError("missing: every kept frame needs its depth image", file=str(depth_path))
-    raw = np.asarray(Image.open(depth_path))
+    try:
+        raw = np.asarray(Image.open(depth_path))
+    except OSError as exc:
+        raise DataError(f"not an image: {exc}", file=str(depth_path)) from exc
     if raw.shape != color.shape[:2]:
         sizes = f"depth is {raw.shape[1]}x{raw.shape[0]} but the colour image is {color.shape[1]}x{color.shape[0]}"
         raise DataError(f"{sizes}: depth must be registered to the colour camera", file=str(depth_path))

@@ -154,14 +154,17 @@ def scene_labels(scene_dir: Path, scene: str, points: int, label_map: dict[str, 
     """segment20, segment200 and instance (int64, -1 unlabelled) from the scene's segments and aggregation."""
     segments_file = scene_dir / f"{scene}_vh_clean_2.0.010000.segs.json"
     aggregation_file = scene_dir / f"{scene}.aggregation.json"
-    segment_of_point = np.asarray(_json(segments_file)["segIndices"])
+    segment_of_point = np.asarray(_json_field(segments_file, "segIndices"))
     if len(segment_of_point) != points:
         raise DataError(f"segIndices has {len(segment_of_point)} entries for {points} mesh vertices",
                         file=str(segments_file), field="segIndices")  # fmt: skip
     segment20 = np.full(points, IGNORE_INDEX, dtype=np.int16)
     segment200 = np.full(points, IGNORE_INDEX, dtype=np.int16)
     instance = np.full(points, IGNORE_INDEX, dtype=np.int16)
-    for group in _json(aggregation_file)["segGroups"]:
+    for group in _json_field(aggregation_file, "segGroups"):
+        if not {"label", "segments", "id"} <= set(group):
+            message = f"a group lacks label, segments or id: {group}"
+            raise DataError(message, file=str(aggregation_file), field="segGroups")
         nyu40, category = label_map.get(group["label"], (0, 0))
         points_of_group = np.flatnonzero(np.isin(segment_of_point, np.asarray(group["segments"])))
         segment20[points_of_group] = SCANNET20_IDS.index(nyu40) if nyu40 in SCANNET20_IDS else IGNORE_INDEX
@@ -171,13 +174,15 @@ def scene_labels(scene_dir: Path, scene: str, points: int, label_map: dict[str, 
             "instance": instance.astype(np.int64)}  # fmt: skip
 
 
-def _json(path: Path) -> dict:
+def _json_field(path: Path, field: str):
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text())[field]
     except FileNotFoundError:
         raise DataError("missing: a labelled ScanNet scene needs it", file=str(path)) from None
     except json.JSONDecodeError as exc:
         raise DataError(f"not JSON: {exc}", file=str(path)) from exc
+    except (KeyError, TypeError):
+        raise DataError("missing from the file", file=str(path), field=field) from None
 
 
 def list_scenes(src: Path, split_lists: Path) -> list[tuple[str, str, Path]]:
