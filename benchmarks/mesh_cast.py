@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from scannet_raw_fixture import _grid  # noqa: E402
+from scannet_raw_fixture import grid  # noqa: E402
 
 from concerto_ray.data.correspondence import nearest_point_correspondences  # noqa: E402
 from concerto_ray.data.raycast import mesh_depth_image  # noqa: E402
@@ -31,8 +31,8 @@ from concerto_ray.data.synth import look_at  # noqa: E402
 
 def room() -> tuple[np.ndarray, np.ndarray]:
     x, y, z = np.array([6.0, 0, 0]), np.array([0, 5.0, 0]), np.array([0, 0, 3.0])
-    parts = [_grid(np.zeros(3), x, y, 151, 126), _grid(np.zeros(3), x, z, 151, 76), _grid(y, x, z, 151, 76),
-             _grid(np.zeros(3), y, z, 126, 76), _grid(x, y, z, 126, 76)]  # fmt: skip
+    parts = [grid(np.zeros(3), x, y, 151, 126), grid(np.zeros(3), x, z, 151, 76), grid(y, x, z, 151, 76),
+             grid(np.zeros(3), y, z, 126, 76), grid(x, y, z, 126, 76)]  # fmt: skip
     offsets = np.cumsum([0] + [len(p) for p, _ in parts[:-1]])
     vertices = np.concatenate([p for p, _ in parts]).astype(np.float32)
     return vertices, np.concatenate([f + o for (_, f), o in zip(parts, offsets, strict=True)])

@@ -67,6 +67,8 @@ def _ingest(args: argparse.Namespace) -> None:
         depth=args.depth,
         label_map=args.label_map,
         split_lists=args.split_lists,
+        frames_src=args.frames_src,
+        align_angle=args.align_angle,
         device=args.device,
     )
     start_ray(default_log_file("ingest"))  # Ray Data's progress logs go to the log file
@@ -81,29 +83,34 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "src",
         help="clouds: folder of point-cloud files, SRC/<split>/<scene>.<ext> (or SRC/<scene>.<ext> with --split); "
-        "scannet: the raw ScanNet v2 download, SRC/scans*/<scene>/; capture: RGB-D capture folders, "
+        "scannet: the raw ScanNet v2 download, SRC/scans*/<scene>/; s3dis: Stanford3dDataset_v1.2, "
+        "SRC/Area_<k>/<room>/Annotations/ (frames and meshes from --frames-src); capture: RGB-D capture folders, "
         "SRC/<split>/<scene>/{color,depth,pose}/ + intrinsic (or SRC/<scene>/ with --split; format in README)",
     )
     p.add_argument("out", help="the dataset root to write (local or shared folder, or s3://bucket/prefix)")
     p.add_argument(
         "--adapter",
-        choices=("clouds", "scannet", "capture"),
+        choices=("clouds", "scannet", "s3dis", "capture"),
         default="clouds",
-        help="what SRC holds: plain point-cloud files; raw ScanNet (.sens, mesh, labels), processed as Pointcept's "
-        "Concerto preprocessing does; or own RGB-D captures (frames with depth, pose and intrinsic, and a point "
-        "cloud or none: then one is fused from the depth)",
+        help="what SRC holds: plain point-cloud files; raw ScanNet (.sens, mesh, labels) or raw S3DIS, processed as "
+        "Pointcept's Concerto preprocessing does; or own RGB-D captures (frames with depth, pose and intrinsic, "
+        "and a point cloud or none: then one is fused from the depth)",
     )
-    p.add_argument("--split", help="SRC's scenes are this split's (default: SRC's subfolders are splits); not scannet")
+    p.add_argument(
+        "--split", help="clouds, capture: SRC's scenes are this split's (default: SRC's subfolders are splits)"
+    )
     p.add_argument(
         "--labels",
         action="store_true",
         help="write per-point labels of the cloud files as segment.npy (PLY segment/label/class, LAS classification, "
-        "NPZ segment); not scannet, whose labels always come from its annotations",
+        "NPZ segment); clouds, capture (scannet and s3dis labels always come from their annotations)",
     )
     p.add_argument(
-        "--frame-skip", type=int, help="keep every N-th frame (default: scannet 75, as Pointcept; capture 1)"
+        "--frame-skip", type=int, help="keep every N-th frame (default as Pointcept: scannet 75, s3dis 5; capture 1)"
     )
-    p.add_argument("--depth", action="store_true", help="scannet, capture: also write the depth frames (uint16 mm)")
+    p.add_argument(
+        "--depth", action="store_true", help="scannet, s3dis, capture: also write the depth frames (as the source's)"
+    )
     p.add_argument("--label-map", help="scannet: ScanNet's label map (default SRC/scannetv2-labels.combined.tsv)")
     p.add_argument(
         "--split-lists",
@@ -111,7 +118,17 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
         "scenes are the test split",
     )
     p.add_argument(
-        "--device", default="cpu", help="scannet, capture: torch device of the mesh cast and point search (cuda)"
+        "--frames-src",
+        help="s3dis (required): the 2D-3D-S download without XYZ, FRAMES/area_<k>/data/{rgb,depth,pose}/ and "
+        "FRAMES/area_<k>/3d/rgb.obj (area 5: area_5a and area_5b)",
+    )
+    p.add_argument(
+        "--align-angle",
+        action="store_true",
+        help="s3dis: turn each room by its alignment angle (Pointcept's --align_angle; its Concerto script does not)",
+    )
+    p.add_argument(
+        "--device", default="cpu", help="scannet, s3dis, capture: torch device of the mesh cast and point search (cuda)"
     )
     p.add_argument("--skip-bad", action="store_true", help="skip (and list) scenes that cannot be read")
     p.add_argument("--shards", help="then run `prepare OUT SHARDS` (local or s3://) with the options below")
@@ -392,11 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "ingest",
         formatter_class=fmt,
-        help="own data (point-cloud files, raw ScanNet, RGB-D captures) to a dataset root, with Ray Data",
+        help="own data (point-cloud files, raw ScanNet or S3DIS, RGB-D captures) to a dataset root, with Ray Data",
         description="Convert one scene per Ray Data task across the cluster into Pointcept's processed layout. "
         "--adapter clouds (PLY, LAS/LAZ, NPY, NPZ): coord, and color / normal / segment where the files have them; "
         "nothing is filled in. --adapter scannet: the raw ScanNet v2 download, as Pointcept's Concerto "
         "preprocessing writes it (frames, poses, mesh-cast correspondences, ScanNet-20/200 labels, split files). "
+        "--adapter s3dis: Stanford3dDataset_v1.2 rooms with the 2D-3D-S frames and meshes (--frames-src), the same "
+        "way (13-class labels, normals from the mesh, per-camera frames). "
         "--adapter capture: own RGB-D captures (colour, depth, pose, intrinsic per frame; a point cloud or one "
         "fused from the depth), with depth-based correspondences. "
         "Resumable: finished scenes are skipped. OUT is then a root for `prepare` (or pass --shards). Uses "

@@ -1,4 +1,4 @@
-"""`concerto-ray ingest`: own data -> Pointcept's processed layout, as a Ray Data job. Two adapters:
+"""`concerto-ray ingest`: own data -> Pointcept's processed layout, as a Ray Data job. Four adapters:
 
 - `clouds` (default): plain point-cloud files, SRC/<split>/<scene>.{ply,las,laz,npy,npz} (or SRC/<scene>.* with
   --split NAME) -> OUT/<split>/<scene>/{coord,color,normal,segment}.npy (`data.point_files`). Georeferenced clouds
@@ -6,6 +6,8 @@
 - `scannet`: the raw ScanNet v2 download (.sens streams, meshes, labels) -> what Pointcept's Concerto ScanNet
   preprocessing writes, point assets, frames, poses, intrinsics, mesh-cast correspondences and the split files
   (`data.scannet_raw`).
+- `s3dis`: the raw S3DIS download (Stanford3dDataset_v1.2 rooms, with the 2D-3D-S frames and meshes as
+  --frames-src) -> what Pointcept's Concerto S3DIS preprocessing writes, per room and camera (`data.s3dis_raw`).
 - `capture`: own RGB-D captures in the folder format of `data.capture` (colour, depth, pose, intrinsic per frame,
   and a point cloud or none: then one is fused from the depth) -> the same kind of root, with split files.
 
@@ -32,7 +34,7 @@ import ray
 from tqdm import tqdm
 
 from concerto_ray.config import to_dict
-from concerto_ray.data import capture, scannet_raw, storage
+from concerto_ray.data import capture, s3dis_raw, scannet_raw, storage
 from concerto_ray.data.point_files import POINT_FILE_SUFFIXES, read_point_file
 from concerto_ray.errors import ConfigError, DataError
 
@@ -47,25 +49,30 @@ FINAL_ASSET = "coord"  # written last: its presence marks a complete scene folde
 class IngestConfig:
     src: str  # a local or shared folder: point-cloud files, the raw ScanNet download, or capture folders
     out: str  # local or shared folder, or s3://bucket/prefix
-    adapter: Literal["clouds", "scannet", "capture"] = "clouds"
+    adapter: Literal["clouds", "scannet", "s3dis", "capture"] = "clouds"
     split: str | None = None  # clouds, capture: SRC's scenes are this split's; None: SRC's subfolders are the splits
     labels: bool = False  # clouds, capture: per-point labels from the cloud files, written as segment.npy
     skip_bad: bool = False
     endpoint_url: str | None = None
-    # scannet, capture: every frame_skip-th frame is kept (None: scannet 75, as the reference; capture 1)
+    # scannet, s3dis, capture: every frame_skip-th frame is kept (None: as the reference, scannet 75 and s3dis 5;
+    # capture 1)
     frame_skip: int | None = None
-    depth: bool = False  # scannet, capture: also write the depth frames
+    depth: bool = False  # scannet, s3dis, capture: also write the depth frames
     label_map: str | None = None  # scannet: default SRC/scannetv2-labels.combined.tsv
     split_lists: str | None = None  # scannet: the folder of scannetv2_{train,val}.txt, default SRC
-    device: str = "cpu"  # scannet, capture: the torch device of the mesh cast and point search ("cuda" on GPUs)
+    frames_src: str | None = None  # s3dis (required): the 2D-3D-S download, area_<k>/{data,3d}/
+    align_angle: bool = False  # s3dis: turn each room by its alignment angle (the reference's --align_angle)
+    # scannet, s3dis, capture: the torch device of the mesh cast and point search ("cuda" on GPUs)
+    device: str = "cpu"
 
     def __post_init__(self):
-        if self.adapter not in ("clouds", "scannet", "capture"):
-            raise ConfigError(f"adapter: {self.adapter!r} is not one of clouds, scannet, capture")
+        if self.adapter not in ("clouds", "scannet", "s3dis", "capture"):
+            raise ConfigError(f"adapter: {self.adapter!r} is not one of clouds, scannet, s3dis, capture")
         unused = {
-            "clouds": ("frame_skip", "depth", "label_map", "split_lists", "device"),
-            "scannet": ("split", "labels"),
-            "capture": ("label_map", "split_lists"),
+            "clouds": ("frame_skip", "depth", "label_map", "split_lists", "frames_src", "align_angle", "device"),
+            "scannet": ("split", "labels", "frames_src", "align_angle"),
+            "s3dis": ("split", "labels", "label_map", "split_lists"),
+            "capture": ("label_map", "split_lists", "frames_src", "align_angle"),
         }[self.adapter]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         wrong = [name for name in unused if getattr(self, name) != defaults[name]]
@@ -73,10 +80,13 @@ class IngestConfig:
             raise ConfigError(f"--adapter {self.adapter} does not take {', '.join(wrong)}")
         if self.frame_skip is not None and self.frame_skip < 1:
             raise ConfigError(f"frame_skip: {self.frame_skip} must be at least 1")
+        if self.adapter == "s3dis" and not self.frames_src:
+            raise ConfigError("--adapter s3dis needs --frames-src: the 2D-3D-S download (its frames and meshes)")
 
     def every_nth_frame(self) -> int:
-        """frame_skip, or the adapter's default: the reference's 75 for ScanNet, every frame of a capture."""
-        return self.frame_skip or (75 if self.adapter == "scannet" else 1)
+        """frame_skip, or the adapter's default: the reference's 75 for ScanNet and 5 for S3DIS, every frame of a
+        capture."""
+        return self.frame_skip or {"scannet": 75, "s3dis": s3dis_raw.FRAME_SKIP}.get(self.adapter, 1)
 
 
 @dataclass
@@ -113,14 +123,14 @@ def list_scene_files(src: Path, split: str | None) -> list[tuple[str, str, Path]
 
 
 class IngestScene:
-    """One scene (a cloud file, a raw ScanNet folder or a capture folder) -> its files under OUT; a scene that fails
-    becomes a row carrying its error, so that the driver decides between stopping and skipping. Picklable for Ray
-    Data tasks."""
+    """One scene (a cloud file, a raw ScanNet or S3DIS folder, a capture folder) -> its files under OUT; a scene
+    that fails becomes a row carrying its error, so that the driver decides between stopping and skipping.
+    Picklable for Ray Data tasks."""
 
     def __init__(self, out: storage.Location, labels: bool, framed=None):
         self.out = out
         self.labels = labels
-        self.framed = framed  # the adapter of scenes with frames (ScannetScene, CaptureScene), None for clouds
+        self.framed = framed  # the adapter of scenes with frames (ScannetScene, S3disRoom, CaptureScene); clouds: None
 
     def __call__(self, row: dict) -> dict:
         result = {"split": row["split"], "scene": row["scene"], "source": row["source"], "error": "", "points": 0,
@@ -158,6 +168,12 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
             out, scannet_raw.read_label_map(label_map) if labelled else None, config.every_nth_frame(), config.depth,
             config.device,
         )  # fmt: skip
+    elif config.adapter == "s3dis":
+        files = s3dis_raw.list_rooms(src)
+        framed = s3dis_raw.S3disRoom(
+            out, Path(config.frames_src).expanduser().resolve(), config.every_nth_frame(), config.depth,
+            config.align_angle, config.device,
+        )  # fmt: skip
     elif config.adapter == "capture":
         files = capture.list_captures(src, config.split)
         framed = capture.CaptureScene(out, config.labels, config.every_nth_frame(), config.depth, config.device)
@@ -179,8 +195,8 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
     finally:  # what was written is recorded, also when a bad scene stops the run
         out.write_bytes(SUMMARY_FILE, json.dumps(to_dict(summary), indent=1).encode())
         if config.adapter != "clouds":
-            prefix = scannet_raw.SPLIT_PATH_PREFIX if config.adapter == "scannet" else ""
-            _write_split_files(out, summary, prefix)
+            prefixes = {"scannet": scannet_raw.SPLIT_PATH_PREFIX, "s3dis": s3dis_raw.SPLIT_PATH_PREFIX}
+            _write_split_files(out, summary, prefixes.get(config.adapter, ""))
     return summary
 
 
@@ -196,20 +212,26 @@ def _write_split_files(out: storage.Location, summary: IngestSummary, prefix: st
 
 
 def split_entries(scenes: dict[str, list[str]], split: str, prefix: str = "") -> dict:
-    """A split file as Pointcept's splits.py writes it: per scene (by name), its frames (colour file names, in the
-    order given) in groups of FRAMES_PER_ENTRY, each group one pre-training sample "<scene>_<group>"; paths below
-    `prefix` (our reader resolves them against the root)."""
+    """A split file as Pointcept's splits.py writes it: per scene (by name) and camera, its frames (colour file
+    names, "<camera>/<name>" where a scene has several cameras as S3DIS's rooms, in the order given) in groups of
+    FRAMES_PER_ENTRY, each group one pre-training sample "<scene>[_<camera>]_<group>"; paths below `prefix` (our
+    reader resolves them against the root)."""
     entries = {}
     for scene in sorted(scenes):
-        frames = scenes[scene]
-        images = f"{prefix}images/{split}/{scene}"
-        for group, i in enumerate(range(0, len(frames), FRAMES_PER_ENTRY)):
-            names = frames[i : i + FRAMES_PER_ENTRY]
-            entries[f"{scene}_{group}"] = {
-                "pointclouds": f"{prefix}{split}/{scene}",
-                "images": [f"{images}/color/{name}" for name in names],
-                "correspondences": [f"{images}/correspondence/{Path(name).stem}.npy" for name in names],
-            }
+        cameras: dict[str, list[str]] = {}
+        for frame in scenes[scene]:
+            camera, _, name = frame.rpartition("/")
+            cameras.setdefault(camera, []).append(name)
+        for camera, frames in cameras.items():
+            images = f"{prefix}images/{split}/{scene}" + (f"/{camera}" if camera else "")
+            key = f"{scene}_{camera}" if camera else scene
+            for group, i in enumerate(range(0, len(frames), FRAMES_PER_ENTRY)):
+                names = frames[i : i + FRAMES_PER_ENTRY]
+                entries[f"{key}_{group}"] = {
+                    "pointclouds": f"{prefix}{split}/{scene}",
+                    "images": [f"{images}/color/{name}" for name in names],
+                    "correspondences": [f"{images}/correspondence/{Path(name).stem}.npy" for name in names],
+                }
     return entries
 
 

@@ -60,7 +60,7 @@ def write_raw_scannet(root: Path, seed: int = 0) -> None:
     (root / "scannetv2_val.txt").write_text("scene0100_00\n")
 
 
-def _grid(corner, u, v, nu, nv):
+def grid(corner, u, v, nu, nv):
     """Vertices of a (nu x nv) grid on the parallelogram corner + a u + b v, and its triangles."""
     a, b = np.meshgrid(np.linspace(0, 1, nu), np.linspace(0, 1, nv), indexing="ij")
     points = corner + a.reshape(-1, 1) * u + b.reshape(-1, 1) * v
@@ -69,17 +69,21 @@ def _grid(corner, u, v, nu, nv):
     return points, np.concatenate([np.stack([p, q, s], 1), np.stack([p, s, r], 1)])
 
 
-def _room(rng):
-    parts = [  # floor, wall x=0, wall y=0, the box's top and two of its sides (segments 0, 1, 2, 3, 4, 5)
-        _grid(np.zeros(3), np.array([1.2, 0, 0]), np.array([0, 1.0, 0]), 61, 51),
-        _grid(np.zeros(3), np.array([0, 1.0, 0]), np.array([0, 0, 0.6]), 51, 31),
-        _grid(np.zeros(3), np.array([1.2, 0, 0]), np.array([0, 0, 0.6]), 61, 31),
-        _grid(np.array([0.5, 0.4, 0.2]), np.array([0.3, 0, 0]), np.array([0, 0.3, 0]), 16, 16),
-        _grid(np.array([0.5, 0.7, 0.0]), np.array([0.3, 0, 0]), np.array([0, 0, 0.2]), 16, 11),
-        _grid(np.array([0.8, 0.4, 0.0]), np.array([0, 0.3, 0]), np.array([0, 0, 0.2]), 16, 11),
+def room_parts() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(vertices, triangles) of the room's floor, wall x=0, wall y=0, the box's top and two of its sides."""
+    return [
+        grid(np.zeros(3), np.array([1.2, 0, 0]), np.array([0, 1.0, 0]), 61, 51),
+        grid(np.zeros(3), np.array([0, 1.0, 0]), np.array([0, 0, 0.6]), 51, 31),
+        grid(np.zeros(3), np.array([1.2, 0, 0]), np.array([0, 0, 0.6]), 61, 31),
+        grid(np.array([0.5, 0.4, 0.2]), np.array([0.3, 0, 0]), np.array([0, 0.3, 0]), 16, 16),
+        grid(np.array([0.5, 0.7, 0.0]), np.array([0.3, 0, 0]), np.array([0, 0, 0.2]), 16, 11),
+        grid(np.array([0.8, 0.4, 0.0]), np.array([0, 0.3, 0]), np.array([0, 0, 0.2]), 16, 11),
     ]
+
+
+def _room(rng):
     vertices, faces, segment, offset = [], [], [], 0
-    for i, (points, triangles) in enumerate(parts):
+    for i, (points, triangles) in enumerate(room_parts()):  # segments 0 .. 5
         vertices.append(points + rng.normal(0, 0.002, points.shape))
         faces.append(triangles + offset)
         segment.append(np.full(len(points), i))

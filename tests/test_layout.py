@@ -134,15 +134,19 @@ def test_segmentation_requires_labels(dataset):
     assert err.value.field == "segment20" and err.value.sample == record.name
 
 
-def test_scannet_untracked_frame_pose_is_accepted(copy):
-    # ScanNet writes an all -inf pose for frames its tracking lost (their correspondence is the (-1, -1, -1) row);
-    # Pointcept never reads poses, so such a frame must not fail the sample. A partly non-finite pose still does.
+def test_untracked_frame_pose_is_accepted(copy):
+    # ScanNet writes an all -inf pose for frames its tracking lost, S3DIS a NaN [R|t] (their correspondence is the
+    # (-1, -1, -1) row); Pointcept never reads poses, so such a frame must not fail the sample. A non-finite pose
+    # of a frame with correspondences still does.
     sample = list_samples(copy, ["train"])[0]
+    correspondence = sample.frames[0].correspondence.read_bytes()
     np.save(sample.frames[0].pose, np.full((4, 4), -np.inf, dtype=np.float32))
     np.save(sample.frames[0].correspondence, -np.ones((1, 3)))
     assert read_sample(sample, "scannet").frames[0].pose == sample.frames[0].pose.read_bytes()
-    pose = np.eye(4, dtype=np.float32)
-    pose[0, 3] = -np.inf
+    pose = np.eye(4)
+    pose[:3] = np.nan
     np.save(sample.frames[0].pose, pose)
+    assert read_sample(sample, "scannet").frames[0].pose == sample.frames[0].pose.read_bytes()
+    sample.frames[0].correspondence.write_bytes(correspondence)
     with pytest.raises(DataError, match="field 'pose'"):
         read_sample(sample, "scannet")

@@ -282,7 +282,8 @@ def check_record(record: SceneRecord) -> None:
             if blob:
                 where = dict(sample=record.name, file=f"{key} of frame {frame.color_path}", field=key)
                 matrix = load_npy(blob, **where)
-                # ScanNet marks a frame its tracking lost with an all -inf pose (and no correspondences).
-                untracked = key == "pose" and np.all(np.isneginf(matrix))
+                # A frame whose tracking was lost: ScanNet writes an all -inf pose, S3DIS's 2D-3D-S a NaN one; the
+                # reference's preprocessing gives either no correspondences (the single row -1, -1, -1).
+                untracked = key == "pose" and corr.shape == (1, 3) and bool(np.all(corr == -1))
                 if matrix.shape not in ((4, 4), (3, 3)) or not (untracked or np.isfinite(matrix).all()):
                     raise DataError(f"expected a finite 3x3 or 4x4 matrix, got shape {matrix.shape}", **where)
