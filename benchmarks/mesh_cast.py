@@ -6,7 +6,8 @@
 A 6 x 5 x 3 m room (floor and four walls) meshed on a 4 cm grid, about the vertex density of ScanNet's
 _vh_clean_2 meshes (61k vertices, 120k triangles), seen at ScanNet's colour size 1296 x 968 (fx = fy = 1170) from
 `--frames` random poses inside it. Times `raycast.mesh_depth_image` and `correspondence.nearest_point_correspondences`
-(scipy's k-d tree on the CPU, the torch cell search on a GPU); the first frame warms up and is not counted.
+(scipy's k-d tree on the CPU, the torch cell search on a GPU); the first frame warms up and is not counted. On a
+GPU the first two frames are also cast and searched on the CPU: `against_cpu` says how far the results differ.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def main() -> None:
     K = np.array([[1170.0, 0, 647.5], [0, 1170.0, 483.5], [0, 0, 1]], dtype=np.float32)
     rng = np.random.default_rng(0)
     search = None if args.device == "cpu" else args.device
-    cast, near, rows = [], [], []
-    for _ in range(args.frames + 1):
+    cast, near, rows, same = [], [], [], []
+    for i in range(args.frames + 1):
         pose = look_at(np.array([3, 2.5, 1.5]) + rng.normal(0, 0.3, 3), np.array([*rng.uniform(0, [6, 5]), 0.5]))
         start = time.perf_counter()
         depth = mesh_depth_image(vertices, faces, K, pose, 968, 1296, device=args.device)
@@ -60,6 +61,12 @@ def main() -> None:
         cast.append(middle - start)
         near.append(time.perf_counter() - middle)
         rows.append(len(table))
+        if args.device != "cpu" and i < 2:  # the GPU path's result against the CPU's, for two frames
+            cpu_depth = mesh_depth_image(vertices, faces, K, pose, 968, 1296)
+            cpu_table = nearest_point_correspondences(vertices, cpu_depth, K, pose)
+            differing = np.flatnonzero(~((depth == cpu_depth) | (np.isinf(depth) & np.isinf(cpu_depth))))
+            same.append({"pixels_differing": len(differing), "rows": [len(table), len(cpu_table)],
+                         "tables_equal": bool(np.array_equal(table, cpu_table))})  # fmt: skip
     result = {
         "device": torch.cuda.get_device_name() if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
         "vertices": len(vertices),
@@ -69,6 +76,8 @@ def main() -> None:
         "search_s": [min(near[1:]), statistics.median(near[1:]), max(near[1:])],
         "rows_median": statistics.median(rows[1:]),
     }
+    if same:
+        result["against_cpu"] = same  # depth pixels that differ, rows, tables equal
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

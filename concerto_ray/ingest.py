@@ -170,10 +170,11 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
         )  # fmt: skip
     elif config.adapter == "s3dis":
         files = s3dis_raw.list_rooms(src)
+        frames_src = Path(config.frames_src).expanduser().resolve()
+        s3dis_raw.check_frames_src(frames_src, {area for area, _, _ in files})
         framed = s3dis_raw.S3disRoom(
-            out, Path(config.frames_src).expanduser().resolve(), config.every_nth_frame(), config.depth,
-            config.align_angle, config.device,
-        )  # fmt: skip
+            out, frames_src, config.every_nth_frame(), config.depth, config.align_angle, config.device
+        )
     elif config.adapter == "capture":
         files = capture.list_captures(src, config.split)
         framed = capture.CaptureScene(out, config.labels, config.every_nth_frame(), config.depth, config.device)

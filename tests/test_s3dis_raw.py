@@ -98,6 +98,9 @@ def test_align_angle_turns_rooms_as_the_reference_and_bad_inputs_are_named(refer
     quad.write_text("v 0 0 0\nv 1 0 0\nv 1 1 0\nv 0 1 0\nf 1 2 3 4\n")
     with pytest.raises(DataError, match=r"quad.obj.*a face that is not a triangle"):
         read_obj(quad)
+    (frames / "area_5b" / "3d" / "rgb.obj").unlink()
+    with pytest.raises(ConfigError, match=r"frames_src: .*area_5b/3d/rgb.obj is missing"):
+        run_ingest(IngestConfig(str(src), str(tmp_path / "o"), adapter="s3dis", frames_src=str(frames)))
     (frames / "area_1" / "3d" / "rgb.obj").unlink()
     area_mesh.cache_clear()  # area 1's mesh was read above
     with pytest.raises(DataError, match=r"area_1/3d/rgb.obj.*missing: the area's mesh"):

@@ -58,6 +58,18 @@ def list_rooms(src: Path) -> list[tuple[str, str, Path]]:
     return [(area, room, src / area / room) for area in areas for room in alignment_angles(src, area)]
 
 
+def check_frames_src(frames_src: Path, areas: set[str]) -> None:
+    """Refuses, before any task starts, a 2D-3D-S root that lacks an area's mesh."""
+    for area in sorted(areas):
+        folders = ("area_5a", "area_5b") if area == "Area_5" else (area.lower(),)
+        for folder in folders:
+            if not (frames_src / folder / "3d" / "rgb.obj").is_file():
+                raise ConfigError(
+                    f"frames_src: {frames_src / folder / '3d' / 'rgb.obj'} is missing; --frames-src is the 2D-3D-S "
+                    f"download (no XYZ) with {', '.join(folders)}/3d/rgb.obj and .../data/ for {area}"
+                )
+
+
 def alignment_angles(src: Path, area: str) -> dict[str, int]:
     """room -> its alignment angle in degrees, from the area's alignmentAngle.txt ('#' lines are comments)."""
     path = src / area / f"{area}_alignmentAngle.txt"
@@ -226,9 +238,6 @@ class Frame:
 def room_frames(frames_src: Path, area: str, room: str, frame_skip: int) -> dict[str, list[Frame]]:
     """camera -> its kept frames: those with a colour image and a pose, every `frame_skip`-th in frame order."""
     folders = sorted(frames_src.glob("area_5*")) if area == "Area_5" else [frames_src / area.lower()]
-    if not any((folder / "data").is_dir() for folder in folders):
-        names = "area_5a and area_5b" if area == "Area_5" else area.lower()
-        raise ConfigError(f"frames_src: {frames_src} has no {names}/data (the 2D-3D-S download's frames)")
     found: dict[str, dict[str, dict[int, Path]]] = {}  # kind -> camera -> frame -> its first file
     for kind, suffix in (("rgb", "png"), ("depth", "png"), ("pose", "json")):
         name = re.compile(rf"camera_(.+)_{re.escape(room)}_frame_(\d+)_domain_{kind}\.{suffix}")
