@@ -127,19 +127,22 @@ class IngestScene:
     that fails becomes a row carrying its error, so that the driver decides between stopping and skipping.
     Picklable for Ray Data tasks."""
 
-    def __init__(self, out: storage.Location, labels: bool, framed=None):
+    def __init__(self, out: storage.Location, labels: bool, framed=None, shared: tuple[tuple[str, Path], ...] = ()):
         self.out = out
         self.labels = labels
         self.framed = framed  # the adapter of scenes with frames (ScannetScene, S3disRoom, CaptureScene); clouds: None
+        self.shared = shared  # (option, folder) besides SRC that every node reads
 
     def __call__(self, row: dict) -> dict:
         result = {"split": row["split"], "scene": row["scene"], "source": row["source"], "error": "", "points": 0,
                   "arrays": "", "shift": [0.0, 0.0, 0.0], "frames": ""}  # fmt: skip
-        if not Path(row["source"]).exists():  # not a bad scene, which --skip-bad would pass over: a bad setup
-            raise FileNotFoundError(
-                f"{row['source']} is not on the node {ray.util.get_node_ip_address()}: SRC must be a folder that "
-                f"every node of the cluster reads at the same path (a shared file system)"
-            )
+        # not a bad scene, which --skip-bad would pass over: a bad setup
+        for name, path in (("SRC", row["source"]), *self.shared):
+            if not Path(path).exists():
+                raise FileNotFoundError(
+                    f"{path} is not on the node {ray.util.get_node_ip_address()}: {name} must be a folder that "
+                    f"every node of the cluster reads at the same path (a shared file system)"
+                )
         try:
             if self.framed is not None:
                 done = self.framed.convert(row["split"], row["scene"], Path(row["source"]))
@@ -159,7 +162,7 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
     """Ingest every scene of SRC that OUT does not hold yet; uses the connected Ray cluster."""
     out = storage.resolve(config.out, config.endpoint_url)
     src = Path(config.src).expanduser().resolve()
-    framed = None  # the adapter of scenes with frames
+    framed, shared = None, ()  # the adapter of scenes with frames; folders besides SRC that tasks read
     if config.adapter == "scannet":
         files = scannet_raw.list_scenes(src, Path(config.split_lists).expanduser() if config.split_lists else src)
         labelled = any(split != "test" for split, _, _ in files)
@@ -172,6 +175,7 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
         files = s3dis_raw.list_rooms(src)
         frames_src = Path(config.frames_src).expanduser().resolve()
         s3dis_raw.check_frames_src(frames_src, {area for area, _, _ in files})
+        shared = (("--frames-src", frames_src),)
         framed = s3dis_raw.S3disRoom(
             out, frames_src, config.every_nth_frame(), config.depth, config.align_angle, config.device
         )
@@ -180,7 +184,7 @@ def run_ingest(config: IngestConfig, progress: bool = True) -> IngestSummary:
         framed = capture.CaptureScene(out, config.labels, config.every_nth_frame(), config.depth, config.device)
     else:
         files = list_scene_files(src, config.split)
-    convert = IngestScene(out, config.labels, framed)
+    convert = IngestScene(out, config.labels, framed, shared)
     summary = IngestSummary()
     if out.exists(SUMMARY_FILE):
         summary.scenes = json.loads(out.read_bytes(SUMMARY_FILE))["scenes"]

@@ -155,6 +155,11 @@ def test_a_scene_file_a_node_cannot_see_stops_the_task_instead_of_counting_as_ba
     row = {"split": "train", "scene": "a", "source": str(tmp_path / "elsewhere" / "a.ply")}
     with pytest.raises(FileNotFoundError, match=r"elsewhere/a.ply is not on the node .*: SRC must be a folder"):
         IngestScene(out, labels=False)(row)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "a.ply").write_bytes(b"")
+    shared = (("--frames-src", tmp_path / "2d3ds"),)
+    with pytest.raises(FileNotFoundError, match=r"2d3ds is not on the node .*: --frames-src must be a folder"):
+        IngestScene(out, labels=False, shared=shared)(row)
 
 
 def test_ingest_refuses_what_it_cannot_map_to_scenes(tmp_path):
