@@ -100,6 +100,11 @@ class IngestSummary:
         lines = [f"ingested {self.ingested} scenes; {self.already_done} were already done"]
         lines.append(f"skipped {len(self.skipped)} bad files:" if self.skipped else "no bad files")
         lines.extend(f"  {message}" for message in self.skipped)
+        # scenes of a framed adapter written without any frame (e.g. an S3DIS room that no 2D-3D-S camera posed)
+        frameless = [name for name, scene in self.scenes.items() if scene.get("frames") == []]
+        if frameless:
+            lines.append(f"{len(frameless)} scenes have no frames (Concerto pre-training has no sample of them):")
+            lines.extend(f"  {scene}" for scene in frameless)
         return "\n".join(lines)
 
 
@@ -264,6 +269,8 @@ def _ingest(pending: list[dict], convert: IngestScene, config: IngestConfig, sum
                 }
                 if config.adapter != "clouds":
                     summary.scenes[scene]["frames"] = row["frames"].split(",") if row["frames"] else []
+                    if not row["frames"]:
+                        log.warning("%s has no frames", scene)
             bar.update()
     if bad and not config.skip_bad:
         scene, error = bad[0]

@@ -8,10 +8,11 @@
 Each room: a floor, two walls and a box (the ScanNet fixture's room), meshed on a 2 cm grid in the 2D-3D-S
 meshes' y-up axes; its points are the mesh's vertices with a little noise, in millimetres, split into object files
 (one of them "stairs", which the reference counts as clutter). Area 1's mesh holds two rooms and a corridor floor
-that crosses the rooms' boxes, plus repeated vertices and triangles that the reference's mesh crop cleans away.
-Cameras: one with 11 frames (every 5th kept), one whose frames 4 lack a pose and whose frame 6 has a NaN pose, one
-with colour but no poses. Needs only NumPy and Pillow: tests/data/make_s3dis_raw_reference.py runs it beside
-Pointcept's own code.
+that crosses the rooms' boxes, plus repeated vertices and triangles that the reference's mesh crop cleans away;
+the meshes' faces come in texture chunks of several materials (rgb.mtl), as the real ones. Cameras: one with 11
+frames (every 5th kept), one whose frame 4 lacks a pose, whose frame 6 has a NaN pose and whose K is of integers,
+one with colour but no poses; area 5's cameras are split between area_5a and area_5b. Needs only NumPy and
+Pillow: tests/data/make_s3dis_raw_reference.py runs it beside Pointcept's own code.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ from scannet_raw_fixture import grid, room_parts
 from concerto_ray.data.synth import look_at
 
 COLOR_SIZE = (30, 40)  # (height, width)
-ANGLES = {"Area_1": {"office_1": 90, "hallway_1": 0}, "Area_5": {"office_1": 180, "hallway_1": 270}}
-ORIGIN = {"office_1": np.array([0.0, 0.0, 0.0]), "hallway_1": np.array([3.0, 0.0, 0.0])}
+ANGLES = {"Area_1": {"office_1": 90, "hallway_1": 0, "WC_1": 0}, "Area_5": {"office_1": 180, "hallway_1": 270}}
+ORIGIN = {"office_1": np.array([0.0, 0.0, 0.0]), "hallway_1": np.array([3.0, 0.0, 0.0]), "WC_1": np.array([0, 2.0, 0])}
+FRAMELESS = ("WC_1",)  # rooms that no camera saw
 # objects of a room: (file name, mesh parts); parts as in scannet_raw_fixture.room_parts
 OBJECTS = [("floor_1", [0]), ("wall_1", [1]), ("wall_2", [2]), ("table_1", [3]), ("stairs_1", [4, 5])]
-# (camera, frames with colour, frames with a pose, frame whose pose is NaN) for every room
+# (camera, frames with colour, frames with a pose, frame whose pose is NaN) for every room; d3e4f5's K is of
+# integers (the reference keeps the JSON's number type)
 CAMERAS = [("a0b1c2", range(11), range(11), None), ("d3e4f5", range(8), [0, 1, 2, 3, 5, 6, 7], 6),
            ("noposes", range(3), [], None)]  # fmt: skip
+MATERIALS = ("chunk_b", "chunk_a", "chunk_c")  # rgb.mtl, in this order
+MATERIALS_IN_USE = ("chunk_a", "chunk_c", "undefined", "chunk_a", "chunk_b")
 # area 5's second part: the inverse of the reference's placement of area_5b in area_5a's frame
 _AREA_5B_TO_5A = np.array([[0, 0, -1, -4.09703582], [0, 1, 0, 0], [1, 0, 0, -6.22617759], [0, 0, 0, 1]])
 
@@ -50,8 +55,13 @@ def write_raw_s3dis(root: Path, seed: int = 0) -> tuple[Path, Path]:
             parts = [(points + ORIGIN[room], triangles) for points, triangles in room_parts()]
             meshes += parts
             _write_objects(src / area / room / "Annotations", parts, rng)
-            folder = frames / ("area_5b" if area == "Area_5" else area.lower())
-            _write_frames(folder / "data", room, ORIGIN[room], rng)
+            if room in FRAMELESS:
+                continue
+            if area == "Area_5":  # area 5's frames are in both of its folders: a room's cameras may be split
+                _write_frames(frames / "area_5a" / "data", room, ORIGIN[room], rng, CAMERAS[1:])
+                _write_frames(frames / "area_5b" / "data", room, ORIGIN[room], rng, CAMERAS[:1])
+            else:
+                _write_frames(frames / area.lower() / "data", room, ORIGIN[room], rng, CAMERAS)
         (src / area / f"{area}_alignmentAngle.txt").write_text("\n".join(lines) + "\n")
         corridor = grid(np.array([-0.5, -0.5, 0.0]), np.array([5.0, 0, 0]), np.array([0, 0.3, 0]), 26, 4)
         vertices, triangles = _join([*meshes, corridor])
@@ -63,7 +73,6 @@ def write_raw_s3dis(root: Path, seed: int = 0) -> tuple[Path, Path]:
             to_b = np.linalg.inv(_AREA_5B_TO_5A)
             mesh_b = _room_to_mesh(vertices) @ to_b[:3, :3].T + to_b[:3, 3]
             _write_obj(frames / "area_5b" / "3d" / "rgb.obj", vertices, triangles[half:], mesh_vertices=mesh_b)
-            (frames / "area_5a" / "data").mkdir(parents=True)
     return src, frames
 
 
@@ -87,7 +96,7 @@ def _write_obj(path: Path, vertices, triangles, repeat: bool = False, mesh_verti
     number = np.zeros(len(mesh), dtype=np.int64)
     number[used] = np.arange(1, len(used) + 1)
     lines = ["mtllib rgb.mtl", "o area"] + [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in mesh[used]]
-    lines += ["vt 0.5 0.5", "usemtl room"]
+    lines += ["vt 0.5 0.5"]
     faces = number[triangles]
     if repeat:  # the first 40 triangles again, on a copy of their vertices; and one triangle degenerate by it
         copied = np.unique(faces[:40])
@@ -95,9 +104,14 @@ def _write_obj(path: Path, vertices, triangles, repeat: bool = False, mesh_verti
         renumber = dict(zip(copied.tolist(), range(len(used) + 1, len(used) + 1 + len(copied))))
         again = np.vectorize(renumber.get)(faces[:40])
         faces = np.concatenate([faces, again, [[faces[0, 0], renumber[faces[0, 0]], faces[0, 1]]]])
-    lines += [f"f {a}/1 {b}/1 {c}/1" for a, b, c in faces]
+    # texture chunks as the 2D-3D-S meshes have: materials used out of their definition order, one used twice,
+    # one that rgb.mtl does not define, and faces before the first usemtl
+    for chunk, start in enumerate(range(0, len(faces), 500)):
+        lines += [f"usemtl {MATERIALS_IN_USE[(chunk - 1) % len(MATERIALS_IN_USE)]}"] if chunk else []
+        lines += [f"f {a}/1 {b}/1 {c}/1" for a, b, c in faces[start : start + 500]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+    (path.parent / "rgb.mtl").write_text("".join(f"newmtl {m}\nKd 1 1 1\nmap_Kd {m}.jpg\n" for m in MATERIALS))
 
 
 def _write_objects(folder: Path, parts, rng) -> None:
@@ -110,12 +124,14 @@ def _write_objects(folder: Path, parts, rng) -> None:
         (folder / f"{name}.txt").write_text("\n".join(rows) + "\n")
 
 
-def _write_frames(data: Path, room: str, origin, rng) -> None:
+def _write_frames(data: Path, room: str, origin, rng, cameras) -> None:
     height, width = COLOR_SIZE
-    intrinsic = [[0.75 * width, 0.0, (width - 1) / 2], [0.0, 0.75 * width, (height - 1) / 2], [0.0, 0.0, 1.0]]
     for kind in ("rgb", "depth", "pose"):
         (data / kind).mkdir(parents=True, exist_ok=True)
-    for camera, colours, poses, lost in CAMERAS:
+    for camera, colours, poses, lost in cameras:
+        intrinsic = [[0.75 * width, 0.0, (width - 1) / 2], [0.0, 0.75 * width, (height - 1) / 2], [0.0, 0.0, 1.0]]
+        if camera == "d3e4f5":
+            intrinsic = [[30, 0, 20], [0, 30, 15], [0, 0, 1]]
         stem = f"camera_{camera}_{room}_frame_{{}}_domain"
         for n in colours:
             smooth = np.kron(rng.integers(0, 256, (height // 5, width // 5, 3)), np.ones((5, 5, 1))).astype(np.uint8)

@@ -45,7 +45,8 @@ def test_ingest_writes_what_pointcepts_s3dis_preprocessing_writes(ray_local, ref
     with pytest.raises(DataError, match=r"sample 'Area_1/office_2'.*ceiling_1.txt'.*not a table of numbers"):
         run_ingest(config, progress=False)
     summary = run_ingest(IngestConfig(**{**config.__dict__, "skip_bad": True}), progress=False)
-    assert (summary.ingested, summary.already_done, len(summary.skipped)) == (0, 4, 1)
+    assert (summary.ingested, summary.already_done, len(summary.skipped)) == (0, 5, 1)
+    assert "1 scenes have no frames (Concerto pre-training has no sample of them):\n  Area_1/WC_1" in summary.text()
 
     compared = set()
     for key, expected in reference.items():
@@ -83,10 +84,21 @@ def test_ingest_writes_what_pointcepts_s3dis_preprocessing_writes(ray_local, ref
 def test_align_angle_turns_rooms_as_the_reference_and_bad_inputs_are_named(reference, tmp_path):
     src, frames = write_raw_s3dis(tmp_path)
     out = storage.resolve(str(tmp_path / "out"), None)
-    S3disRoom(out, frames, FRAME_SKIP, False, True, "cpu").convert("Area_1", "office_1", src / "Area_1" / "office_1")
-    for key in ("coord", "normal"):
-        expected = reference[f"aligned/Area_1/office_1/{key}.npy"]
-        np.testing.assert_array_equal(np.load(tmp_path / "out" / "Area_1" / "office_1" / f"{key}.npy"), expected)
+    aligned = S3disRoom(out, frames, FRAME_SKIP, False, True, "cpu")
+    for area, room in (("Area_1", "office_1"), ("Area_5", "hallway_1")):  # turned by 90 and 270 degrees
+        aligned.convert(area, room, src / area / room)
+        for key in ("coord", "normal"):
+            expected = reference[f"aligned/{area}/{room}/{key}.npy"]
+            np.testing.assert_array_equal(np.load(tmp_path / "out" / area / room / f"{key}.npy"), expected)
+    images = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out" / "images").rglob("*.npy")}
+    assert len(images) == 30 and not list((tmp_path / "out").rglob("depth"))
+    for key in images:  # poses, intrinsics, correspondences in the rooms' own frame: those of the unturned run
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / key), reference[key], err_msg=key)
+    next(frames.glob("area_1/data/depth/camera_a0b1c2_office_1_frame_5_*")).unlink()
+    with pytest.raises(DataError, match=r"camera_a0b1c2_office_1_frame_5_domain_rgb.png'.*missing: the frame's depth"):
+        S3disRoom(out, frames, FRAME_SKIP, True, False, "cpu").convert(
+            "Area_1", "office_1", src / "Area_1" / "office_1"
+        )
 
     with pytest.raises(ConfigError, match="--adapter s3dis needs --frames-src"):
         IngestConfig(str(src), str(tmp_path / "o"), adapter="s3dis")
@@ -99,7 +111,7 @@ def test_align_angle_turns_rooms_as_the_reference_and_bad_inputs_are_named(refer
     with pytest.raises(DataError, match=r"quad.obj.*a face that is not a triangle"):
         read_obj(quad)
     (frames / "area_5b" / "3d" / "rgb.obj").unlink()
-    with pytest.raises(ConfigError, match=r"frames_src: .*area_5b/3d/rgb.obj is missing"):
+    with pytest.raises(ConfigError, match=r"frames_src: .*area_5b/3d/rgb.obj missing"):
         run_ingest(IngestConfig(str(src), str(tmp_path / "o"), adapter="s3dis", frames_src=str(frames)))
     (frames / "area_1" / "3d" / "rgb.obj").unlink()
     area_mesh.cache_clear()  # area 1's mesh was read above

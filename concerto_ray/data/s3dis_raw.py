@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import trimesh
+from PIL import Image, UnidentifiedImageError
 
 from concerto_ray.data.correspondence import nearest_point_correspondences, no_correspondence
 from concerto_ray.data.raycast import mesh_depth_image
@@ -59,15 +61,19 @@ def list_rooms(src: Path) -> list[tuple[str, str, Path]]:
 
 
 def check_frames_src(frames_src: Path, areas: set[str]) -> None:
-    """Refuses, before any task starts, a 2D-3D-S root that lacks an area's mesh."""
+    """Refuses, before any task starts, a 2D-3D-S root that lacks an area's mesh or its frames (whose absence
+    would silently leave every room of the area without frames)."""
     for area in sorted(areas):
         folders = ("area_5a", "area_5b") if area == "Area_5" else (area.lower(),)
-        for folder in folders:
-            if not (frames_src / folder / "3d" / "rgb.obj").is_file():
-                raise ConfigError(
-                    f"frames_src: {frames_src / folder / '3d' / 'rgb.obj'} is missing; --frames-src is the 2D-3D-S "
-                    f"download (no XYZ) with {', '.join(folders)}/3d/rgb.obj and .../data/ for {area}"
-                )
+        needed = [frames_src / folder / "3d" / "rgb.obj" for folder in folders]
+        missing = [path for path in needed if not path.is_file()]
+        if not any((frames_src / folder / "data" / kind).is_dir() for folder in folders for kind in ("rgb", "pose")):
+            missing.append(frames_src / folders[0] / "data" / "{rgb,pose}")
+        if missing:
+            raise ConfigError(
+                f"frames_src: {', '.join(map(str, missing))} missing; --frames-src is the 2D-3D-S download (no "
+                f"XYZ) with {' and '.join(folders)}/3d/rgb.obj and .../data/{{rgb,depth,pose}}/ for {area}"
+            )
 
 
 def alignment_angles(src: Path, area: str) -> dict[str, int]:
@@ -88,7 +94,8 @@ def alignment_angles(src: Path, area: str) -> dict[str, int]:
 
 def read_room_points(room_dir: Path) -> dict[str, np.ndarray]:
     """coord and colour (float64, as read), segment and instance (int16 (N, 1)) of a room's object files."""
-    objects = sorted((room_dir / "Annotations").glob("*.txt"))
+    # not hidden files (macOS's ._<name>.txt), which the reference's glob does not list either
+    objects = sorted(p for p in (room_dir / "Annotations").glob("*.txt") if not p.name.startswith("."))
     if not objects:
         raise DataError("no object files (Annotations/*.txt) in the room folder", file=str(room_dir))
     coord, color, segment, instance = [], [], [], []
@@ -118,23 +125,26 @@ def read_obj(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError("missing: the area's mesh (3d/rgb.obj of the 2D-3D-S download)", file=str(path))
     text = path.read_bytes()
     coordinates = re.findall(rb"^v[ \t]+(\S+)[ \t]+(\S+)[ \t]+(\S+)", text, re.MULTILINE)
-    material, materials, corners = b"", [], []
-    for usemtl, face in re.findall(rb"^(?:usemtl[ \t]+(\S+)|f[ \t]+(.*?))[ \t]*\r?$", text, re.MULTILINE):
-        if usemtl:
-            material = usemtl
-        else:
-            materials.append(material)
-            corners.append(face)
+    if len(coordinates) != len(re.findall(rb"^v[ \t]", text, re.MULTILINE)):
+        raise DataError("a vertex line without three coordinates", file=str(path))
+    # the text between usemtl lines, and the material each such part uses (b"": before any usemtl)
+    pieces = re.split(rb"^usemtl[ \t]+(.*?)[ \t]*\r?$", text, flags=re.MULTILINE)
+    corner = rb"(\d+)[^ \t\r\n]*"  # a face corner's vertex number, its /texture/normal numbers dropped
+    triangle = re.compile(rb"^f[ \t]+" + rb"[ \t]+".join([corner] * 3) + rb"[ \t]*\r?$", re.MULTILINE)
+    groups, materials = [], []
+    for material, piece in zip([b"", *pieces[1::2]], pieces[0::2]):
+        found = triangle.findall(piece + b"\n")
+        if len(found) != len(re.findall(rb"^f[ \t]", piece, re.MULTILINE)):
+            raise DataError("a face that is not a triangle of absolute vertex numbers", file=str(path))
+        groups.append(np.asarray(found, dtype=bytes).reshape(-1, 3))
+        materials += [material] * len(found)
+    triangles = np.concatenate(groups).astype(np.int64) - 1
+    if len(triangles) and (triangles.min() < 0 or triangles.max() >= len(coordinates)):
+        raise DataError(f"a face's vertex number outside 1 .. {len(coordinates)}", file=str(path))
     try:
-        triangles = np.asarray([[int(c.split(b"/", 1)[0]) for c in face.split()] for face in corners], dtype=np.int64)
-        if triangles.ndim != 2 or (len(triangles) and triangles.shape[1] != 3):
-            raise ValueError("a face that is not a triangle")
-        triangles = triangles.reshape(-1, 3) - 1
-        if len(triangles) and (triangles.min() < 0 or triangles.max() >= len(coordinates)):
-            raise ValueError("a face's vertex number outside 1 .. the vertex count")
         points = _assimp_floats(np.asarray(coordinates, dtype=bytes).reshape(-1)).reshape(-1, 3)
     except ValueError as exc:
-        raise DataError(f"not a triangle mesh of absolute vertex numbers: {exc}", file=str(path)) from exc
+        raise DataError(f"a vertex coordinate that is not a number: {exc}", file=str(path)) from exc
     ranks = _material_ranks(text, path.parent, materials)
     triangles = triangles[np.argsort([ranks[m] for m in materials], kind="stable")]
     used, first = np.unique(triangles.reshape(-1), return_index=True)
@@ -159,20 +169,20 @@ def _assimp_floats(tokens: np.ndarray) -> np.ndarray:
     fraction_value = np.where(fraction == b"", b"0", fraction).astype(np.uint64).astype(np.float64)
     value = value + (fraction_value * 10.0 ** -digits.astype(np.float64)).astype(np.float32)
     power = np.where(exponent == b"", b"0", exponent).astype(np.int64).astype(np.float32)
-    value = np.where(power != 0, value * np.power(np.float32(10), power), value)
+    value = value * np.power(np.float32(10), power)
     return np.where(negative, -value, value)
 
 
 def _material_ranks(text: bytes, folder: Path, used: list[bytes]) -> dict[bytes, int]:
     """The order in which the reference's reader lists an OBJ's material groups (measured on Open3D 0.20): the
-    materials of the mtllib files in definition order, the faces before any usemtl right after the first of them,
-    then materials that no mtllib defines, in order of first use."""
+    materials of the mtllib files in definition order, with the faces before any usemtl placed just before the
+    last of them, then materials that no mtllib defines, in order of first use."""
     defined = []
     for name in re.findall(rb"^mtllib[ \t]+(.+?)[ \t]*\r?$", text, re.MULTILINE):
         library = folder / name.decode(errors="replace")
         if library.is_file():
             defined += re.findall(rb"^[ \t]*newmtl[ \t]+(\S+)", library.read_bytes(), re.MULTILINE)
-    order = list(dict.fromkeys([*defined[:1], b"", *defined[1:], *used]))
+    order = list(dict.fromkeys([*defined[:-1], b"", *defined[-1:], *used]))
     return {name: rank for rank, name in enumerate(order)}
 
 
@@ -214,14 +224,12 @@ def room_mesh(frames_src: Path, area: str, coord: np.ndarray) -> tuple[np.ndarra
     box_low = np.array([low[0], low[2], -high[1]]) - CROP_MARGIN
     box_high = np.array([high[0], high[2], -low[1]]) + CROP_MARGIN
     vertices, faces = crop_mesh(vertices, triangles, box_low, box_high)
-    # 0 - z, not -z: a zero stays +0 as in the reference's matrix product
-    return np.column_stack([vertices[:, 0], 0.0 - vertices[:, 2], vertices[:, 1]]), faces
+    # + 0.0: every -0.0 becomes +0.0, as in the reference's matrix product
+    return np.column_stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]]) + 0.0, faces
 
 
 def nearest_face_normals(vertices: np.ndarray, faces: np.ndarray, coord: np.ndarray) -> np.ndarray:
     """The unit normal of the mesh face nearest to each point (float64 (N, 3)), by trimesh's closest-point query."""
-    import trimesh
-
     mesh = trimesh.Trimesh(vertices=vertices, faces=faces)
     _, _, face = mesh.nearest.on_surface(coord)
     return mesh.face_normals[face]
@@ -229,7 +237,6 @@ def nearest_face_normals(vertices: np.ndarray, faces: np.ndarray, coord: np.ndar
 
 @dataclass(frozen=True)
 class Frame:
-    number: int
     color: Path
     depth: Path | None
     pose: Path
@@ -250,7 +257,7 @@ def room_frames(frames_src: Path, area: str, room: str, frame_skip: int) -> dict
     cameras = {}
     for camera in sorted(set(colors) & set(poses)):
         numbers = sorted(set(colors[camera]) & set(poses[camera]))[::frame_skip]
-        frames = [Frame(n, colors[camera][n], depths.get(camera, {}).get(n), poses[camera][n]) for n in numbers]
+        frames = [Frame(colors[camera][n], depths.get(camera, {}).get(n), poses[camera][n]) for n in numbers]
         if frames:
             cameras[camera] = frames
     return cameras
@@ -266,6 +273,8 @@ def read_pose(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if intrinsic.shape != (3, 3) or extrinsic.shape != (3, 4):
         message = f"camera_k_matrix is {intrinsic.shape} and camera_rt_matrix {extrinsic.shape}; 3x3 and 3x4 expected"
         raise DataError(message, file=str(path))
+    if intrinsic.dtype.kind not in "iuf" or not np.isfinite(intrinsic).all() or np.linalg.det(intrinsic) == 0:
+        raise DataError(f"camera_k_matrix is not an invertible matrix of numbers: {intrinsic.tolist()}", file=str(path))
     world_to_camera = np.eye(4)
     world_to_camera[:3, :] = extrinsic
     return intrinsic, world_to_camera
@@ -285,7 +294,8 @@ class S3disRoom:
         coord = arrays["coord"]
         vertices, faces = room_mesh(self.frames_src, area, coord)
         if not len(faces):
-            raise DataError(f"the {area} mesh has no triangle within {CROP_MARGIN} m of the room's points")
+            message = f"the {area} mesh (--frames-src) has no triangle within {CROP_MARGIN} m of the room's points"
+            raise DataError(message, file=str(room_dir))
         arrays["normal"] = nearest_face_normals(vertices, faces, coord)
         kept = []
         for camera, frames in room_frames(self.frames_src, area, room, self.frame_skip).items():
@@ -319,10 +329,11 @@ class S3disRoom:
             raise DataError("camera_rt_matrix is singular", file=str(frame.pose)) from None
         if not np.isfinite(camera_to_world).all():
             return no_correspondence()
-        from PIL import Image
-
-        with Image.open(frame.color) as image:
-            width, height = image.size
+        try:
+            with Image.open(frame.color) as image:
+                width, height = image.size
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"not an image: {exc}", file=str(frame.color)) from exc
         depth = mesh_depth_image(vertices, faces, intrinsic, camera_to_world, height, width, device=self.device)
         search = None if self.device == "cpu" else self.device  # scipy's k-d tree on the CPU, torch on a GPU
         return nearest_point_correspondences(coord, depth, intrinsic, camera_to_world, device=search)
