@@ -6,14 +6,24 @@
 # product (product_step.py, PRODUCT_ARGS) and ray (ray_pretrain_step.py on the base config, one GPU worker, RAY_ARGS)
 # need Ray and MLflow too (.device/b and .device/c); LABEL names their outputs (e.g. before / after a change, each
 # run from a copy of the tree: cd into it, /tmp/site and /tmp/step are shared).
+# .device/a (51 MiB) and .device/b + .device/c (69 MiB) do not fit one call's 64 MiB: .device/bc, b and c without
+# boto3 / botocore / s3transfer / jmespath (local shards need no S3 client), is 51 MiB and fits with the tree:
+#   mkdir -p .device/bc && for f in .device/b/* .device/c/*; do case ${f##*/} in boto3-*|botocore-*|s3transfer-*|\
+#     jmespath-*|install.sh) ;; *) ln -f "$f" .device/bc/ ;; esac; done && cp .device/b/install.sh .device/bc/
+# A cold machine then takes two calls, back to back (it is given back after 30 s idle, /tmp/site with it):
+#   1. carry .device/a .device/pointcept:  bash benchmarks/device_run.sh concerto
+#   2. carry .device/bc:                   LABEL=now bash benchmarks/device_run.sh product   (then ray, no carry)
 set -uo pipefail
 if [ ! -d /tmp/site/spconv ]; then  # what .device/a/install.sh does (a warm machine keeps /tmp/site)
   mkdir -p /tmp/site && tar -xJf .device/a/spconv.tar.xz -C /tmp/site && python3 -m pip install -q --no-index \
     --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/a/*.whl 2>&1 | grep -v WARNING
 fi
+if [ ! -d /tmp/site/ray ]; then  # Ray and MLflow (product, ray) from whichever of these folders was carried
+  for d in .device/bc .device/b .device/c; do [ -f "$d/install.sh" ] && bash "$d/install.sh" | tail -n 2; done
+fi
 export PYTHONPATH=/tmp/site:$PWD:$PWD/benchmarks PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader; } | tee -a "$OUT/gpu.txt"
 for part in "$@"; do
   case $part in
     concerto) python3 benchmarks/concerto_step.py --pointcept .device/pointcept --profile-steps 2 \

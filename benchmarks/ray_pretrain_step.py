@@ -105,6 +105,8 @@ def main() -> None:
     width, height = (int(v) for v in args.image_size.split("x"))
 
     work = args.work or Path(tempfile.mkdtemp(prefix="concerto-ray-step-"))
+    if args.out:  # the profile is written beside it, from the worker, before the report is
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     model_name = yaml.safe_load(args.config.read_text())["model"]["name"]
     dinov2 = write_inputs(work, model_name, args.scenes, args.points, args.views, width, height)
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -227,7 +229,11 @@ def profiled_workers(steps: int, out: Path):
                 synchronize()
                 wall = time.perf_counter() - state["start"]
                 state["profile"].stop()
-                out.write_text(json.dumps(step_profile.summarize(state["profile"], steps, wall), indent=1))
+                summary = step_profile.summarize(state["profile"], steps, wall)
+                if gpu:  # the most the worker's process had allocated so far (steps 0 .. PROFILE_FIRST + steps)
+                    summary["peak_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    summary["peak_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+                out.write_text(json.dumps(summary, indent=1))
             return original(worker, micro_batches)
 
         loop.Worker.optimizer_step = optimizer_step  # in this worker process only
