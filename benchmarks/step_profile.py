@@ -48,6 +48,8 @@ def summarize(prof, steps: int, wall_s: float, top: int = 15) -> dict:
     kernels, busy = [], []
     copies = defaultdict(lambda: [0, 0.0])  # kind -> [count, device us]
     waits = defaultdict(lambda: [0, 0.0])  # frame -> [count, host us]
+    cpu_self = defaultdict(float)  # op -> host us spent in the op itself (not in the ops it called)
+    thread_busy = defaultdict(list)  # host thread -> intervals of its outermost ops
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:  # a kernel, copy or memset, as the device ran it
             duration = event.time_range.elapsed_us()
@@ -60,6 +62,9 @@ def summarize(prof, steps: int, wall_s: float, top: int = 15) -> dict:
             elif not event.name.startswith("Memset"):
                 kernels.append(duration)
             continue
+        cpu_self[event.name] += event.self_cpu_time_total
+        if event.cpu_parent is None:
+            thread_busy[event.thread].append((event.time_range.start, event.time_range.end))
         if event.name.startswith(WAITS):
             entry = waits[f"{event.name}  <-  {own_frame(event)}"]
             entry[0] += 1
@@ -80,6 +85,15 @@ def summarize(prof, steps: int, wall_s: float, top: int = 15) -> dict:
         "top_host_waits": [
             {"where": where, "per_step": n / steps, "ms_per_step": us / 1000 / steps} for where, (n, us) in ranked[:top]
         ],
+        # where the host's time goes when it is not waiting: per thread, the time inside profiled ops (a gap is
+        # the thread outside torch, e.g. waiting for the GIL), and the ops with the most time of their own
+        "host_thread_op_ms_per_step": {
+            str(thread): union_ms(spans) / steps for thread, spans in sorted(thread_busy.items(), key=lambda t: t[0])
+        },
+        "top_host_ops": [
+            {"op": name, "self_ms_per_step": us / 1000 / steps}
+            for name, us in sorted(cpu_self.items(), key=lambda item: -item[1])[:top]
+        ],
     }
 
 
@@ -94,3 +108,6 @@ def print_summary(label: str, summary: dict) -> None:
         print(f"    {name}: {copy['count']:.0f} per step, {copy['device_ms']:.1f} ms", flush=True)
     for wait in summary["top_host_waits"]:
         print(f"    {wait['ms_per_step']:7.1f} ms {wait['per_step']:5.1f}x  {wait['where']}", flush=True)
+    print(f"    host threads, ms per step inside ops: {summary['host_thread_op_ms_per_step']}", flush=True)
+    for op in summary["top_host_ops"]:
+        print(f"    {op['self_ms_per_step']:7.1f} ms  {op['op']}", flush=True)
