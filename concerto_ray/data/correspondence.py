@@ -7,7 +7,7 @@ intrinsic K (3x3, or 4x4 with K in its top left) and the camera-to-world pose (4
 - `nearest_point_correspondences`: the rule of Pointcept's Concerto preprocessing for ScanNet and S3DIS. Every pixel
   with a surface is lifted to 3-D; it corresponds to the cloud point nearest to it when that point is closer than
   `max_distance` (1 cm). The nearest-point search runs on the CPU with scipy's k-d tree, or with torch on a device
-  (the GPU path), with the same result.
+  (the GPU path), with the same result (but for a pixel exactly as far from two points: each search keeps one).
 - `projected_correspondences`: the synthetic writer's rule (`synth.py`). Every point is projected to a pixel and
   corresponds to it when the depth image there agrees with the point's depth, so occluded points are left out.
 """
@@ -42,7 +42,8 @@ def nearest_point_correspondences(
     Depth 0 or NaN is no surface, as inf is in the reference's ray-cast depth (a depth camera writes 0 there).
 
     `device` None searches with scipy's cKDTree on the CPU; a torch device ("cuda", or "cpu") searches with torch
-    there. Both give the same table.
+    there. Both give the same table, except where a lifted pixel is exactly as far from two points: scipy's tree
+    and the torch search may each keep a different one (both nearest; scipy's is the reference's).
     """
     pose = np.asarray(pose)
     if not np.isfinite(pose).all():
