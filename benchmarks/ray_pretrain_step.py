@@ -100,6 +100,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="scenes, shards and runs here, kept for the next invocation")
     parser.add_argument("--label", default="", help="added to the run names (runs in one --work must differ)")
     parser.add_argument("--profile-steps", type=int, default=0, help="torch.profiler over rank 0's steps 6..6+N")
+    parser.add_argument(
+        "--sdpa-without-cudnn",
+        action="store_true",
+        help="workers run attention without cuDNN's SDPA kernels, whose plans are built for each new shape",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     width, height = (int(v) for v in args.image_size.split("x"))
@@ -150,6 +155,8 @@ def main() -> None:
                 if args.profile_steps:
                     profile_out = (args.out or work / "step.json").with_suffix(f".{name}.profile.json")
                     stack.enter_context(profiled_workers(args.profile_steps, profile_out))
+                if args.sdpa_without_cudnn:  # entered last: it wraps the profiled loop
+                    stack.enter_context(workers_without_cudnn_attention())
                 run_pretrain(config)
             run_id = json.loads((work / "runs" / name / RUN_ID_FILE).read_text())["run_id"]
             results.append(
@@ -203,6 +210,24 @@ def summarise(client: MlflowClient, run_id: str, skip: int, left_out: range, res
         samples_per_s_overall=samples_per_step * len(step_times) / sum(step_times),
     )
     return result
+
+
+@contextlib.contextmanager
+def workers_without_cudnn_attention():
+    """While `run_pretrain` runs: the workers' SDPA leaves out cuDNN's kernels. A Ray-fed step meets new patch
+    counts every step (a benchmark on repeated batches does not), and cuDNN builds an execution plan per new shape
+    on the host; this tells whether that is where the Ray-fed step's time goes."""
+    original_loop = trainer.train_loop_per_worker
+
+    def loop_without_cudnn_attention(loop_config: dict) -> None:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        original_loop(loop_config)
+
+    trainer.train_loop_per_worker = loop_without_cudnn_attention
+    try:
+        yield
+    finally:
+        trainer.train_loop_per_worker = original_loop
 
 
 @contextlib.contextmanager
